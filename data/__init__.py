@@ -1,0 +1,12 @@
+"""Data: the built-in phantom chest X-rays, image readers and the paper's preprocessing/augmentation."""
+
+# The 7 findings the paper's downstream classifier predicts (DiNO-Diffusion, Sec. 2.5), in paper order.
+LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Pleural Effusion",
+    "Pneumonia",
+    "Pneumothorax",
+)

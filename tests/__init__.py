@@ -1,0 +1,1 @@
+"""Test suite: parity with the reference libraries, CLI mechanics, bad input."""
