@@ -1,0 +1,356 @@
+"""torch Datasets over every image source the scripts accept, with one entry point: `open_dataset`.
+
+`source` may be (API.md, `--data` / `--images`):
+- None or "phantom": the built-in phantom CXRs, item i = `data.phantom.make_phantom(seed + i, size)`;
+- a folder: every PNG/JPEG/DICOM under it, recursively, in sorted order (`masks=DIR` pairs each image with
+  the mask of the same relative name in DIR);
+- a .csv with a `path` column (relative to the CSV's folder, or absolute), optional label columns and an
+  optional `mask` column (see `readers.read_labels_csv` for label values);
+- webdataset-style shards: one .tar, a brace pattern `shards-{000..099}.tar`, or a folder of .tar files.
+  They are streamed (the paper streams its 868k images with webdataset, Sec. 3) by `ShardDataset`, an
+  IterableDataset that splits the shards between DDP ranks and DataLoader workers: worker w of rank r
+  reads shards[r * W + w :: R * W]; when there are fewer shards than R * W readers, every reader opens all
+  shards and keeps every (R * W)-th sample instead. Either way each sample goes to exactly one reader.
+  Shards hold different sample counts, so ranks may see different numbers of samples: train by steps.
+
+Every item is a dict: `image` float32 [1, S, S] in [0, 1] (`transforms.preprocess_cxr`), `path` (str),
+`index` (int), `labels` float32 [C] when the source has labels, `mask` float32 {0, 1} [1, S, S] when it has
+masks. With `augment=True` the paper's augmentation (`transforms.augment`) is applied with a generator seeded
+by (seed, epoch, item), so a run is reproducible; call `set_epoch(e)` to draw new augmentations each epoch.
+
+Unreadable images never stop a long run: they are skipped with a `DataWarning` naming the file and recorded
+in `dataset.skipped` (`dataset.report()` summarises). A map-style dataset returns the next readable item
+instead (index i+1, i+2, ... wrapping around), so the result is deterministic. With DataLoader workers
+each worker keeps its own `skipped` list; the warnings still reach stderr. An empty source is a ValueError.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from . import LABELS
+from .readers import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    csv_columns,
+    decode_image,
+    is_shard_source,
+    iter_tar_samples,
+    label_columns,
+    list_images,
+    list_shards,
+    read_image,
+    read_labels_csv,
+    sample_labels,
+)
+from .transforms import augment_with_mask, preprocess_cxr, preprocess_mask
+
+SHARD_INDEX_STRIDE = 1_000_000  # shard items get index = shard number * stride + position in the shard
+
+
+class DataWarning(UserWarning):
+    """A sample was skipped (unreadable image, missing label); the message names it."""
+
+
+def item_generator(*keys: int) -> torch.Generator:
+    """An independent, reproducible generator per key tuple, e.g. (seed, epoch, item), mixed by numpy's
+    SeedSequence (keys are taken modulo 2**64, so negative ones are fine)."""
+    state = np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def _label_list(labels) -> list[str] | None:
+    return None if labels is None else [labels] if isinstance(labels, str) else list(labels)
+
+
+def make_item(img: np.ndarray, mask: np.ndarray | None, labels: torch.Tensor | None, path: str, index: int,
+              size: int | None, generator: torch.Generator | None) -> dict:
+    """Stored arrays -> an item: preprocess (and augment, when a generator is given); optional fields."""
+    image = preprocess_cxr(img, size)
+    mask = None if mask is None else preprocess_mask(mask, img, size)
+    if generator is not None:
+        image, mask = augment_with_mask(image, mask, generator)
+    item = {"image": image, "path": path, "index": index}
+    if labels is not None:
+        item["labels"] = labels
+    if mask is not None:
+        item["mask"] = mask
+    return item
+
+
+class _SkipLog:
+    """Keeps the list of skipped samples and warns about each one."""
+
+    def _skip(self, error: Exception):
+        self.skipped.append(str(error))
+        warnings.warn(f"skipping: {error}", DataWarning, stacklevel=3)
+
+    def report(self) -> str:
+        if not self.skipped:
+            return f"{self.source}: no samples skipped"
+        head = "\n  ".join(self.skipped[:10])
+        more = f"\n  ... and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
+        return f"{self.source}: skipped {len(self.skipped)} unreadable sample(s):\n  {head}{more}"
+
+    def set_epoch(self, epoch: int):
+        """Augmentations (and the shard shuffle) are drawn per (seed, epoch): call once per epoch."""
+        self.epoch = epoch
+
+
+class _MapDataset(_SkipLog, Dataset):
+    """Shared logic of the map-style datasets; subclasses define `paths` and `_load(i)`."""
+
+    def __init__(self, source, size: int | None, augment: bool, seed: int):
+        self.source, self.size, self.augment, self.seed = str(source), size, augment, seed
+        self.epoch, self.skipped, self._bad = 0, [], set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} items")
+        for j in ((i + k) % n for k in range(n)):
+            if j in self._bad:
+                continue
+            try:
+                img, mask, labels = self._load(j)
+            except ImageReadError as e:
+                self._bad.add(j)
+                self._skip(e)
+                continue
+            gen = item_generator(self.seed, self.epoch, j) if self.augment else None
+            return make_item(img, mask, labels, str(self.paths[j]), j, self.size, gen)
+        raise ValueError(f"no readable image in {self.source}: all {n} failed\n{self.report()}")
+
+
+def _read_mask(path, img: np.ndarray) -> np.ndarray:
+    mask = read_image(path)
+    if mask.shape != img.shape:
+        raise ImageReadError(f"mask {path} has shape {mask.shape}, its image {img.shape}")
+    return mask
+
+
+class ImageFolderDataset(_MapDataset):
+    """Every PNG/JPEG/DICOM under `root` (sorted); `masks`: a folder with one mask per image under the same
+    relative path and stem (any image extension)."""
+
+    def __init__(self, root, size: int | None, *, masks=None, augment=False, seed=0, paths=None):
+        super().__init__(root, size, augment, seed)
+        self.paths = list(paths) if paths is not None else list_images(root)  # open_dataset lists them
+        if not self.paths:
+            raise ValueError(f"no PNG/JPEG/DICOM images found in {root}")
+        self.masks = None
+        if masks is not None:
+            found = {p.relative_to(masks).with_suffix(""): p for p in list_images(masks)}
+            keys = [Path(p).relative_to(root).with_suffix("") for p in self.paths]
+            missing = [str(k) for k in keys if k not in found]
+            if missing:
+                raise ValueError(f"no mask in {masks} for {len(missing)} image(s) of {root}, "
+                                 f"e.g. {missing[:3]}")
+            self.masks = [found[k] for k in keys]
+
+    def _load(self, i):
+        img = read_image(self.paths[i])
+        return img, None if self.masks is None else _read_mask(self.masks[i], img), None
+
+
+class CSVDataset(_MapDataset):
+    """Rows of a label CSV: `path`, label columns (`labels`, default the paper's LABELS present), `mask`."""
+
+    def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0):
+        super().__init__(csv_path, size, augment, seed)
+        self.paths, matrix, extras = read_labels_csv(csv_path, labels, uncertain=uncertain)
+        self.label_names = label_columns(csv_columns(csv_path), labels, f"label CSV {csv_path}")
+        self.labels = torch.from_numpy(matrix) if self.label_names else None  # [N, C]
+        self.masks = None
+        if "mask" in extras:
+            blank = [k + 2 for k, m in enumerate(extras["mask"]) if not m.strip()]
+            if blank:
+                raise ValueError(f"label CSV {csv_path}: empty 'mask' on line(s) {blank[:5]}")
+            base = Path(csv_path).parent
+            self.masks = [str(Path(m) if Path(m).is_absolute() else base / m) for m in extras["mask"]]
+        missing = [p for p in self.paths if not os.path.exists(p)]
+        if len(missing) == len(self.paths):
+            raise ValueError(f"none of the {len(missing)} images listed in {csv_path} exist, e.g. "
+                             f"{missing[0]} (relative paths are relative to the CSV's folder)")
+        if missing:
+            warnings.warn(f"{len(missing)} image(s) listed in {csv_path} do not exist and will be skipped, "
+                          f"e.g. {missing[:3]}", DataWarning, stacklevel=2)
+
+    def _load(self, i):
+        img = read_image(self.paths[i])
+        mask = None if self.masks is None else _read_mask(self.masks[i], img)
+        return img, mask, None if self.labels is None else self.labels[i]
+
+
+class PhantomDataset(_MapDataset):
+    """`n` built-in phantom CXRs: item i = make_phantom(seed + i, size) (data/phantom.py), with lung mask
+    and labels (`labels` names, default all of data.LABELS)."""
+
+    def __init__(self, n: int, size: int | None, *, labels=None, augment=False, seed=0):
+        super().__init__("phantom", size, augment, seed)
+        self.paths = [f"phantom-{seed + i:06d}" for i in range(n)]
+        self.label_names = _label_list(labels) or list(LABELS)
+
+    def _load(self, i):
+        from .phantom import make_phantom
+
+        img, mask, found = make_phantom(self.seed + i, self.size or 256)
+        missing = [k for k in self.label_names if k not in found]
+        if missing:
+            raise KeyError(f"make_phantom labels have no {missing} (it gives {list(found)})")
+        return img, mask, torch.tensor([float(found[k]) for k in self.label_names])
+
+
+class ShardDataset(_SkipLog, IterableDataset):
+    """webdataset-style .tar shards, streamed. Per sample: the image (png/jpg/jpeg/dcm), an optional
+    `.mask.png`, and when `labels` names are given, the labels from `.json` or `.cls`
+    (`readers.sample_labels`; a sample without them is skipped). `shuffle` permutes the shard order per epoch
+    and mixes samples through a `shuffle_buffer`-long buffer (webdataset's `shuffle(n)`)."""
+
+    def __init__(self, shards, size: int | None, *, labels=None, augment=False, seed=0, rank=0,
+                 world_size=1, shuffle=False, shuffle_buffer=1000, uncertain=0.0):
+        self.source = str(shards)
+        self.shards = list_shards(shards) if isinstance(shards, str | Path) else [str(s) for s in shards]
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.size, self.augment, self.seed, self.rank, self.world_size = size, augment, seed, rank, world_size
+        self.shuffle, self.shuffle_buffer, self.uncertain = shuffle, shuffle_buffer, uncertain
+        self.label_names = _label_list(labels)  # None: images only (the diffusion model needs no labels)
+        self.epoch, self.skipped = 0, []
+
+    def _assignment(self) -> tuple[list[tuple[int, str]], int, int]:
+        """(this reader's numbered shards, sample stride, sample offset) for this rank and worker."""
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        readers, me = self.world_size * nw, self.rank * nw + wid
+        shards = list(enumerate(self.shards))
+        if self.shuffle:
+            gen = item_generator(self.seed, self.epoch, -1)  # the same order on every rank and worker
+            order = torch.randperm(len(shards), generator=gen)
+            shards = [shards[k] for k in order.tolist()]
+        if len(shards) >= readers:
+            return shards[me::readers], 1, 0
+        return shards, readers, me
+
+    def _raw(self, shards, stride, offset) -> Iterator[tuple[int, str, str, dict]]:
+        seen = 0
+        for number, shard in shards:
+            pos = 0
+            try:
+                for key, files in iter_tar_samples(shard):
+                    if seen % stride == offset:
+                        yield number * SHARD_INDEX_STRIDE + pos, shard, key, files
+                    seen, pos = seen + 1, pos + 1
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                self._skip(ImageReadError(f"shard {shard} is unreadable after {pos} samples: {e}"))
+        if seen == 0:
+            raise ValueError(f"no samples in shard(s) {[s for _, s in shards][:3]} of {self.source}")
+
+    def _shuffled(self, it: Iterator, generator: torch.Generator) -> Iterator:
+        buf = []
+        for x in it:
+            buf.append(x)
+            if len(buf) >= self.shuffle_buffer:
+                k = int(torch.randint(len(buf), (1,), generator=generator))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        order = torch.randperm(len(buf), generator=generator).tolist()
+        yield from (buf[k] for k in order)
+
+    def __iter__(self) -> Iterator[dict]:
+        shards, stride, offset = self._assignment()
+        info = get_worker_info()
+        stream = self._raw(shards, stride, offset)
+        if self.shuffle and self.shuffle_buffer > 1:
+            gen = item_generator(self.seed, self.epoch, -2, self.rank, info.id if info else 0)
+            stream = self._shuffled(stream, gen)
+        skipped_before = len(self.skipped)
+        for index, shard, key, files in stream:
+            ext = next((e for e in IMAGE_EXTENSIONS if e[1:] in files), None)
+            where = f"{shard}:{key}" + (ext or "")
+            try:
+                if ext is None:
+                    raise ImageReadError(f"{where}: no png/jpg/jpeg/dcm image in sample ({sorted(files)})")
+                img = decode_image(files[ext[1:]], where)
+                mask_ext = next((e for e in files if e.startswith("mask.")), None)
+                mask = mask_ext and decode_image(files[mask_ext], f"{shard}:{key}.{mask_ext}")
+                if mask is not None and mask.shape != img.shape:
+                    raise ImageReadError(f"{where}: mask shape {mask.shape}, image {img.shape}")
+                labels = None
+                if self.label_names is not None:
+                    labels = sample_labels(files, self.label_names, self.uncertain, where)
+            except ValueError as e:  # ImageReadError, bad label values or JSON
+                self._skip(e)
+                continue
+            labels = None if labels is None else torch.from_numpy(labels)
+            gen = None
+            if self.augment:  # seeded by the sample's name: the same augmentation however shards are split
+                gen = item_generator(self.seed, self.epoch, zlib.crc32(f"{Path(shard).name}/{key}".encode()))
+            yield make_item(img, mask, labels, where, index, self.size, gen)
+        if len(self.skipped) > skipped_before:
+            warnings.warn(f"{self.source}: skipped {len(self.skipped) - skipped_before} sample(s) in this "
+                          f"pass (rank {self.rank}); see .report()", DataWarning, stacklevel=2)
+
+
+def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1,
+                 masks=None, phantoms=1000, shuffle=False, uncertain=0.0):
+    """The dataset for `source` (see the module docstring). `rank`/`world_size` split .tar shards between
+    processes; map-style datasets are split by the sampler instead (e.g. DistributedSampler), so the
+    arguments are checked but unused there. `phantoms`: the number of phantom images."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if source is None or str(source) == "phantom":
+        return PhantomDataset(phantoms, size, labels=labels, augment=augment, seed=seed)
+    path = Path(source)
+    if path.suffix.lower() == ".csv":
+        return CSVDataset(path, size, labels=labels, augment=augment, seed=seed, uncertain=uncertain)
+    shards = dict(labels=labels, augment=augment, seed=seed, rank=rank, world_size=world_size,
+                  shuffle=shuffle, uncertain=uncertain)
+    if is_shard_source(source):
+        return ShardDataset(source, size, **shards)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {source} does not exist")
+    images = list_images(path) if path.is_dir() else [path] if path.suffix.lower() in IMAGE_EXTENSIONS else []
+    if not images and path.is_dir() and any(is_shard_source(p) for p in path.iterdir()):
+        return ShardDataset(source, size, **shards)
+    if labels is not None:
+        raise ValueError(f"labels {labels} requested but {source} is not a CSV or .tar shards; "
+                         "give a CSV with a 'path' column and one column per label")
+    if path.is_dir() or images:
+        root = path if path.is_dir() else path.parent
+        return ImageFolderDataset(root, size, masks=masks, augment=augment, seed=seed, paths=images)
+    raise ValueError(f"data source {source}: expected a folder, a .csv, .tar shards or an image file")
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch items for a DataLoader: tensors stacked, ints/floats -> tensors, strings (paths) kept as a list
+    (move the tensors with `{k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}`)."""
+    keys = list(items[0])
+    for it in items[1:]:
+        if list(it) != keys:
+            raise ValueError(f"item {it.get('path')} has fields {list(it)}, the batch's first item {keys}")
+    out = {}
+    for k in keys:
+        values = [it[k] for it in items]
+        if torch.is_tensor(values[0]):
+            out[k] = torch.stack(values)
+        elif isinstance(values[0], int | float) and not isinstance(values[0], bool):
+            out[k] = torch.tensor(values)
+        else:
+            out[k] = values
+    return out
