@@ -1,0 +1,109 @@
+"""DinoConfig: one frozen dataclass describing DINO v1 and DINOv2(+registers) Vision Transformers.
+
+The two families share the architecture (pre-norm ViT: patch conv -> [CLS, registers, patches] + position
+embeddings -> N x (attention, MLP) -> LayerNorm) and differ only in a handful of switches:
+
+| field                  | DINO v1 `facebook/dino-vitb16` (transformers) | DINOv2-reg4 (timm)            |
+|------------------------|-----------------------------------------------|-------------------------------|
+| image_size, patch_size | 224, 16                                       | 518, 14                       |
+| layer_norm_eps         | 1e-12 (its config.json = ViTConfig default)   | 1e-6 (timm LayerNorm default) |
+| num_register_tokens    | 0                                             | 4                             |
+| layerscale_init        | None (no LayerScale)                          | 1e-5 (x + gamma * f(x))       |
+| pos_embed_has_class    | True: pos_embed [1, 1+L, D], added to CLS too | False: [1, L, D], patches only|
+| pos_embed_antialias    | False: bicubic, align_corners=False           | True: bicubic, antialias=True |
+
+Sources: transformers `ViTConfig` defaults and `ViTEmbeddings.interpolate_pos_encoding`; timm
+`vit_*_patch14_reg4_dinov2` model args (`init_values=1e-5, reg_tokens=4, no_embed_class=True`),
+`resample_abs_pos_embed` (antialias=True) and the `.lvd142m` pretrained cfg (518 px, ImageNet mean/std).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# ImageNet statistics (timm IMAGENET_DEFAULT_MEAN/STD); both DINO families were trained with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DinoConfig:
+    """Defaults = DINO v1 ViT-B/16 (`facebook/dino-vitb16`, config.json of the Hub repo)."""
+
+    image_size: int = 224  # native (training) size: the position-embedding grid is image_size // patch_size
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072  # MLP hidden width (4 x hidden_size), GELU (exact, erf) in between
+    layer_norm_eps: float = 1e-12
+    qkv_bias: bool = True
+    num_register_tokens: int = 0
+    layerscale_init: float | None = None  # None: no LayerScale; else gamma init (1e-5 in DINOv2)
+    pos_embed_has_class: bool = True  # timm `no_embed_class` is the negation
+    pos_embed_antialias: bool = False  # position-embedding resampling: transformers False, timm True
+    has_pooler: bool = False  # pooler.dense + tanh on CLS; only when the checkpoint ships one
+    image_mean: tuple[float, ...] = IMAGENET_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the native (square) patch grid the position embeddings were trained on."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_global_tokens(self) -> int:
+        """G in c_GLB = [CLS, pooler if present, registers]."""
+        return 1 + int(self.has_pooler) + self.num_register_tokens
+
+    # ------------------------------------------------------------------------------------- named configs
+    # DINO v1 (transformers ViTModel layout; Hub configs keep ViTConfig's layer_norm_eps=1e-12).
+
+    @classmethod
+    def dino_vits16(cls) -> DinoConfig:
+        """`facebook/dino-vits16`."""
+        return cls(hidden_size=384, num_attention_heads=6, intermediate_size=1536)
+
+    @classmethod
+    def dino_vitb16(cls) -> DinoConfig:
+        """`facebook/dino-vitb16` (the defaults)."""
+        return cls()
+
+    # DINOv2 with 4 registers (timm layout; timm `vit_{small,base,large}_patch14_reg4_dinov2`).
+
+    @classmethod
+    def dinov2_vits14_reg4(cls) -> DinoConfig:
+        """`timm/vit_small_patch14_reg4_dinov2.lvd142m`."""
+        return dataclasses.replace(cls.dinov2_vitb14_reg4(), hidden_size=384, num_attention_heads=6,
+                                   intermediate_size=1536)
+
+    @classmethod
+    def dinov2_vitb14_reg4(cls) -> DinoConfig:
+        """`timm/vit_base_patch14_reg4_dinov2.lvd142m`."""
+        return cls(
+            image_size=518, patch_size=14, layer_norm_eps=1e-6, num_register_tokens=4, layerscale_init=1e-5,
+            pos_embed_has_class=False, pos_embed_antialias=True,
+        )
+
+    @classmethod
+    def dinov2_vitl14_reg4(cls) -> DinoConfig:
+        """`timm/vit_large_patch14_reg4_dinov2.lvd142m`."""
+        return dataclasses.replace(cls.dinov2_vitb14_reg4(), hidden_size=1024, num_hidden_layers=24,
+                                   num_attention_heads=16, intermediate_size=4096)
+
+    @classmethod
+    def tiny(cls) -> DinoConfig:
+        """A DINOv2-style ViT small enough for CPU tests and the tiny training preset (c_GLB [B, 5, 64])."""
+        return dataclasses.replace(cls.dinov2_vitb14_reg4(), image_size=56, hidden_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)

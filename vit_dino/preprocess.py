@@ -1,0 +1,100 @@
+"""Image -> DINO input: resize the shorter side to S, centre-crop S x S, ImageNet-normalize.
+
+This is timm's eval transform for the DINO checkpoints (`crop_pct=1.0`: `Resize(S)` bicubic with antialias,
+`CenterCrop(S)`, `Normalize(mean, std)`), done on tensors (the whole batch at once, on the model's device).
+For square images (chest X-rays usually are) it equals resizing straight to S x S, which is what
+`facebook/dino-vitb16`'s ViTImageProcessor does.
+
+Accepted inputs (pixel values are rescaled to [0, 1] first):
+- a PIL image (L, RGB; I;16 and I read as 16-bit; other modes converted to L or RGB) or a list of them;
+- a numpy array or torch tensor [H, W], [B, H, W], [B, 1, H, W] or [B, 3, H, W]:
+  uint8 is divided by 255, uint16 by 65535, floats are assumed to be in [0, 1] already;
+- a list mixing any of the above (images of different sizes are fine).
+Images scaled to [-1, 1] (as diffusion code has them) go through `from_minus1_1` first; float inputs
+clearly outside [0, 1] raise ValueError instead of silently giving wrong features. Grayscale becomes 3
+channels by repetition. A single channels-first image is given as [1, C, H, W] (3-D means [B, H, W]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import IMAGENET_MEAN, IMAGENET_STD
+
+_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
+def from_minus1_1(x: torch.Tensor) -> torch.Tensor:
+    """Map images in [-1, 1] (VAE / diffusion convention) to [0, 1], the range `preprocess` expects."""
+    return (x + 1) / 2
+
+
+def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale (e.g. CXR PNGs)
+        return torch.from_numpy(np.asarray(img).astype(np.float32) / 65535.0)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("L" if img.mode in ("1", "LA") else "RGB")
+    arr = torch.from_numpy(np.array(img))  # uint8 [H, W] or [H, W, 3]
+    return arr.permute(2, 0, 1)[None] if arr.ndim == 3 else arr
+
+
+def _to_batch(images, device) -> torch.Tensor:
+    """One input (not a list) -> float [B, C, H, W] in [0, 1], C in {1, 3}."""
+    if isinstance(images, Image.Image):
+        images = _pil_to_tensor(images)
+    elif isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"preprocess: unsupported input type {type(images).__name__}; "
+                        "expected PIL image, numpy array, torch tensor or a list of them")
+    shape = tuple(images.shape)
+    if images.ndim == 3 and shape[-1] <= 4 < min(shape[:2]):
+        raise ValueError(f"preprocess: input shape {shape} looks channels-last; 3-D inputs are [B, H, W]. "
+                         "Pass [B, C, H, W] (x.permute(2, 0, 1)[None] for one image) or a PIL image")
+    x = images[None, None] if images.ndim == 2 else images[:, None] if images.ndim == 3 else images
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"preprocess: expected an image [H, W], [B, H, W], [B, 1, H, W] or [B, 3, H, W]; "
+                         f"got shape {shape}")
+    x = x.to(device)
+    if x.dtype in _SCALE:
+        return x.float() / _SCALE[x.dtype]
+    if not x.is_floating_point():
+        raise ValueError(f"preprocess: unsupported dtype {x.dtype}; expected uint8, uint16 or float in "
+                         "[0, 1]")
+    x = x.float()
+    lo, hi = torch.aminmax(x)
+    if lo < -0.1 or hi > 1.1:  # a little bicubic overshoot is fine; [-1, 1] or [0, 255] is not
+        raise ValueError(f"preprocess: float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                         "(for [-1, 1] images use vit_dino.from_minus1_1(x); for 0..255 floats divide by "
+                         "255)")
+    return x
+
+
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, size, size]: shorter side to `size` (bicubic, antialias), then centre crop.
+
+    Output sizes and crop offsets follow torchvision `Resize(size)` + `CenterCrop(size)`.
+    """
+    h, w = x.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    new_long = int(size * long / short)
+    new_h, new_w = (size, new_long) if h <= w else (new_long, size)
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
+
+
+def preprocess(images, size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None) -> torch.Tensor:
+    """Images -> normalized float32 [B, 3, size, size] on `device` (see the module docstring for inputs)."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise ValueError("preprocess: got an empty list of images")
+    out = [resize_center_crop(_to_batch(item, device), size).expand(-1, 3, -1, -1) for item in items]
+    x = torch.cat(out) if len(out) > 1 else out[0]
+    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
