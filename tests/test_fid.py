@@ -1,0 +1,201 @@
+"""eval/fid.py: Frechet distance vs pytorch-fid, streaming statistics, .npz caches, fid() end to end."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from eval.densenet import DenseNet121
+from eval.fid import FeatureStats, XRVDenseNetFeatures, compute_stats, fid, frechet_distance, read_image
+
+
+def random_gaussian(dim, rank, seed):
+    g = np.random.default_rng(seed)
+    a = g.standard_normal((dim, rank))
+    return g.standard_normal(dim), a @ a.T / rank
+
+
+def rel_diff(a, b):
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")  # scipy, in pytorch-fid
+@pytest.mark.parametrize("rank1, rank2", [(200, 150), (20, 30), (64, 10)])
+def test_frechet_distance_matches_pytorch_fid(rank1, rank2):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    mu1, s1 = random_gaussian(64, rank1, seed=rank1)
+    mu2, s2 = random_gaussian(64, rank2, seed=rank2 + 1)
+    ref = calculate_frechet_distance(mu1, s1, mu2, s2)
+    ours = frechet_distance(torch.from_numpy(mu1), torch.from_numpy(s1), mu2, s2)  # tensors or arrays
+    assert isinstance(ours, float)
+    assert rel_diff(ours, ref) <= 1e-3, (ours, ref)
+
+
+@pytest.mark.parametrize("rank", [200, 20])
+def test_frechet_distance_of_a_set_with_itself_is_zero(rank):
+    mu, s = random_gaussian(64, rank, seed=0)
+    assert abs(frechet_distance(mu, s, mu, s)) <= 1e-9 * np.trace(s)
+
+
+def test_frechet_distance_shape_errors():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_feature_stats_streaming_merge_and_numpy():
+    feats = torch.randn(103, 16) * 3 + 5
+    one = FeatureStats().update(feats)
+    parts = [FeatureStats().update(chunk) for chunk in feats.split(25)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged.merge(p)
+    ref_mu, ref_cov = feats.double().numpy().mean(0), np.cov(feats.double().numpy(), rowvar=False)
+    for stats in (one, merged):
+        assert stats.count == 103 and stats.dim == 16
+        assert stats.mean.dtype == torch.float64
+        np.testing.assert_allclose(stats.mean.numpy(), ref_mu, rtol=1e-12)
+        np.testing.assert_allclose(stats.cov.numpy(), ref_cov, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="dim"):
+        one.update(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="extractor"):
+        FeatureStats(16, "xrv").update(feats).merge(FeatureStats(16, "inception").update(feats))
+
+
+def test_feature_stats_npz_round_trip(tmp_path):
+    feats = torch.randn(50, 8)
+    stats = FeatureStats(extractor="xrv").update(feats)
+    stats.save(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as f:  # pytorch-fid can read it: mu and sigma
+        np.testing.assert_allclose(f["mu"], stats.mean.numpy())
+        np.testing.assert_allclose(f["sigma"], stats.cov.numpy())
+    loaded = FeatureStats.load(tmp_path / "s.npz")
+    assert loaded.extractor == "xrv" and loaded.count == 50
+    np.testing.assert_allclose(loaded.cov.numpy(), stats.cov.numpy(), rtol=1e-12, atol=1e-14)
+    more = torch.randn(30, 8)
+    loaded.merge(FeatureStats().update(more))  # still mergeable after a round trip
+    np.testing.assert_allclose(loaded.cov.numpy(), np.cov(torch.cat([feats, more]).double().numpy(), rowvar=False),
+                               rtol=1e-9, atol=1e-12)
+    # a pytorch-fid file: mu and sigma only
+    np.savez(tmp_path / "pfid.npz", mu=stats.mean.numpy(), sigma=stats.cov.numpy())
+    pf = FeatureStats.load(tmp_path / "pfid.npz")
+    assert pf.extractor is None and torch.equal(pf.cov, stats.cov)
+    with pytest.raises(ValueError, match="cannot be updated or merged"):
+        pf.merge(stats)
+    with pytest.raises(ValueError, match="cannot read feature statistics"):
+        FeatureStats.load(tmp_path / "missing.npz")
+
+
+def test_feature_stats_all_reduce_single_process(tmp_path):
+    import torch.distributed as dist
+
+    feats = torch.randn(10, 4)
+    stats = FeatureStats(4).update(feats)
+    assert stats.all_reduce() is stats  # not initialised: no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        stats.all_reduce()
+        np.testing.assert_allclose(stats.cov.numpy(), np.cov(feats.double().numpy(), rowvar=False), rtol=1e-12)
+        assert stats.count == 10
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ fid()
+
+
+class ColorFeatures(nn.Module):
+    """A cheap RGB extractor with the extractor interface (name, in_channels, resolution, feature_dim)."""
+
+    name, in_channels, resolution, feature_dim = "color", 3, 16, 6
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 4 * 4, 6)
+
+    def forward(self, x):
+        x = nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        return self.proj(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+@pytest.fixture
+def tiny_xrv():
+    torch.manual_seed(0)
+    return XRVDenseNetFeatures(DenseNet121.tiny(in_channels=1), name="xrv-tiny", resolution=64).eval()
+
+
+def write_pngs(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_fid_on_folders_equals_fid_on_tensors(tmp_path, tiny_xrv):
+    g = np.random.default_rng(0)
+    real = (g.random((12, 40, 40)) * 255).astype(np.uint8)
+    fake = (np.clip(g.random((10, 40, 40)) * 200 + 40, 0, 255)).astype(np.uint8)
+    real_dir, fake_dir = write_pngs(tmp_path / "real", real), write_pngs(tmp_path / "fake", fake)
+    to_tensor = lambda a: torch.from_numpy(a).float().div(255)[:, None]
+    kw = dict(features=tiny_xrv, batch_size=5, progress=False, device="cpu")
+    from_files = fid(real_dir, fake_dir, **kw)
+    from_tensors = fid(to_tensor(real), to_tensor(fake), **kw)
+    assert from_files > 0
+    assert rel_diff(from_files, from_tensors) <= 1e-4
+    assert abs(fid(real_dir, real_dir, **kw)) <= 1e-6 * from_files
+
+
+def test_fid_cache(tmp_path, tiny_xrv):
+    real, fake = torch.rand(8, 1, 32, 32), torch.rand(8, 1, 32, 32) ** 2
+    cache = tmp_path / "ref" / "real_stats.npz"
+    kw = dict(features=tiny_xrv, batch_size=4, progress=False)
+    first = fid(real, fake, cache=cache, **kw)
+    assert cache.is_file() and FeatureStats.load(cache).extractor == "xrv-tiny"
+    assert fid("real images are not read again", fake, cache=cache, **kw) == pytest.approx(first, rel=1e-9)
+    assert fid(cache, fake, **kw) == pytest.approx(first, rel=1e-9)  # a .npz as the real set
+    other = XRVDenseNetFeatures(DenseNet121.tiny(in_channels=1), name="other")
+    with pytest.raises(ValueError, match="extractor 'xrv-tiny', not 'other'"):
+        fid(real, fake, features=other, cache=cache, batch_size=4, progress=False)
+
+
+def test_compute_stats_sources(tmp_path, tiny_xrv):
+    x = torch.rand(6, 1, 24, 24)
+    a = compute_stats(x, tiny_xrv, batch_size=4)
+    b = compute_stats([x[:3], x[3:]], tiny_xrv)  # an iterable of batches, as training's eval loop passes
+    x8 = (x * 255).round().to(torch.uint8)
+    c = compute_stats(x8.split(2), tiny_xrv)  # uint8 batches are read as x / 255
+    assert a.extractor == "xrv-tiny" and a.dim == 32 and a.count == b.count == c.count == 6
+    torch.testing.assert_close(a.cov, b.cov, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c.cov, compute_stats(x8.float() / 255, tiny_xrv).cov, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        compute_stats(x[:1], tiny_xrv)
+    with pytest.raises(ValueError, match="no images"):
+        compute_stats(tmp_path, tiny_xrv)
+
+
+def test_fid_rgb_gray_and_mixed_sizes(tmp_path):
+    """Folders may mix sizes, gray, RGB and 16-bit PNGs; each is read in the extractor's channel count."""
+    g = np.random.default_rng(1)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray((g.random((20, 20, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
+    Image.fromarray((g.random((33, 33)) * 255).astype(np.uint8)).save(folder / "b.jpg")
+    Image.fromarray((g.random((16, 16)) * 65535).astype(np.uint16)).save(folder / "c.png")
+    c16 = read_image(folder / "c.png", 1)
+    assert c16.shape == (1, 16, 16) and 0 <= c16.min() and c16.max() <= 1 and c16.max() > 0.9
+    assert read_image(folder / "a.png", 3).shape == (3, 20, 20)
+    assert read_image(folder / "a.png", 1).shape == (1, 20, 20)
+    assert read_image(folder / "b.jpg", 3).shape == (3, 33, 33)
+    model = ColorFeatures()
+    stats = compute_stats(folder, model, batch_size=2)
+    assert stats.count == 3 and stats.extractor == "color"
+    torch.manual_seed(0)
+    assert fid(folder, torch.rand(4, 3, 16, 16), features=model, progress=False) > 0
+
+
+def test_fid_named_extractors_need_weights():
+    with pytest.raises(ValueError, match="needs weights"):
+        fid(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), features="xrv", progress=False)
+    with pytest.raises(ValueError, match="features must be"):
+        fid(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), features="clip", progress=False)
