@@ -1,0 +1,179 @@
+"""Sample diversity by MS-SSIM (`eval.msssim`): how different are the synthetic images from each other?
+
+MS-SSIM is 1 for identical images and falls as structure differs; lower mean MS-SSIM = more diverse.
+From sample.py's `synthetic.csv` the images are grouped by their source image (the `source` column, and
+`source_b` for interpolations), and the summary reports
+
+- within_source: mean MS-SSIM among variations of the same source (all pairs, up to 45 per source):
+  near 1 means the model ignores the noise and returns one image per condition;
+- random_pairs: random pairs of synthetic images from different sources: the diversity of the whole set;
+- source_pairs: random pairs of the real source images: the level of genuinely different patients, the
+  reference random_pairs should reach (much higher = mode collapse);
+- to_source: each reconstruction against its source image (reconstruction similarity; interpolations,
+  having two sources, are left out).
+A plain folder of images gets random_pairs only. `diversity.csv` has the per-image numbers, and
+`least_diverse.png` the sources whose variations are most alike (source, then its variations, captioned
+with their MS-SSIM to the source), or for a folder the most similar random pairs.
+
+Images are read as the data pipeline reads them (`data.transforms.preprocess_cxr`: border removal,
+square crop, resize to `--size`, default the first synthetic image's side) and held in memory (1 GB per
+1,000 images of 512 px: for larger sets score a subset; a mean over ~1,000 pairs is stable to ~0.01).
+Below 161 px the standard 5-scale MS-SSIM does not fit: `--small scales` (default) drops the coarsest
+scales and renormalises the weights, `--small window` shrinks the window instead (see eval/msssim.py);
+the summary records the weights and window used, so compare numbers only between runs with the same
+settings.
+
+    python -m eval.diversity --synthetic DIR_or_synthetic.csv --out DIR [--size S] [--max-pairs 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data.readers import list_images, read_image, read_labels_csv
+from data.transforms import preprocess_cxr
+from eval.memorization import image_grid, write_json
+from eval.msssim import SMALL_MODES, diversity_report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--synthetic", required=True, help="sample.py's synthetic.csv, or a folder of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--sources-root", default=None,
+                   help="folder to resolve relative `source` paths against when they exist neither as "
+                        "given (from the current folder) nor relative to the CSV's folder")
+    p.add_argument("--size", type=int, default=None, help="image side; default: the first synthetic image's")
+    p.add_argument("--max-pairs", type=int, default=1000,
+                   help="random pairs scored, of synthetic images and of sources (default 1000)")
+    p.add_argument("--max-pairs-per-source", type=int, default=45,
+                   help="pairs among the variations of one source (default 45 = all pairs of 10)")
+    p.add_argument("--small", choices=SMALL_MODES, default="scales",
+                   help="images of 160 px or less: fewer scales (default), a smaller window, or an error")
+    p.add_argument("--grid", type=int, default=8, help="rows in least_diverse.png (default 8)")
+    p.add_argument("--batch-size", type=int, default=32, help="image pairs per MS-SSIM batch (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random pairs (default 0)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def load_images(paths, size: int, desc: str) -> torch.Tensor:
+    """Image files -> float32 [N, 1, size, size] in [0, 1], preprocessed like the training data."""
+    return torch.stack([preprocess_cxr(read_image(p), size) for p in tqdm(paths, desc=desc, unit="img")])
+
+
+def resolve(source: str, csv_dir: Path, root: Path | None) -> Path | None:
+    """A `source` path from synthetic.csv: as given, relative to the CSV's folder, or under `root`."""
+    candidates = [Path(source), csv_dir / source]
+    if root is not None:
+        candidates += [root / source, root / Path(source).name]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _fmt(values: torch.Tensor | None, i: int, digits: int = 6) -> str:
+    """values[i] as text; "" when there are no values or it is nan."""
+    return "" if values is None or math.isnan(float(values[i])) else f"{float(values[i]):.{digits}f}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source = Path(args.synthetic)
+    sources = source_index = groups = None
+    rows: list[dict] = []
+    if source.suffix.lower() == ".csv":
+        paths, _, extras = read_labels_csv(source, labels=[])
+        src_a = extras.get("source", [""] * len(paths))
+        src_b = extras.get("source_b", [""] * len(paths))
+        keys = list(zip(src_a, src_b))
+        if any(a for a in src_a):  # one group per (source, source_b); a row without a source is alone
+            ids = {k: i for i, k in enumerate(dict.fromkeys(k for k in keys if k[0]))}
+            groups = [ids[k] if k[0] else len(ids) + i for i, k in enumerate(keys)]
+        rows = [{"path": p, "source": a, "source_b": b} for p, a, b in zip(paths, src_a, src_b)]
+    elif source.is_dir():
+        paths = [str(p) for p in list_images(source)]
+        rows = [{"path": p, "source": "", "source_b": ""} for p in paths]
+    else:
+        raise SystemExit(f"--synthetic {source}: expected a folder of images or sample.py's synthetic.csv")
+    if len(paths) < 2:
+        raise SystemExit(f"--synthetic {source}: need at least 2 images, found {len(paths)}")
+    size = args.size
+    if size is None:
+        size = min(read_image(paths[0]).shape)
+    synthetic = load_images(paths, size, "synthetic")
+
+    if groups is not None:  # reconstructions (no source_b) are compared with their source image
+        root = Path(args.sources_root) if args.sources_root else None
+        wanted = list(dict.fromkeys(a for a, b in keys if a and not b))
+        found = {s: resolve(s, source.parent, root) for s in wanted}
+        missing = [s for s, f in found.items() if f is None]
+        if missing:
+            warnings.warn(f"{len(missing)} source image(s) of {source} not found (e.g. {missing[:3]}); "
+                          "their variations get no to_source value (see --sources-root)", stacklevel=1)
+        kept = [s for s in wanted if found[s] is not None]
+        if kept:
+            sources = load_images([found[s] for s in kept], size, "sources")
+            where = {s: i for i, s in enumerate(kept)}
+            source_index = [where.get(a, -1) if not b else -1 for a, b in keys]
+
+    report = diversity_report(synthetic, groups, sources, source_index, max_pairs=args.max_pairs,
+                              max_pairs_per_group=args.max_pairs_per_source,
+                              generator=torch.Generator().manual_seed(args.seed), small=args.small,
+                              batch_size=args.batch_size, device=device)
+    summary = {"synthetic": str(source)} | report.summary
+    write_json(summary, out / "diversity.json")
+
+    with open(out / "diversity.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "source", "source_b", "msssim_to_source",
+                                          "msssim_within_source"])
+        w.writeheader()
+        for i, row in enumerate(rows):
+            w.writerow(row | {"msssim_to_source": _fmt(report.to_source, i),
+                              "msssim_within_source": _fmt(report.within_source, i)})
+    write_grid(report, synthetic, groups, sources, source_index, out / "least_diverse.png", args.grid)
+
+    for name in ("within_source", "random_pairs", "source_pairs", "to_source"):
+        if name in summary and summary[name]["n"]:
+            print(f"{name:>14}: MS-SSIM {summary[name]['mean']:.4f} +- {summary[name]['std']:.4f} "
+                  f"(n={summary[name]['n']})")
+    print(f"wrote diversity.json, diversity.csv and least_diverse.png to {out}")
+    return summary
+
+
+def write_grid(report, synthetic, groups, sources, source_index, path: Path, max_rows: int, per_row: int = 8):
+    """Least diverse sources (source | variations) or, without groups, the most similar random pairs."""
+    rows = []
+    if groups is not None and report.within_source is not None:
+        g = torch.as_tensor(groups)
+        within = report.within_source.nan_to_num(-1.0)
+        means = {int(k): float(within[g == k].mean()) for k in g.unique()}
+        for k in sorted(means, key=means.get, reverse=True)[:max_rows]:
+            members = (g == k).nonzero().flatten().tolist()[:per_row]
+            row = []
+            s = source_index[members[0]] if source_index is not None else -1
+            if s >= 0:
+                row.append((sources[s], f"source {means[k]:.3f}"))
+            row += [(synthetic[i], _fmt(report.to_source, i, 3)) for i in members]
+            rows.append(row)
+        title = "least diverse sources: source (mean MS-SSIM among its variations) | variations (to source)"
+    else:
+        pairs = []
+        for j in report.random_values.argsort(descending=True)[: 4 * max_rows].tolist():
+            a, b = report.random_pairs[j].tolist()
+            pairs += [(synthetic[a], f"{float(report.random_values[j]):.3f}"), (synthetic[b], "")]
+        rows = [pairs[r : r + per_row] for r in range(0, len(pairs), per_row)]  # 4 pairs per row
+        title = "most similar random pairs (MS-SSIM)"
+    image_grid(rows, path, title=title)
+
+
+if __name__ == "__main__":
+    main()
