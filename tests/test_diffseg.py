@@ -1,0 +1,312 @@
+"""DiffSeg (unet/diffseg.py) on synthetic attention maps, and the lung evaluation rules (eval/segmentation.py)."""
+
+import functools
+import itertools
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval.metrics import dice
+from eval.segmentation import best_union_dice, hungarian_dice, linear_sum_assignment, lung_scores, nms_dice
+from unet.diffseg import (
+    AttentionAggregator,
+    anchor_grid,
+    diffseg,
+    diffseg_from_maps,
+    kmeans_refine,
+    merge_attention,
+    symmetric_kl,
+)
+
+AttentionMap = namedtuple("AttentionMap", "name resolution probs")  # the unet.AttentionMap contract
+
+
+def random_maps(sides, batch=1, layers=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [AttentionMap(f"{s}.{i}", (s, s), (3 * torch.randn(batch, s * s, s * s, generator=g)).softmax(-1))
+            for s in sides for i in range(layers)]
+
+
+def naive_aggregate(maps, out):
+    """Reference formula: full upsampling of every grid at once, no chunks, no in-place tricks."""
+    by_res = {}
+    for m in maps:
+        by_res.setdefault(m.resolution, []).append(m.probs)
+    total = sum(r[0] for r in by_res)
+    result = 0
+    for (h, w), probs in by_res.items():
+        p = torch.stack(probs).mean(0)
+        b = p.shape[0]
+        up = F.interpolate(p.reshape(-1, 1, h, w), size=(out, out), mode="bilinear", align_corners=False)
+        up = up.reshape(b, h, w, out * out)
+        up = up / up.sum(-1, keepdim=True)
+        up = up.repeat_interleave(out // h, 1).repeat_interleave(out // w, 2).reshape(b, out * out, out * out)
+        result = result + up * h / total
+    return result
+
+
+def blob_partition(side=16):
+    """4 regions on a side x side grid: background 0, two 'lungs' 1 and 2, a 'heart' 3."""
+    y, x = torch.meshgrid((torch.arange(side) + 0.5) / side, (torch.arange(side) + 0.5) / side, indexing="ij")
+    lab = torch.zeros(side, side, dtype=torch.long)
+    lab[((x - 0.28) / 0.17) ** 2 + ((y - 0.5) / 0.32) ** 2 < 1] = 1
+    lab[((x - 0.72) / 0.17) ** 2 + ((y - 0.5) / 0.32) ** 2 < 1] = 2
+    lab[(x - 0.5) ** 2 + (y - 0.75) ** 2 < 0.14 ** 2] = 3
+    return lab
+
+
+def partition_maps(lab, sigma=0.15, floor=1e-3):
+    """Each query attends to its own region (more to nearby pixels) plus a small floor everywhere."""
+    s = lab.shape[0]
+    y, x = torch.meshgrid(torch.arange(s) / s, torch.arange(s) / s, indexing="ij")
+    pos = torch.stack([y.reshape(-1), x.reshape(-1)], 1)
+    same = (lab.reshape(-1, 1) == lab.reshape(1, -1)).float()
+    p = same * (1 + torch.exp(-torch.cdist(pos, pos) ** 2 / (2 * sigma ** 2))) + floor
+    return p / p.sum(1, keepdim=True)
+
+
+@functools.lru_cache
+def synthetic():
+    """A 32x32 partition (from a 16x16 one) with maps at 32 (2 layers) and 16 (1 layer)."""
+    lab16 = blob_partition(16)
+    lab32 = lab16.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    a32, a16 = partition_maps(lab32)[None], partition_maps(lab16)[None]
+    maps = [AttentionMap("up.0", (32, 32), a32), AttentionMap("mid", (16, 16), a16),
+            AttentionMap("up.1", (32, 32), a32)]
+    return lab32, maps
+
+
+def region_dice(labels, truth):
+    """Per-region Dice after matching regions to predicted labels (Hungarian on Dice)."""
+    ids = torch.unique(labels)
+    d = torch.tensor([[2 * ((truth == r) & (labels == i)).sum().item()
+                       / ((truth == r).sum() + (labels == i).sum()).item() for i in ids]
+                      for r in torch.unique(truth)])
+    rows, cols = linear_sum_assignment(d, maximize=True)
+    return d[rows, cols]
+
+
+# ------------------------------------------------------------------------------------------ symmetric KL
+
+
+def test_symmetric_kl_matches_naive_and_is_symmetric():
+    x = torch.randn(5, 20).softmax(-1)
+    y = torch.randn(7, 20).softmax(-1)
+    naive = 0.5 * ((x[:, None] - y[None]) * (x[:, None].log() - y[None].log())).sum(-1)
+    d = symmetric_kl(x, y)
+    assert d.dtype == torch.float32 and d.shape == (5, 7)
+    torch.testing.assert_close(d, naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(symmetric_kl(y, x), d.T, atol=1e-6, rtol=0)
+    assert symmetric_kl(x, x).diagonal().abs().max() < 1e-6  # zero on equal inputs
+    torch.testing.assert_close(symmetric_kl(x, y, chunk_rows=2), d, atol=1e-6, rtol=0)  # chunked == whole
+
+
+def test_symmetric_kl_zero_entries_stay_finite():
+    x = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    d = symmetric_kl(x, x)
+    assert torch.isfinite(d).all() and d[0, 0].abs() < 1e-6 and d[0, 1] > 10  # mass on a zero: far
+    with pytest.raises(ValueError, match=r"\[2, 3\].*\[2, 4\]"):
+        symmetric_kl(x, torch.ones(2, 4) / 4)
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+def test_aggregator_matches_naive_formula():
+    maps = random_maps((8, 4, 2), batch=2, layers=2) + random_maps((8,), batch=2, seed=1)
+    agg = AttentionAggregator(chunk_rows=7)  # odd chunks cross grid rows
+    for m in maps:
+        agg(m)  # usable as capture_self_attention's callback
+    assert agg.counts == {(8, 8): 3, (4, 4): 2, (2, 2): 2}
+    torch.testing.assert_close(agg.grid_weights(), {(8, 8): 8 / 14, (4, 4): 4 / 14, (2, 2): 2 / 14})
+    out = agg.result()
+    assert out.shape == (2, 64, 64) and out.dtype == torch.float32 and agg.resolution == (8, 8)
+    torch.testing.assert_close(out, naive_aggregate(maps, 8), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 64), atol=1e-5, rtol=0)  # rows are distributions
+    assert not agg.sums  # emptied: ready for the next batch
+    # a larger out_res (no in-place path) and a list instead of a callback
+    torch.testing.assert_close(AttentionAggregator(out_res=16).extend(maps).result(), naive_aggregate(maps, 16),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_aggregator_custom_weights_used_as_given():
+    maps = random_maps((4, 2))
+    out = AttentionAggregator(weights={4: 1.0, (2, 2): 0.0}).extend(maps).result()
+    torch.testing.assert_close(out, maps[0].probs / maps[0].probs.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match=r"\(2, 2\)"):
+        AttentionAggregator(weights={4: 1.0}).extend(maps).result()
+
+
+def test_aggregator_bad_inputs():
+    agg = AttentionAggregator()
+    with pytest.raises(ValueError, match="no attention maps"):
+        agg.result()
+    with pytest.raises(ValueError, match=r"'bad'.*\[1, 16, 15\]"):
+        agg.add(AttentionMap("bad", (4, 4), torch.ones(1, 16, 15)))
+    agg.add(random_maps((4,), batch=2)[0])
+    with pytest.raises(ValueError, match="batch 1"):
+        agg.add(random_maps((2,), batch=1)[0])
+    with pytest.raises(ValueError, match="finer than out_res"):
+        AttentionAggregator(out_res=2).extend(random_maps((4,))).result()
+
+
+# ------------------------------------------------------------------------------------------ DiffSeg
+
+
+def test_anchor_grid_follows_reference():
+    a = anchor_grid(64, 16)
+    rows, cols = a // 64, a % 64
+    assert len(a) == 256 and torch.equal(torch.unique(rows), torch.arange(1, 62, 4))
+    assert torch.equal(rows[:16], torch.ones(16, dtype=torch.long)) and torch.equal(cols[:16], torch.arange(1, 62, 4))
+    assert torch.equal(torch.unique(anchor_grid(32, 16) % 32), torch.arange(0, 31, 2))
+    with pytest.raises(ValueError, match="grid 20"):
+        anchor_grid(16, 20)
+
+
+def test_diffseg_recovers_partition():
+    truth, maps = synthetic()
+    labels, objects = diffseg_from_maps(maps, grid=8, threshold=0.5, return_objects=True)
+    assert labels.shape == (1, 32, 32) and labels.dtype == torch.long
+    assert objects[0].shape == (4, 32, 32)
+    torch.testing.assert_close(objects[0].sum((1, 2)), torch.ones(4))  # object maps are distributions
+    assert region_dice(labels[0], truth).min() > 0.95
+    again = diffseg_from_maps(maps, grid=8, threshold=[0.5, 0.5, 0.5])
+    assert torch.equal(again, labels)  # deterministic; one threshold per iteration accepted
+    # "nearest": argmax on the grid, then repeat -> exactly the repeated partition
+    up = diffseg_from_maps(maps, grid=8, threshold=0.5, out_size=64, upsample="nearest")[0]
+    assert region_dice(up, truth.repeat_interleave(2, 0).repeat_interleave(2, 1)).min() > 0.95
+    # k-means refinement started at a correct solution keeps it
+    refined = diffseg_from_maps(maps, grid=8, threshold=0.5, refine=True)
+    assert region_dice(refined[0], truth).min() > 0.95
+
+
+def test_merge_iterations_reduce_proposals():
+    truth, maps = synthetic()
+    attn = AttentionAggregator().extend(maps).result()[0]
+    one = merge_attention(attn, (32, 32), grid=8, threshold=0.5, iterations=1)
+    assert one.shape == (64, 1024)  # iteration 0: one proposal per anchor
+    assert merge_attention(attn, (32, 32), grid=8, threshold=0.5).shape == (4, 1024)
+    obj = kmeans_refine(attn, one[:4])  # from a poor start: still rows that sum to 1
+    torch.testing.assert_close(obj.sum(1), torch.ones(len(obj)))
+
+
+def test_kmeans_refine_matches_sklearn():
+    KMeans = pytest.importorskip("sklearn.cluster").KMeans
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 30, generator=g)[torch.randint(0, 5, (300,), generator=g)] + 0.3 * torch.rand(300, 30, generator=g)
+    init = x[:5].clone()  # a poor start: k-means must move the centers
+    labels = KMeans(n_clusters=5, init=init.double().numpy(), n_init=1).fit(x.double().numpy()).labels_
+    ref = torch.stack([x[torch.from_numpy(labels == i)].mean(0) for i in range(5)])
+    torch.testing.assert_close(kmeans_refine(x, init), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_512px_input():
+    maps = random_maps((64, 32, 16, 8))  # latent 64x64: the SD v1 grids
+    agg = AttentionAggregator()
+    agg.extend(maps)
+    torch.testing.assert_close(agg.grid_weights(), {(s, s): s / 120 for s in (64, 32, 16, 8)})
+    attn = agg.result()
+    assert attn.shape == (1, 4096, 4096)
+    labels = diffseg(attn, grid=4, out_size=512)
+    assert labels.shape == (1, 512, 512) and labels.dtype == torch.long
+
+
+def test_shapes_256px_input():
+    maps = random_maps((32, 16, 8, 4), batch=2)
+    labels, objects = diffseg_from_maps(maps, grid=8, out_size=256, return_objects=True)
+    assert labels.shape == (2, 256, 256) and len(objects) == 2 and objects[0].shape[1:] == (32, 32)
+    assert all(lab.max() < len(obj) for lab, obj in zip(labels, objects))  # labels index the object maps
+
+
+def test_diffseg_bad_inputs():
+    with pytest.raises(ValueError, match="not a square grid"):
+        diffseg(torch.ones(1, 12, 12) / 12)
+    with pytest.raises(ValueError, match="iterations=3"):
+        diffseg(torch.ones(1, 16, 16) / 16, grid=2, threshold=[0.1, 0.1])
+    with pytest.raises(ValueError, match="upsample"):
+        diffseg(torch.ones(1, 16, 16) / 16, grid=2, upsample="cubic")
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (5, 2), (4, 4), (6, 9), (9, 6)])
+def test_linear_sum_assignment_matches_scipy(shape):
+    scipy_lsa = pytest.importorskip("scipy.optimize").linear_sum_assignment
+    g = torch.Generator().manual_seed(shape[0] * 10 + shape[1])
+    for maximize in (False, True):
+        cost = torch.randn(shape, generator=g, dtype=torch.float64)
+        rows, cols = linear_sum_assignment(cost, maximize=maximize)
+        ref_rows, ref_cols = scipy_lsa(cost.numpy(), maximize=maximize)
+        assert rows.tolist() == ref_rows.tolist() and cols.tolist() == ref_cols.tolist()
+        ties = torch.randint(0, 3, shape, generator=g).double()  # many optima: compare the cost only
+        rows, cols = linear_sum_assignment(ties, maximize=maximize)
+        ref_rows, ref_cols = scipy_lsa(ties.numpy(), maximize=maximize)
+        assert ties[rows, cols].sum() == ties.numpy()[ref_rows, ref_cols].sum()
+        assert len(set(cols.tolist())) == len(cols) == min(shape)
+
+
+def greedy_union(labels, gt):
+    """Forward selection: best single segment, then add the segment that most improves Dice."""
+    ids, chosen, best = torch.unique(labels).tolist(), [], 0.0
+    while True:
+        options = [(float(dice(torch.isin(labels, torch.tensor(chosen + [i])), gt)), i)
+                   for i in ids if i not in chosen]
+        if not options or max(options)[0] <= best:
+            return best
+        best, i = max(options)
+        chosen.append(i)
+
+
+def test_best_union_is_exact():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        labels = torch.randint(0, 7, (4, 4), generator=g).repeat_interleave(3, 0).repeat_interleave(3, 1)
+        gt = torch.rand(12, 12, generator=g) < 0.4
+        ids = torch.unique(labels).tolist()
+        brute = max(2 * (torch.isin(labels, torch.tensor(s)) & gt).sum().item()
+                    / (torch.isin(labels, torch.tensor(s)).sum() + gt.sum()).item()
+                    for n in range(1, len(ids) + 1) for s in itertools.combinations(ids, n))
+        assert best_union_dice(labels, gt).dice == pytest.approx(brute, abs=1e-12)
+    # greedy forward selection cannot drop its first pick: 5 pure lung segments beat the best single one
+    labels = torch.cat([torch.arange(1, 6).repeat_interleave(12), torch.full((200,), 6), torch.zeros(140)])
+    gt = torch.cat([torch.ones(60), torch.ones(40), torch.zeros(300)]).bool()
+    labels, gt = labels.long().reshape(20, 20), gt.reshape(20, 20)
+    exact = best_union_dice(labels, gt)
+    assert exact.dice == pytest.approx(0.75) and exact.segments == (1, 2, 3, 4, 5)
+    assert greedy_union(labels, gt) == pytest.approx(200 / 360)
+
+
+def test_nms_hungarian_and_scores():
+    labels = torch.zeros(10, 10, dtype=torch.long)
+    labels[2:8, 1:4], labels[2:8, 6:9], labels[8:10, :] = 1, 2, 3  # left lung, right lung, a mixed strip
+    gt = (labels == 1) | (labels == 2)
+    gt[9, :] = True  # half of segment 3 is lung: not a majority
+    nms, hung, best = nms_dice(labels, gt), hungarian_dice(labels, gt), best_union_dice(labels, gt)
+    assert nms.segments == (1, 2) and nms.mask.equal((labels == 1) | (labels == 2))
+    assert hung.segments in {(1,), (2,)}  # one segment per class: background takes 0, lung one of the lungs
+    assert hungarian_dice(labels, gt, criterion="iou").segments in {(1,), (2,)}
+    assert best.dice >= max(nms.dice, hung.dice) and best.segments == (1, 2, 3)
+    scores = lung_scores(labels, gt)
+    assert scores == {"dice_best_union": best.dice, "dice_nms": nms.dice, "dice_hungarian": hung.dice,
+                      "num_segments": 4}
+
+
+def test_evaluation_bad_inputs_and_empty_gt():
+    labels = torch.zeros(4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels \[4, 4\] and gt \[5, 5\]"):
+        best_union_dice(labels, torch.zeros(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="integer"):
+        nms_dice(labels.float(), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="mask > 127"):
+        hungarian_dice(labels, torch.full((4, 4), 255))
+    with pytest.raises(ValueError, match="criterion"):
+        hungarian_dice(labels, torch.ones(4, 4), criterion="dice")
+    labels[:2] = 1
+    with pytest.warns(UserWarning, match="empty"):
+        scores = lung_scores(labels, torch.zeros(4, 4, dtype=torch.bool))
+    assert scores["dice_best_union"] == scores["dice_nms"] == scores["dice_hungarian"] == 1.0
+    with pytest.warns(UserWarning, match="empty"):
+        assert hungarian_dice(labels, torch.zeros(4, 4)).segments == ()

@@ -1,0 +1,120 @@
+"""UNetConfig: the hyper-parameters of the Stable Diffusion cross-attention UNet.
+
+Field names are exactly those of a diffusers `unet/config.json`, so `UNetConfig.from_dict(json)` reads the
+Hub file directly; defaults are SD v1.5 (`stable-diffusion-v1-5/stable-diffusion-v1-5`, unet/config.json).
+SD 2.x differs only in fields declared here: `attention_head_dim` per block (5, 10, 20, 20),
+`use_linear_projection` True, `upcast_attention` True and `cross_attention_dim` 1024.
+
+A naming quirk inherited from diffusers (huggingface/diffusers#2011): `attention_head_dim` is the NUMBER OF
+HEADS of each block's attention, not the size of a head. SD v1 has 8 heads of 40/80/160 channels; SD 2.x
+has heads of 64 channels (320/5, 640/10, 1280/20).
+
+diffusers configs also carry many switches for other architectures (class embeddings, SDXL's additional
+embeddings, ...). `from_dict` accepts them only at the value that means "off" and rejects anything else,
+so an unsupported checkpoint fails loudly instead of loading into the wrong network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hub
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# diffusers UNet2DConditionModel.__init__ arguments this implementation does not have, with the value at
+# which they change nothing (diffusers 0.42 defaults).
+NEUTRAL = {
+    "center_input_sample": False,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1.0,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,  # only read when addition_embed_type is set
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    sample_size: int = 64  # latent side the model was trained at (512 px / 8); informative only
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True  # timestep embedding order [cos, sin] (True) or [sin, cos]
+    freq_shift: int = 0  # frequencies exp(-ln(10000) * i / (half - freq_shift))
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768  # width of the context tokens (CLIP ViT-L/14 text, DINO ViT-B: 768)
+    attention_head_dim: int | tuple[int, ...] = 8  # NUMBER of heads, per block or for all (see above)
+    use_linear_projection: bool = False  # Transformer2DModel proj_in/out: 1x1 conv (SD v1) or Linear (SD 2)
+    upcast_attention: bool = False  # run attention in float32 even under fp16/bf16 (SD 2.1)
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                f"UNetConfig: down_block_types ({len(self.down_block_types)}), up_block_types "
+                f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length"
+            )
+        for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+            bad = [t for t in getattr(self, name) if t not in allowed]
+            if bad:
+                raise ValueError(f"UNetConfig.{name}: unsupported {bad}; expected {allowed}")
+        heads = self.heads()
+        if len(heads) != n:
+            raise ValueError(f"UNetConfig.attention_head_dim: {len(heads)} values for {n} blocks")
+        for c, h in zip(self.block_out_channels, heads):
+            if c % self.norm_num_groups or c % h:
+                raise ValueError(
+                    f"UNetConfig: block width {c} must be divisible by norm_num_groups="
+                    f"{self.norm_num_groups} and by its number of heads {h}"
+                )
+
+    def heads(self) -> tuple[int, ...]:
+        """Number of attention heads of each down block (up blocks use them reversed, mid the last)."""
+        h = self.attention_head_dim
+        return (h,) * len(self.block_out_channels) if isinstance(h, int) else tuple(h)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source="config") -> UNetConfig:
+        """A diffusers unet config.json as a UNetConfig; architecture switches we lack must be off."""
+        d = dict(d)
+        for key, off in NEUTRAL.items():
+            if key not in d:
+                continue
+            value = d.pop(key)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if key != "addition_embed_type_num_heads" and any(v != off for v in values):
+                raise hub.CheckpointError(f"{source}: {key}={value!r} is not supported (only {off!r})")
+        return hub.config_from_dict(cls, d, source=source)

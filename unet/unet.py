@@ -1,0 +1,213 @@
+"""UNet2DConditionModel: the Stable Diffusion v1 denoiser eps_theta(z_t, t, c).
+
+Latent diffusion (Rombach et al. 2022, eq. 2) trains a UNet to predict the noise added to a VAE latent
+z_t [B, 4, h, w] at step t, given context tokens c [B, L, 768]: here the DINO global tokens c_GLB
+(L = 1..5) instead of CLIP text. Data flow (SD v1.5 widths, 64x64 latent):
+
+    t -> sinusoids [B, 320] -> MLP -> temb [B, 1280]        (added inside every ResnetBlock2D)
+    conv_in                      [B, 320, 64, 64]
+    down_blocks 0..3             320@64 -> 640@32 -> 1280@16 -> 1280@8, pushing 12 skips
+    mid_block                    1280@8 (resnet, transformer, resnet)
+    up_blocks 0..3               1280@8 -> 1280@16 -> 640@32 -> 320@64, popping the skips
+    GroupNorm, SiLU, conv_out    [B, 4, 64, 64]
+
+Module names mirror diffusers' `unet/diffusion_pytorch_model.safetensors` exactly, so diffusers weights
+load strictly with no renaming; CompVis single files are renamed by `unet.convert`.
+
+`capture_self_attention()` switches the 16 self-attention (`attn1`) layers to the explicit attention path
+and collects their head-averaged probability maps for DiffSeg (`unet/attention.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hub
+from unet.blocks import (
+    Block,
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    DownBlock2D,
+    UNetMidBlock2DCrossAttn,
+    UpBlock2D,
+)
+from unet.config import UNetConfig
+from unet.convert import LDM_PREFIX, ldm_to_diffusers
+from unet.embeddings import TimestepEmbedding, timestep_embedding
+
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TIME_EMBED_MULT = 4  # temb width = 4 * block_out_channels[0] (LDM openaimodel: time_embed_dim)
+
+
+class AttentionMap(NamedTuple):
+    name: str  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    resolution: tuple[int, int]  # (h, w) of the layer's query (and key) grid
+    probs: torch.Tensor  # float32 [B, h*w, h*w], rows sum to 1, averaged over heads
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = c = config or UNetConfig()
+        ch, heads, n = c.block_out_channels, c.heads(), len(c.block_out_channels)
+        temb = TIME_EMBED_MULT * ch[0]
+        norm = dict(groups=c.norm_num_groups, eps=c.norm_eps)
+
+        def attn(h):
+            return dict(heads=h, context_dim=c.cross_attention_dim, linear_projection=c.use_linear_projection,
+                        upcast=c.upcast_attention)
+
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        down = []
+        for i, kind in enumerate(c.down_block_types):
+            args = dict(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], temb_channels=temb,
+                        num_layers=c.layers_per_block, add_downsample=i < n - 1, **norm)
+            cross = kind == "CrossAttnDownBlock2D"
+            down.append(CrossAttnDownBlock2D(**args, **attn(heads[i])) if cross else DownBlock2D(**args))
+        self.down_blocks = nn.ModuleList(down)
+
+        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb, **norm, **attn(heads[-1]))
+
+        up, rch, rheads = [], ch[::-1], heads[::-1]
+        for i, kind in enumerate(c.up_block_types):
+            args = dict(in_channels=rch[min(i + 1, n - 1)], prev_channels=rch[max(i - 1, 0)],
+                        out_channels=rch[i], temb_channels=temb, num_layers=c.layers_per_block + 1,
+                        add_upsample=i < n - 1, **norm)
+            cross = kind == "CrossAttnUpBlock2D"
+            up.append(CrossAttnUpBlock2D(**args, **attn(rheads[i])) if cross else UpBlock2D(**args))
+        self.up_blocks = nn.ModuleList(up)
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor):
+        c = self.config
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
+            raise ValueError(
+                f"UNet2DConditionModel: sample must be [B, in_channels={c.in_channels}, h, w], "
+                f"got shape {tuple(sample.shape)}"
+            )
+        b = sample.shape[0]
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.cross_attention_dim:
+            raise ValueError(
+                f"UNet2DConditionModel: encoder_hidden_states must be [B={b}, L, "
+                f"cross_attention_dim={c.cross_attention_dim}], got shape {tuple(context.shape)}"
+            )
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """sample [B, 4, h, w]; timestep int/float, 0-d or [B] tensor; encoder_hidden_states [B, L, 768]
+        -> predicted noise (or v) [B, 4, h, w]."""
+        self._check_inputs(sample, encoder_hidden_states)
+        b, context = sample.shape[0], encoder_hidden_states
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, b)):
+            raise ValueError(
+                f"UNet2DConditionModel: timestep must be a scalar or [B={b}], got {tuple(t.shape)}"
+            )
+        t = t.reshape(-1).expand(b)  # [B]
+        c = self.config
+        temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        temb = self.time_embedding(temb.to(sample.dtype))  # [B, 4 * C0]
+
+        x = self.conv_in(sample)  # [B, C0, h, w]
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips.extend(block_skips)
+        x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            # Upsample to the size of the next skip (equal to 2x unless a side was odd on the way down).
+            size = tuple(skips[-n - 1].shape[-2:]) if block.upsamplers is not None else None
+            x = block(x, temb, skips, context, size)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # [B, out_channels, h, w]
+
+    # ------------------------------------------------------------------------------------------ DiffSeg
+
+    @contextlib.contextmanager
+    def capture_self_attention(self, callback: Callable[[AttentionMap], None] | None = None):
+        """Collect every self-attention map of the forward passes run inside the block.
+
+        Yields a list that fills with one `AttentionMap` per attn1 layer and forward call, in execution
+        order. With `callback`, each map is passed to it as soon as it is computed and not stored (the
+        list stays empty), so a consumer can reduce maps on the fly. Gradient checkpointing is paused
+        inside the block (recomputation would report maps twice).
+        """
+        maps: list[AttentionMap] = []
+        sink = maps.append if callback is None else callback
+        layers = [(name, m) for name, m in self.named_modules() if name.endswith(".attn1")]
+        checkpointing = self.is_gradient_checkpointing
+        self._set_gradient_checkpointing(False)
+        for name, m in layers:
+            m.capture = functools.partial(_emit, sink, name)
+        try:
+            yield maps
+        finally:
+            for _, m in layers:
+                m.capture = None
+            self._set_gradient_checkpointing(checkpointing)
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def _set_gradient_checkpointing(self, on: bool):
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.gradient_checkpointing = on
+
+    def enable_gradient_checkpointing(self):
+        """Recompute resnet/transformer activations in backward (less memory, ~30% more compute)."""
+        self._set_gradient_checkpointing(True)
+
+    def disable_gradient_checkpointing(self):
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Block))
+
+    # ------------------------------------------------------------------------------------------ hub
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, subfolder=None, revision=None, cache_dir=None, dtype=None,
+                        device=None, config: UNetConfig | None = None) -> UNet2DConditionModel:
+        """Load a diffusers folder / Hub repo id (config.json + diffusion_pytorch_model.safetensors|.bin)
+        or a single weights file (CompVis `model.diffusion_model.*` keys or diffusers keys).
+
+        A single file has no config: `config` (default SD v1.5) describes it. For a folder or repo,
+        `config`, when given, replaces the config.json.
+        """
+        where = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+        path = hub.resolve_file(name_or_path, WEIGHTS_NAMES, **where)
+        single_file = Path(str(name_or_path)).expanduser().is_file()
+        if config is None:
+            if single_file:
+                config = UNetConfig()
+            else:
+                config_path = hub.resolve_file(name_or_path, "config.json", **where)
+                config = UNetConfig.from_dict(hub.read_json(config_path), source=str(config_path))
+        state = hub.load_state_dict_file(path)
+        if any(k.startswith(LDM_PREFIX) for k in state):
+            state = hub.strip_prefix(state, LDM_PREFIX)
+        if "input_blocks.0.0.weight" in state:
+            state = ldm_to_diffusers(state, config)
+        return hub.load_model(cls, config, state, source=str(path), dtype=dtype, device=device)
+
+    def save_pretrained(self, folder):
+        """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout, atomic)."""
+        hub.save_pretrained(self, folder, class_name="UNet2DConditionModel")
+
+
+def _emit(sink, name: str, probs: torch.Tensor, size):
+    sink(AttentionMap(name, tuple(size), probs.detach()))

@@ -1,0 +1,150 @@
+"""AutoencoderKL: the Stable Diffusion v1 VAE (Rombach et al. 2022, "High-Resolution Image Synthesis with
+Latent Diffusion Models", Sec. 3.1: the KL-regularised autoencoder with downsampling factor f = 8).
+
+Latent diffusion runs the expensive diffusion model on a small latent instead of pixels. The encoder maps an
+image x in [-1, 1] of shape [B, 3, H, W] to a diagonal Gaussian over latents z of shape [B, 4, H/8, W/8];
+the decoder maps z back to pixels. DiNO-Diffusion keeps this VAE frozen and trains the UNet on
+z * scaling_factor.
+
+    Encoder: conv_in -> DownEncoderBlock2D x 4 (x1/2 at the first three) -> mid-block -> norm/SiLU/conv_out
+             -> [B, 8, H/8, W/8] -> quant_conv (1x1) -> DiagonalGaussian(mean, logvar)
+    Decoder: z -> post_quant_conv (1x1) -> conv_in -> mid-block -> UpDecoderBlock2D x 4 (x2 at the first
+             three, channels reversed) -> norm/SiLU/conv_out -> [B, 3, H, W]
+
+Module attribute names are diffusers' checkpoint keys, so a diffusers `vae/` state dict loads strictly;
+legacy and CompVis layouts are renamed by `vae/convert.py`. The VAE runs in the dtype of its weights with
+autocast disabled (DEVELOPERS.md: VAE decode stays in fp32 under a bf16/fp16 training loop).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import hub
+from vae import convert
+from vae.blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
+from vae.config import NORM_EPS, VAEConfig
+from vae.distribution import DiagonalGaussian
+from vae.resnet import norm_silu
+
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, groups, eps = config.block_out_channels, config.norm_num_groups, NORM_EPS
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        last = len(ch) - 1
+        self.down_blocks = nn.ModuleList(
+            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], config.layers_per_block, i < last, groups, eps)
+            for i in range(len(ch))
+        )
+        self.mid_block = UNetMidBlock2D(ch[-1], groups, eps, config.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=eps)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)  # [B, 3, H, W] -> [B, 128, H, W]
+        for block in self.down_blocks:
+            x = block(x)  # -> [B, 512, H/8, W/8] after the last
+        x = self.mid_block(x)
+        return self.conv_out(norm_silu(self.conv_norm_out, x))  # [B, 2 * latent_channels, H/8, W/8]
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, groups, eps = tuple(reversed(config.block_out_channels)), config.norm_num_groups, NORM_EPS
+        self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = UNetMidBlock2D(ch[0], groups, eps, config.mid_block_add_attention)
+        last = len(ch) - 1
+        self.up_blocks = nn.ModuleList(
+            UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, i < last, groups, eps)
+            for i in range(len(ch))
+        )
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=eps)
+        self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))  # [B, 4, h, w] -> [B, 512, h, w]
+        for block in self.up_blocks:
+            x = block(x)  # -> [B, 128, 8h, 8w] after the last
+        return self.conv_out(norm_silu(self.conv_norm_out, x))  # [B, 3, 8h, 8w]
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or VAEConfig()
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        c = config.latent_channels
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
+
+    def _prepare(self, t: torch.Tensor, channels: int, factor: int, what: str) -> torch.Tensor:
+        """Check the shape, move to the weights' device and dtype. On CPU, switch to channels_last: oneDNN
+        then runs NHWC convolutions without reordering each activation to its blocked layout and back
+        (SD v1 at 256 px: ~5% faster, ~20% less peak memory; bench/bench_vae.py). Outputs come back NCHW."""
+        if t.ndim != 4 or t.shape[1] != channels or t.shape[2] % factor or t.shape[3] % factor:
+            sizes = f" with H and W multiples of {factor}" if factor > 1 else ""
+            raise ValueError(
+                f"AutoencoderKL.{what}: expected a [B, {channels}, H, W] tensor{sizes}, "
+                f"got shape {tuple(t.shape)}"
+            )
+        p = self.encoder.conv_in.weight
+        t = t.to(device=p.device, dtype=p.dtype)
+        return t.contiguous(memory_format=torch.channels_last) if t.device.type == "cpu" else t
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Images [B, in_channels, H, W] in [-1, 1] -> posterior over latents [B, latent_ch, H/8, W/8]."""
+        x = self._prepare(x, self.config.in_channels, self.config.downsample_factor, "encode(x)")
+        with torch.autocast(x.device.type, enabled=False):
+            moments = self.encoder(x)
+            if self.quant_conv is not None:
+                moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments.contiguous())
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents [B, latent_channels, h, w] -> images [B, out_channels, 8h, 8w], about [-1, 1]"""
+        z = self._prepare(z, self.config.latent_channels, 1, "decode(z)")
+        with torch.autocast(z.device.type, enabled=False):
+            if self.post_quant_conv is not None:
+                z = self.post_quant_conv(z)
+            return self.decoder(z).contiguous()
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reconstruction decode(z) with z the posterior mode, or a posterior sample if `sample_posterior`."""
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, subfolder=None, revision=None, cache_dir=None, dtype=None,
+                        device=None, *, config: VAEConfig | None = None) -> AutoencoderKL:
+        """Load from a Hub repo id, a diffusers folder (config.json + weights) or a single weights file.
+
+        A single file may be in the diffusers or the CompVis/SD layout (`first_stage_model.` keys, as in
+        `v1-5-pruned-emaonly.safetensors`); it carries no config, so `config` (default: SD v1) describes it.
+        `config` also overrides a folder's config.json. Raises hub.CheckpointError naming the file and keys.
+        """
+        kw = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+        weights = hub.resolve_file(name_or_path, WEIGHTS_NAMES, **kw)
+        if config is None and Path(os.fspath(name_or_path)).is_file():
+            config = VAEConfig()
+        if config is None:
+            config_path = hub.resolve_file(name_or_path, "config.json", **kw)
+            config = hub.config_from_dict(VAEConfig, hub.read_json(config_path), source=config_path)
+        state = convert.to_diffusers(hub.load_state_dict_file(weights), config)
+        return hub.load_model(cls, config, state, source=weights, dtype=dtype, device=device)
+
+    def save_pretrained(self, folder) -> None:
+        """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout; diffusers reads it)."""
+        hub.save_pretrained(self, folder, class_name="AutoencoderKL")
