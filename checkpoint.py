@@ -1,0 +1,110 @@
+"""Training checkpoints: safetensors only, written atomically, enough state to resume exactly.
+
+A checkpoint at step k is three files in `run/checkpoints/`:
+    step_{k:07d}.state.safetensors   optimizer tensors, GradScaler, RNG states; JSON metadata (step,
+                                      optimizer hyper-parameters, data position, anything non-tensor)
+    step_{k:07d}.ema.safetensors     EMA weights of the UNet (if EMA is on)
+    step_{k:07d}.safetensors         the UNet weights, plain `UNet2DConditionModel` keys
+The weights file is written last, so its presence marks a complete checkpoint: a run killed while writing
+leaves the previous checkpoint intact (each file is itself written to a temporary name and renamed).
+Nothing is pickled: nested optimizer state is flattened to `optim.state.{param}.{name}` tensors plus JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+import hub
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for pid, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.state.{pid}.{name}"] = value
+            else:
+                meta["state"].setdefault(str(pid), {})[name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim.state."):
+            pid, name = key[len("optim.state.") :].split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, entries in meta["state"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def paths(run_dir, step: int) -> dict[str, Path]:
+    base = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+    return {
+        "weights": Path(f"{base}.safetensors"),
+        "ema": Path(f"{base}.ema.safetensors"),
+        "state": Path(f"{base}.state.safetensors"),
+    }
+
+
+def save(run_dir, step: int, *, model_state: dict, ema_state: dict | None, optimizer, scaler=None,
+         rng: dict[str, torch.Tensor] | None = None, extra: dict | None = None, config: dict | None = None):
+    p = paths(run_dir, step)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors = dict(opt_tensors)
+    for name, t in (rng or {}).items():
+        tensors[f"rng.{name}"] = t
+    meta = {"step": step, "optimizer": opt_meta, "extra": extra or {}}
+    if scaler is not None and scaler.is_enabled():
+        meta["scaler"] = {k: v for k, v in scaler.state_dict().items() if not isinstance(v, torch.Tensor)}
+    hub.save_file_atomic(tensors, p["state"], metadata={"json": json.dumps(meta, default=float)})
+    weights_meta = {"step": str(step), "config": json.dumps(config or {})}
+    if ema_state is not None:
+        hub.save_file_atomic(ema_state, p["ema"], metadata=weights_meta)
+    hub.save_file_atomic(model_state, p["weights"], metadata=weights_meta)
+
+
+def load_state(path) -> tuple[dict, dict]:
+    """Read a `.state.safetensors` file -> (tensors, metadata dict)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["json"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001
+        raise hub.CheckpointError(f"cannot read training state {path}: {e}") from e
+    return tensors, meta
+
+
+def restore(path, *, optimizer, scaler=None) -> tuple[dict, dict]:
+    """Load optimizer (and scaler) state in place; returns (rng tensors, metadata)."""
+    tensors, meta = load_state(path)
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    if scaler is not None and "scaler" in meta:
+        scaler.load_state_dict(meta["scaler"])
+    rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return rng, meta
+
+
+def complete_steps(run_dir) -> list[int]:
+    """Steps whose weights and state files both exist (complete checkpoints), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    steps = []
+    for w in folder.glob("step_*.safetensors"):
+        stem = w.name[: -len(".safetensors")]
+        if stem.count(".") == 0 and (folder / f"{stem}.state.safetensors").is_file():
+            steps.append(int(stem[len("step_") :]))
+    return sorted(steps)
+
+
+def prune(run_dir, keep_last: int):
+    """Delete all but the newest `keep_last` checkpoints (0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for step in complete_steps(run_dir)[:-keep_last]:
+        for p in paths(run_dir, step).values():
+            p.unlink(missing_ok=True)

@@ -1,0 +1,150 @@
+"""The three networks of DiNO-Diffusion, built from a training config and reloaded from a run directory.
+
+    image --(frozen DINO ViT)--> c_GLB [B, G, D] ----------------------------.
+    image --(frozen VAE encoder)--> z0 * 0.18215 --(+ noise at t)--> x_t --> UNet --> predicted noise
+                                                                                  (cross-attends to c_GLB)
+
+A model is either pretrained (a Hub repo id / local folder / single file, loaded through hub.py) or built
+from a config with random weights (the tiny CPU presets). Frozen models that are not pretrained are written
+into the run directory (`vae/`, `dino/`) so that sample.py and segment.py reload exactly what training used.
+
+Run directory:
+    config.json                                  the full training config (models, data, optimisation)
+    vae/, dino/                                  frozen models that do not come from a pretrained source
+    checkpoints/step_XXXXXXX.safetensors         UNet weights (loadable by UNet2DConditionModel)
+    checkpoints/step_XXXXXXX.ema.safetensors     EMA UNet weights (when EMA is on)
+    checkpoints/step_XXXXXXX.state.safetensors   optimizer / scaler / RNG / data position (for --resume)
+    metrics.jsonl, samples/
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+import hub
+from ddpm import DDIMScheduler, DDPMScheduler
+from unet import UNet2DConditionModel, UNetConfig
+from vae import AutoencoderKL, VAEConfig
+from vit_dino import DinoConfig, DinoViT
+
+STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_vae(source, config: dict | None, subfolder=None) -> AutoencoderKL:
+    if source:
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder)
+    return AutoencoderKL(hub.config_from_dict(VAEConfig, config or {}, source="vae config"))
+
+
+def build_unet(source, config: dict | None, subfolder=None) -> UNet2DConditionModel:
+    if source:
+        return UNet2DConditionModel.from_pretrained(source, subfolder=subfolder)
+    return UNet2DConditionModel(hub.config_from_dict(UNetConfig, config or {}, source="unet config"))
+
+
+def build_dino(source, config: dict | None) -> DinoViT:
+    if source:
+        return DinoViT.from_pretrained(source)
+    return DinoViT(hub.config_from_dict(DinoConfig, config or {}, source="dino config"))
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Frozen encoders: eval mode (no dropout), no gradients."""
+    model.eval().requires_grad_(False)
+    return model
+
+
+def save_local(model, folder: Path, weights_name: str):
+    """Save a model built from a config (not a pretrained source) with its dataclass config."""
+    hub.save_pretrained(model, folder, weights_name=weights_name)
+
+
+def load_local(cls, config_cls, folder: Path, weights_name: str, device=None):
+    cfg = hub.config_from_dict(config_cls, hub.read_json(folder / "config.json"), source=str(folder))
+    state = hub.load_state_dict_file(folder / weights_name)
+    return hub.load_model(cls, cfg, state, source=str(folder / weights_name), device=device)
+
+
+# ---------------------------------------------------------------------------------------------- condition
+
+
+@torch.inference_mode()
+def condition(dino: DinoViT, images: torch.Tensor) -> torch.Tensor:
+    """c_GLB of images [B, 1 or 3, H, W] in [0, 1] -> [B, G, D] float32 (paper Sec. 2: CLS, pooler, regs)."""
+    x = dino.preprocess(images.float().clamp(0, 1))
+    return dino.global_tokens(x).float()
+
+
+# ---------------------------------------------------------------------------------------------- run dirs
+
+
+def checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """(step, weights path) of the complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = []
+    for p in folder.glob("step_*.safetensors"):
+        m = STEP_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def make_scheduler(cfg: dict, kind: str = "ddim"):
+    """The sampler for a run: DDIM or DDPM over the run's training noise schedule (one shared config)."""
+    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    if kind not in classes:
+        raise ValueError(f"unknown scheduler {kind!r} (expected 'ddim' or 'ddpm')")
+    return classes[kind].from_config(cfg.get("scheduler") or {})
+
+
+class Run(NamedTuple):
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    dino: DinoViT
+    config: dict
+    step: int
+    weights: Path | None
+
+
+def load_run(run_dir, *, ema: bool = True, step: int | None = None, device=None) -> Run:
+    """Rebuild UNet (newest or given checkpoint, EMA weights when present and `ema`), VAE and DINO of a run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    found = checkpoints(run_dir)
+    if step is not None:
+        found = [c for c in found if c[0] == step]
+    if not found:
+        what = f"step {step}" if step is not None else "any checkpoint"
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no {what}")
+    ckpt_step, weights = found[-1]
+    ema_path = weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))
+    if ema and ema_path.is_file():
+        weights = ema_path
+    unet_cfg = hub.config_from_dict(UNetConfig, cfg["unet_config_resolved"], source=f"{run_dir}/config.json")
+    unet = hub.load_model(
+        UNet2DConditionModel, unet_cfg, hub.load_state_dict_file(weights), source=str(weights), device=device
+    )
+    if (run_dir / "vae").is_dir():
+        vae = load_local(AutoencoderKL, VAEConfig, run_dir / "vae", "diffusion_pytorch_model.safetensors", device)
+    else:
+        vae = build_vae(cfg["vae"], None, cfg.get("vae_subfolder")).to(device)
+    if (run_dir / "dino").is_dir():
+        dino = load_local(DinoViT, DinoConfig, run_dir / "dino", "model.safetensors", device)
+    else:
+        dino = build_dino(cfg["dino"], None).to(device)
+    return Run(unet, freeze(vae), freeze(dino), cfg, ckpt_step, weights)
+
+
+def config_dict(model) -> dict:
+    return asdict(model.config)

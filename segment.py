@@ -1,0 +1,384 @@
+"""Zero-shot lung segmentation with DiffSeg on the UNet's self-attention (DiNO-Diffusion Sec. 2.4.4).
+
+Per image (DiffSeg, Tian et al. 2024; facts in unet/diffseg.py):
+1. Read and preprocess like training (`data.transforms.preprocess_cxr`: border removal, centre square, resize
+   to --size, default the run's image_size): x [1, 1, S, S] in [0, 1].
+2. Latent = VAE posterior MEAN * scaling_factor (`generate.encode_images`); no noise is added (as the DiffSeg
+   reference). Context: the image's own c_GLB (`--context own`) or zeros [1, 1, cross_attention_dim]
+   (`--context zeros`: the ablation, and the vanilla-SD mode's unconditional input).
+3. ONE UNet forward at t = --timestep inside `unet.capture_self_attention(callback=aggregator)`: the 16
+   head-averaged attn1 maps are folded into one [N, N] attention on the finest grid as they arrive
+   (`unet.diffseg.AttentionAggregator`, N = (S/8)^2), then anchors on a --grid x --grid lattice are merged
+   with symmetric KL below --threshold for --iterations rounds (optionally k-means --refine), and every pixel
+   takes its nearest object map: a label map [S, S] (--upsample bilinear as the reference, or nearest).
+4. Written: `labels/<stem>.png` (ids 0..K-1; uint8, uint16 past 255 segments) and `overlays/<stem>.png`
+   (segments in colour over the CXR, the ground-truth lung contour in yellow when a mask is given).
+
+Scoring (with masks; `eval.segmentation.lung_scores`): the segments have no names, so a rule picks the lung.
+`dice` (the headline, `--dice-rule`, default `nms`) is the paper's reading "candidate masks evaluated by their
+Dice and selected via non-maximum suppression" = `eval.segmentation.nms_dice`: every segment whose majority
+of pixels is lung is kept, their union is scored. Also written: dice_best_union (oracle upper bound),
+dice_nms, dice_hungarian (the DiffSeg benchmark protocol) and num_segments. Masks are cropped and resized
+exactly like their image (`preprocess_mask`, lung = above half the mask's maximum) and Dice is computed at
+S x S. A mask whose stored size differs from its image's is an error unless --resize-masks (nearest resize
+to the image size first). An empty mask gives a warning; every rule then selects nothing and scores 1.0
+(eval.segmentation's documented rule). An unreadable image or mask is skipped with a warning and listed in
+summary.json (`skipped`).
+
+Reports: `dice.csv` (image, path, dice, dice_best_union, dice_nms, dice_hungarian, num_segments) and
+`summary.json` (mean_dice, std_dice (ddof 0), n, the per-rule means, mean_num_segments, settings, step).
+--checkpoints all (one report per checkpoint, `step_XXXXXXX/`) and --search (one report per combination,
+e.g. `timestep300_threshold0.05_grid16/`; the UNet runs once per image, timestep and context, and the
+aggregated attention is reused for every threshold/grid/iterations/upsample) add `summary.csv` and
+`summary.json` at the top: one row per report, sorted by mean Dice (best first).
+
+Vanilla SD baseline (paper: SD 1.5, threshold 0.5, grid 32): --unet SOURCE --vae SOURCE instead of --run
+(Hub id, diffusers folder or single file); context zeros; defaults threshold 0.5, grid 32, size 512.
+Everything is deterministic: no noise is drawn anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import csv
+import itertools
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+import hub
+import pipeline
+from data.readers import ImageReadError, list_images, read_image
+from data.transforms import preprocess_cxr, preprocess_mask
+from eval.segmentation import lung_scores
+from generate import encode_images
+from unet.diffseg import AttentionAggregator, diffseg
+
+SEARCH_KEYS = {"timestep": int, "context": str, "threshold": float, "grid": int, "iterations": int,
+               "upsample": str}
+VALID = {"timestep": (lambda v: v >= 0, ">= 0"), "context": (lambda v: v in ("own", "zeros"), "own or zeros"),
+         "threshold": (lambda v: v > 0, "> 0"), "grid": (lambda v: v >= 2, ">= 2"),
+         "iterations": (lambda v: v >= 1, ">= 1"), "upsample": (lambda v: v in ("bilinear", "nearest"),
+                                                               "bilinear or nearest")}
+FORWARD_KEYS = ("timestep", "context")  # a UNet forward per value; the others reuse its attention
+RULES = ("best_union", "nms", "hungarian")
+CONTOUR = (255, 255, 0)  # ground-truth lung contour colour in the overlays
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
+    src = p.add_argument_group("model (either --run, or --unet and --vae for the vanilla-SD baseline)")
+    src.add_argument("--run", metavar="RUN_DIR", help="run directory written by train.py")
+    src.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    src.add_argument("--checkpoints", choices=["latest", "all"], default="latest",
+                     help="all: one report per checkpoint of the run + a sweep summary")
+    src.add_argument("--no-ema", action="store_true", help="raw UNet weights even when EMA weights exist")
+    src.add_argument("--unet", help="vanilla mode: UNet source (Hub id, diffusers folder or weights file)")
+    src.add_argument("--unet-subfolder", help="default: 'unet' for a Hub id or a folder that has one")
+    src.add_argument("--vae", help="vanilla mode: VAE source")
+    src.add_argument("--vae-subfolder", help="default: 'vae' for a Hub id or a folder that has one")
+    io = p.add_argument_group("data")
+    io.add_argument("--images", required=True, metavar="PATH",
+                    help="folder of PNG/JPEG/DICOM, or CSV with an image column")
+    io.add_argument("--masks", metavar="DIR", help="lung masks (255 = lung), matched to images by file stem")
+    io.add_argument("--image-column", help="CSV image column (default: 'path', else 'image')")
+    io.add_argument("--mask-column", help="CSV mask column (default: 'mask' when present and no --masks)")
+    io.add_argument("--resize-masks", action="store_true",
+                    help="nearest-resize masks whose size differs from their image (default: error)")
+    io.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    io.add_argument("--limit", type=int, help="only the first N images")
+    ds = p.add_argument_group("DiffSeg")
+    ds.add_argument("--size", type=int, help="image side S (default: the run's image_size; vanilla 512)")
+    ds.add_argument("--timestep", type=int, default=300, help="UNet timestep (paper: 300)")
+    ds.add_argument("--context", choices=["own", "zeros"], help="c_GLB of the image (default) or zeros")
+    ds.add_argument("--threshold", type=float, help="KL merge threshold (default 0.05; vanilla 0.5)")
+    ds.add_argument("--grid", type=int, help="anchor grid side M (default 16; vanilla 32)")
+    ds.add_argument("--iterations", type=int, default=3, help="merge iterations (reference: 3)")
+    ds.add_argument("--upsample", choices=["bilinear", "nearest"], default="bilinear",
+                    help="maps -> image size: bilinear then argmax (reference), or argmax then nearest")
+    ds.add_argument("--refine", action="store_true", help="k-means refinement of the object maps")
+    ds.add_argument("--search", nargs="+", metavar="KEY=V1,V2",
+                    help='grid search, e.g. "threshold=0.01,0.05 grid=8,16 timestep=100,300"; keys: '
+                         + ", ".join(SEARCH_KEYS))
+    ds.add_argument("--dice-rule", choices=RULES, default="nms", help="rule behind the `dice` column")
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--batch-size", type=int, default=4, help="images per UNet forward")
+    rt.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="UNet autocast")
+    rt.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    args = p.parse_args(argv)
+    vanilla = args.unet is not None or args.vae is not None
+    if vanilla == (args.run is not None) or (vanilla and not (args.unet and args.vae)):
+        p.error("give either --run RUN_DIR, or both --unet and --vae (vanilla-SD baseline)")
+    if vanilla and (args.step is not None or args.checkpoints == "all" or args.context == "own"):
+        p.error("vanilla mode has no checkpoints and no DINO: --step, --checkpoints all, --context own "
+                "need --run")
+    if args.step is not None and args.checkpoints == "all":
+        p.error("--step and --checkpoints all exclude each other")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--batch-size and --limit must be >= 1")
+    args.context = args.context or ("zeros" if vanilla else "own")
+    args.threshold = args.threshold if args.threshold is not None else (0.5 if vanilla else 0.05)
+    args.grid = args.grid if args.grid is not None else (32 if vanilla else 16)
+    return args
+
+
+def settings_grid(args) -> tuple[list[dict], list[str]]:
+    """-> every settings combination (dicts over SEARCH_KEYS) and the searched keys, in SEARCH_KEYS order."""
+    values = {k: [getattr(args, k)] for k in SEARCH_KEYS}
+    searched = []
+    for token in " ".join(args.search or []).split():
+        key, _, vals = token.partition("=")
+        if key not in SEARCH_KEYS or not vals:
+            raise SystemExit(f"--search {token!r}: expected KEY=V1,V2,... with KEY in {list(SEARCH_KEYS)}")
+        try:
+            values[key] = [SEARCH_KEYS[key](v) for v in vals.split(",")]
+        except ValueError as e:
+            raise SystemExit(f"--search {token!r}: {e}") from e
+        searched.append(key)
+    for key, vals in values.items():
+        for v in vals:
+            if not VALID[key][0](v):
+                raise SystemExit(f"--{key} {v}: expected {VALID[key][1]}")
+    if "own" in values["context"] and args.run is None:
+        raise SystemExit("--context own needs --run (the vanilla mode has no DINO)")
+    searched = [k for k in SEARCH_KEYS if k in searched]
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())], searched
+
+
+def list_inputs(args) -> list[tuple[str, Path, Path | None]]:
+    """(stem, image path, mask path or None) per input image, in sorted/CSV order."""
+    src = Path(args.images)
+    if src.suffix.lower() == ".csv" and src.is_file():
+        with open(src, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        cols = list(rows[0]) if rows else []
+        img_col = args.image_column or ("path" if "path" in cols else "image")
+        mask_col = args.mask_column or ("mask" if "mask" in cols and not args.masks else None)
+        for c in (img_col, mask_col):
+            if c is not None and c not in cols:
+                raise SystemExit(f"--images {src}: no column {c!r} (columns: {cols})")
+        images = [src.parent / r[img_col] for r in rows]
+        masks = [src.parent / r[mask_col] if r[mask_col] else None for r in rows] if mask_col else None
+    elif src.is_dir():
+        images, masks = list_images(src), None
+    else:
+        raise SystemExit(f"--images {src}: expected a folder of images or a .csv file")
+    images = images[: args.limit] if args.limit else images
+    if not images:
+        raise SystemExit(f"--images {src}: no images found")
+    stems = [p.stem for p in images]
+    if len(set(stems)) < len(stems):
+        raise SystemExit(f"--images {src}: file stems must be unique (outputs are named by stem)")
+    if args.masks:
+        if not Path(args.masks).is_dir():
+            raise SystemExit(f"--masks {args.masks}: not a folder")
+        by_stem = {p.stem: p for p in list_images(args.masks)}
+        masks = [by_stem.get(s) for s in stems]
+    if masks is not None and None in masks:
+        missing = [s for s, m in zip(stems, masks) if m is None]
+        raise SystemExit(f"no mask for {len(missing)} image(s), e.g. {missing[:5]} "
+                         f"(masks: {args.masks or src})")
+    return list(zip(stems, images, masks or [None] * len(images)))
+
+
+def load_inputs(items, size: int, resize_masks: bool):
+    """-> kept items, images float32 [N, 1, S, S], masks bool [N, S, S] or None, skipped [(path, reason)]."""
+    kept, images, masks, skipped = [], [], [], []
+    for stem, path, mask_path in tqdm(items, desc="reading", leave=False):
+        try:
+            img = read_image(path)
+            mask = None if mask_path is None else read_image(mask_path)
+        except ImageReadError as e:
+            warnings.warn(f"skipping {path}: {e}", stacklevel=2)
+            skipped.append((str(path), str(e)))
+            continue
+        if mask is not None and mask.shape != img.shape:
+            if not resize_masks:
+                raise SystemExit(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {path} "
+                                 f"is {img.shape[1]}x{img.shape[0]} (W x H); --resize-masks resizes masks")
+            mask = np.array(Image.fromarray(mask).resize(img.shape[::-1], Image.NEAREST))
+        images.append(preprocess_cxr(img, size))
+        if mask is not None:
+            masks.append(preprocess_mask(mask, img, size)[0].bool())
+            if not masks[-1].any():
+                warnings.warn(f"mask {mask_path} is empty: no segment is selected, Dice 1.0", stacklevel=2)
+        kept.append((stem, path, mask_path))
+    if not kept:
+        raise SystemExit("no readable images: " + "; ".join(r for _, r in skipped[:3]))
+    return kept, torch.stack(images), (torch.stack(masks) if masks else None), skipped
+
+
+def _subfolder(source: str, given: str | None, default: str) -> str | None:
+    """As given ('' = none); else `default`, except for a file or a local folder that lacks it."""
+    path = Path(source).expanduser()
+    if given is not None or path.is_file() or (path.is_dir() and not (path / default).is_dir()):
+        return given or None
+    return default
+
+
+def load_models(args, device):
+    """-> unet, vae, dino (None in vanilla mode), run config, checkpoint list [(step, path)] to evaluate."""
+    if args.run is None:
+        unet = pipeline.build_unet(args.unet, None, _subfolder(args.unet, args.unet_subfolder, "unet"))
+        vae = pipeline.build_vae(args.vae, None, _subfolder(args.vae, args.vae_subfolder, "vae"))
+        return pipeline.freeze(unet.to(device)), pipeline.freeze(vae.to(device)), None, {}, [(None, None)]
+    if not Path(args.run, "config.json").is_file():
+        raise SystemExit(f"--run {args.run}: not a run directory (no config.json)")
+    found = pipeline.checkpoints(args.run)
+    if args.step is not None:
+        found = [c for c in found if c[0] == args.step]
+    if not found:
+        what = f"step {args.step}" if args.step is not None else "any checkpoint"
+        raise SystemExit(f"--run {args.run}: checkpoints/ has no {what}")
+    run = pipeline.load_run(args.run, ema=not args.no_ema, step=found[-1][0], device=device)
+    return run.unet, run.vae, run.dino, run.config, found if args.checkpoints == "all" else found[-1:]
+
+
+def unet_weights(path: Path, ema: bool) -> Path:
+    """The file load_run would read for a checkpoint: its EMA twin when present and wanted."""
+    twin = path.with_name(path.name.replace(".safetensors", ".ema.safetensors"))
+    return twin if ema and twin.is_file() else path
+
+
+@torch.inference_mode()
+def self_attention(unet, latents, context, timestep: int, amp) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One UNet forward with capture -> aggregated attention [B, N, N] and its grid (h, w)."""
+    agg = AttentionAggregator()
+    with unet.capture_self_attention(callback=agg), amp:
+        unet(latents, timestep, context)
+    return agg.result(), agg.resolution
+
+
+def palette(k: int) -> np.ndarray:
+    """k distinct colours uint8 [k, 3]: golden-ratio hue steps (deterministic, no colormap dependency)."""
+    return np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.7, 1.0) for i in range(k)]) * 255
+
+
+def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) -> Image.Image:
+    """CXR [S, S] in [0, 1] + label map [S, S] (+ lung mask) -> RGB: 45 % segment colour, GT contour."""
+    gray = image.float().numpy()[..., None] * 255
+    rgb = 0.55 * gray + 0.45 * palette(int(labels.max()) + 1)[labels.numpy()]
+    if gt is not None:
+        m = gt.float()[None, None]
+        contour = (m - -F.max_pool2d(-m, 3, 1, 1))[0, 0].bool().numpy()  # mask minus its erosion
+        rgb[contour] = CONTOUR
+    return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
+
+
+def write_report(folder: Path, rows: list[dict], meta: dict, rule: str) -> dict:
+    """dice.csv (with masks) + summary.json in `folder` -> the summary."""
+    summary = {"n": len(rows), "mean_num_segments": float(np.mean([r["num_segments"] for r in rows]))}
+    if "dice" in rows[0]:
+        with open(folder / "dice.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        d = np.array([r["dice"] for r in rows])
+        summary |= {"mean_dice": float(d.mean()), "std_dice": float(d.std()), "dice_rule": rule}
+        summary |= {f"mean_dice_{k}": float(np.mean([r[f"dice_{k}"] for r in rows])) for k in RULES}
+    summary |= meta
+    hub.write_json_atomic(summary, folder / "summary.json")
+    return summary
+
+
+def write_table(out: Path, summaries: list[dict], columns: list[str]):
+    """The sweep/search summary: one row per report, best mean Dice first."""
+    rows = sorted(summaries, key=lambda s: -s.get("mean_dice", 0.0))
+    keys = columns + [k for k in ("mean_dice", "std_dice", "mean_dice_best_union", "mean_dice_nms",
+                                  "mean_dice_hungarian", "mean_num_segments", "n") if k in rows[0]]
+    table = [{k: (r["settings"] | r)[k] for k in keys} for r in rows]
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(table)
+    hub.write_json_atomic({"reports": table}, out / "summary.json")
+    widths = [max(8, len(k)) for k in keys]
+    for r in [dict(zip(keys, keys)), *table]:
+        print("  ".join(f"{v:>{w}.4f}" if isinstance(v, float) else f"{v!s:>{w}}"
+                        for v, w in zip(r.values(), widths)))
+
+
+def segment_image(lab, image, gt, stem: str, path, folder: Path, rule: str) -> dict:
+    """Save one label map [S, S] and its overlay -> the image's dice.csv row (scores when gt is given)."""
+    lab = (torch.bincount(lab.flatten()) > 0).cumsum(0)[lab] - 1  # consecutive ids 0..K-1, order kept
+    Image.fromarray(lab.numpy().astype(np.uint8 if lab.max() < 256 else np.uint16)).save(
+        folder / "labels" / f"{stem}.png")
+    overlay(image, lab, gt).save(folder / "overlays" / f"{stem}.png")
+    if gt is None:
+        return {"image": stem, "path": str(path), "num_segments": int(lab.max()) + 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # empty masks were reported, by name, while reading
+        scores = lung_scores(lab, gt)
+    return {"image": stem, "path": str(path), "dice": scores[f"dice_{rule}"]} | scores
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    combos, searched = settings_grid(args)
+    try:
+        unet, vae, dino, cfg, ckpts = load_models(args, device)
+    except (FileNotFoundError, hub.CheckpointError) as e:
+        raise SystemExit(f"cannot load the model: {e}") from e
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = args.size or cfg.get("image_size") or unet.config.sample_size * factor
+    multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    if size % multiple:
+        raise SystemExit(f"--size {size} must be a multiple of {multiple} (VAE factor x UNet downsampling)")
+    items, images, masks, skipped = load_inputs(list_inputs(args), size, args.resize_masks)
+    amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    batches = [slice(i, i + args.batch_size) for i in range(0, len(items), args.batch_size)]
+    # latents and contexts once for every checkpoint and setting: [N, 4, S/8, S/8], [N, G, D]
+    latents = torch.cat([encode_images(vae, images[b].to(device)) for b in batches])
+    contexts = {"zeros": latents.new_zeros(len(items), 1, unet.config.cross_attention_dim)}
+    if any(c["context"] == "own" for c in combos):
+        contexts["own"] = torch.cat([pipeline.condition(dino, images[b].to(device)) for b in batches])
+    out, sweep = Path(args.out), args.checkpoints == "all"
+    summaries = []
+    for step, path in ckpts:
+        weights = None if path is None else unet_weights(path, not args.no_ema)
+        if sweep:  # load_run loaded the newest; the sweep swaps the UNet weights in place
+            unet.load_state_dict(hub.load_state_dict_file(weights), strict=True)
+        prefix = [f"step_{step:07d}"] if sweep else []
+        folders = [out.joinpath(*prefix, "_".join(f"{k}{c[k]}" for k in searched)) for c in combos]
+        for folder, sub in itertools.product(folders, ("labels", "overlays")):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        rows = [[] for _ in combos]
+        forwards = sorted({tuple(c[k] for k in FORWARD_KEYS) for c in combos})
+        desc = "segmenting" + (f" step {step}" if step is not None else "")
+        for (timestep, ctx), b in tqdm(list(itertools.product(forwards, batches)), desc=desc):
+            attn, res = self_attention(unet, latents[b], contexts[ctx][b], timestep, amp)
+            bad = sorted({c["grid"] for c in combos if not 2 <= c["grid"] <= min(res)})
+            if bad:  # checked on the first forward, before anything is written
+                raise SystemExit(f"--grid {bad}: the attention grid at --size {size} is {res[0]}x{res[1]}; "
+                                 f"use a grid between 2 and {min(res)} or a larger --size")
+            for i, c in enumerate(combos):
+                if (c["timestep"], c["context"]) == (timestep, ctx):  # reuse the attention
+                    labels = diffseg(attn, c["grid"], c["threshold"], c["iterations"], (size, size), res,
+                                     c["upsample"], args.refine).cpu()
+                    rows[i] += [segment_image(lab, images[j, 0], None if masks is None else masks[j],
+                                              items[j][0], items[j][1], folders[i], args.dice_rule)
+                                for j, lab in zip(range(len(items))[b], labels)]
+        for i, c in enumerate(combos):
+            settings = c | {"step": step, "refine": args.refine, "size": size}
+            meta = {"settings": settings, "step": step, "run": args.run, "unet": args.unet, "vae": args.vae,
+                    "weights": weights and str(weights), "ema": not args.no_ema, "skipped": skipped}
+            summaries.append(s := write_report(folders[i], rows[i], meta, args.dice_rule))
+            if "mean_dice" in s:
+                print(f"{folders[i]}: mean Dice ({args.dice_rule}) {s['mean_dice']:.4f} "
+                      f"+- {s['std_dice']:.4f} over {s['n']} images")
+    if sweep or searched:
+        write_table(out, summaries, (["step"] if sweep else []) + searched)
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
