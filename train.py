@@ -137,16 +137,16 @@ HELP = {
 PRESETS = {
     "tiny": TrainConfig(
         preset="tiny", image_size=64, out="runs/tiny",
-        vae_config=dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16),
-        vae_fit_steps=300,
+        vae_config=dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8),
+        vae_fit_steps=200,
         unet_config=dict(
-            sample_size=16, block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=16,
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=4,
         ),
         dino_config=dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2,
                          num_attention_heads=4, intermediate_size=128, num_register_tokens=2),
-        max_steps=600, batch_size=16, lr=1e-3, warmup_steps=50, ema_decay=0.995, save_every=200,
+        max_steps=500, batch_size=16, lr=1e-3, warmup_steps=50, ema_decay=0.995, save_every=250,
         fid_count=32, sample_steps=25,
     ),
     "sd15-dinov1": TrainConfig(

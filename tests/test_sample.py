@@ -49,9 +49,8 @@ def test_ddim_sampling_equals_diffusers_pipeline_math():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny run directory written by train.py itself (2 steps)."""
-    from tests.test_train import MICRO
-
     import train
+    from tests.test_train import MICRO
 
     out = tmp_path_factory.mktemp("run")
     train.main([*MICRO, "--out", str(out), "--max-steps", "2", "--save-every", "2"])
