@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -144,7 +143,3 @@ def load_run(run_dir, *, ema: bool = True, step: int | None = None, device=None)
     else:
         dino = build_dino(cfg["dino"], None).to(device)
     return Run(unet, freeze(vae), freeze(dino), cfg, ckpt_step, weights)
-
-
-def config_dict(model) -> dict:
-    return asdict(model.config)
