@@ -13,12 +13,15 @@ Nothing is pickled: nested optimizer state is flattened to `optim.state.{param}.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 import hub
+
+STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")  # weights only, not .ema/.state
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
@@ -90,15 +93,15 @@ def restore(path, *, optimizer, scaler=None) -> tuple[dict, dict]:
     return rng, meta
 
 
-def complete_steps(run_dir) -> list[int]:
-    """Steps whose weights and state files both exist (complete checkpoints), oldest first."""
+def weight_steps(run_dir) -> list[int]:
+    """Steps that have a UNet weights file (enough for sampling), oldest first."""
     folder = Path(run_dir) / "checkpoints"
-    steps = []
-    for w in folder.glob("step_*.safetensors"):
-        stem = w.name[: -len(".safetensors")]
-        if stem.count(".") == 0 and (folder / f"{stem}.state.safetensors").is_file():
-            steps.append(int(stem[len("step_") :]))
-    return sorted(steps)
+    return sorted(int(m.group(1)) for p in folder.glob("step_*.safetensors") if (m := STEP_RE.match(p.name)))
+
+
+def complete_steps(run_dir) -> list[int]:
+    """Steps whose weights and state files both exist (resumable checkpoints), oldest first."""
+    return [step for step in weight_steps(run_dir) if paths(run_dir, step)["state"].is_file()]
 
 
 def prune(run_dir, keep_last: int):

@@ -20,20 +20,17 @@ Run directory:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+import checkpoint
 import hub
 from ddpm import DDIMScheduler, DDPMScheduler
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 from vit_dino import DinoConfig, DinoViT
-
-STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
-
 
 # ---------------------------------------------------------------------------------------------- building
 
@@ -87,14 +84,8 @@ def condition(dino: DinoViT, images: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """(step, weights path) of the complete checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = []
-    for p in folder.glob("step_*.safetensors"):
-        m = STEP_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    """(step, UNet weights path) of every checkpoint of a run, oldest first."""
+    return [(step, checkpoint.paths(run_dir, step)["weights"]) for step in checkpoint.weight_steps(run_dir)]
 
 
 def make_scheduler(cfg: dict, kind: str = "ddim"):
@@ -127,7 +118,7 @@ def load_run(run_dir, *, ema: bool = True, step: int | None = None, device=None)
         what = f"step {step}" if step is not None else "any checkpoint"
         raise FileNotFoundError(f"{run_dir}/checkpoints has no {what}")
     ckpt_step, weights = found[-1]
-    ema_path = weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))
+    ema_path = checkpoint.paths(run_dir, ckpt_step)["ema"]
     if ema and ema_path.is_file():
         weights = ema_path
     unet_cfg = hub.config_from_dict(UNetConfig, cfg["unet_config_resolved"], source=f"{run_dir}/config.json")

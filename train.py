@@ -574,10 +574,9 @@ def evaluate(unet, ema, vae, dino, val_set, cfg: TrainConfig, step: int, out: Pa
     unet.eval()
     n = min(cfg.fid_count, len(val_set))
     real = torch.stack([val_set[i]["image"] for i in range(n)])
-    fake = []
+    fake, sched = [], pipeline.make_scheduler({"scheduler": cfg.scheduler}, "ddim")
     for i in range(0, n, cfg.batch_size):
         x = real[i : i + cfg.batch_size].to(device)
-        sched = pipeline.make_scheduler({"scheduler": cfg.scheduler}, "ddim")
         imgs = generate(unet, vae, sched, pipeline.condition(dino, x), seeds=list(range(i, i + len(x))),
                         height=cfg.image_size, width=cfg.image_size, steps=cfg.sample_steps)
         fake.append(to_grayscale(imgs).cpu())
