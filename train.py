@@ -18,7 +18,9 @@ uninterrupted one. Presets: `tiny` (CPU, random-init small models, phantom CXRs)
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import csv
 import itertools
 import json
 import os
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 import checkpoint
 import hub
 import pipeline
-from data.datasets import collate, open_dataset
+from data.datasets import PhantomDataset, collate, open_dataset
 from data.transforms import augment as augment_images
 from ddpm import DDPMScheduler
 from generate import generate, to_grayscale
@@ -47,6 +49,7 @@ class TrainConfig:
     preset: str = "tiny"
     data: str | None = None  # folder / CSV / .tar shards; None = built-in phantom CXRs
     val_data: str | None = None  # held-out images for FID and sample grids; None = split off `data`
+    val_group: str | None = None  # CSV --data: hold out whole groups of this column (e.g. patient_id)
     out: str = "runs/tiny"
     image_size: int = 64
     # models: a pretrained source (Hub id / folder / file) or None = random init from the *_config dict
@@ -54,6 +57,7 @@ class TrainConfig:
     vae_subfolder: str | None = None
     vae_config: dict = field(default_factory=dict)
     vae_fit_steps: int = 0  # random-init VAE only: fit it as an autoencoder for N steps, then freeze it
+    vae_fit_batch_size: int = 16
     unet: str | None = None
     unet_subfolder: str | None = None
     unet_config: dict = field(default_factory=dict)
@@ -98,10 +102,13 @@ HELP = {
     "preset": "starting configuration; every other flag overrides one of its fields",
     "data": "training images: folder / CSV with a path column / .tar shards (default: phantom CXRs)",
     "val_data": "held-out images for FID and sample grids (default: the last --val-count images of --data)",
-    "out": "run directory (config.json, checkpoints/, metrics.jsonl, samples/)",
+    "val_group": "CSV --data: hold out whole groups of this column (e.g. patient_id): the last groups in sorted "
+                 "order until at least --val-count images",
+    "out": "run directory (config.json, checkpoints/, metrics.jsonl, samples/, val.csv: the held-out images)",
     "vae": "pretrained VAE (Hub id / folder / file); unset = random init from --vae-config",
     "vae_config": "JSON dict of VAEConfig fields for a random-init VAE",
     "vae_fit_steps": "random-init VAE only: fit it as an autoencoder for N steps before freezing it",
+    "vae_fit_batch_size": "images per VAE-fit step",
     "unet": "pretrained UNet to start from (paper: SD v1.5); unset = random init from --unet-config",
     "unet_config": "JSON dict of UNetConfig fields for a random-init UNet",
     "dino": "pretrained DINO ViT (facebook/dino-vitb16 or timm/vit_base_patch14_reg4_dinov2.lvd142m)",
@@ -159,6 +166,25 @@ PRESETS = {
         save_every=2500, eval_every=2500, fid_count=5000, keep_last=5,
     ),
 }
+# Real CXRs on 2 CPU cores in about an hour (docs/results.md): the 243 unlabelled CXRs of ../shared/data, 40+
+# held out by patient for FID; random-init models (no Hub offline): a VAE fitted here (f8: 128 px -> 16x16x4
+# latents, like SD's 512 -> 64), a small frozen DINOv2-style ViT (CLS + 4 registers) and a 6M-parameter UNet.
+PRESETS["small-real"] = TrainConfig(
+    preset="small-real", image_size=128, out="runs/small-real",
+    data="../shared/data/cxr-unlabeled/index.csv", val_group="patient_id", val_count=40,
+    vae_config=dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
+    vae_fit_steps=400, vae_fit_batch_size=8,
+    unet_config=dict(
+        sample_size=16, block_out_channels=(64, 128, 128), layers_per_block=1, norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+        attention_head_dim=8,
+    ),
+    dino_config=dict(image_size=128, patch_size=16, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=512, num_register_tokens=4),
+    max_steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999, cache_latents=True,
+    cache_copies=4, eval_every=500, save_every=500, fid_count=64, sample_steps=25, grid_images=8,
+)
 PRESETS["sd15-dinov2"] = replace(PRESETS["sd15-dinov1"], preset="sd15-dinov2", out="runs/sd15-dinov2",
                                  dino="timm/vit_base_patch14_reg4_dinov2.lvd142m")
 
@@ -280,7 +306,36 @@ def split_data(cfg: TrainConfig, rank: int, world: int):
     n = len(train)
     if n <= cfg.val_count:
         raise SystemExit(f"--data {cfg.data} has {n} images, not more than --val-count {cfg.val_count}")
-    return Subset(train, range(n - cfg.val_count)), Subset(train, range(n - cfg.val_count, n))
+    if not cfg.val_group:
+        return Subset(train, range(n - cfg.val_count)), Subset(train, range(n - cfg.val_count, n))
+    groups = getattr(train, "columns", {}).get(cfg.val_group)
+    if groups is None:
+        raise SystemExit(f"--val-group {cfg.val_group!r}: --data {cfg.data} is not a CSV with that column")
+    counts, held = collections.Counter(groups), set()
+    for g in sorted(counts, reverse=True):  # whole groups (patients), so none straddles the split
+        if sum(counts[h] for h in held) >= cfg.val_count:
+            break
+        held.add(g)
+    val = [i for i, g in enumerate(groups) if g in held]
+    train_idx = [i for i, g in enumerate(groups) if g not in held]
+    if not train_idx:
+        raise SystemExit(f"--val-group {cfg.val_group!r} leaves no training images in {cfg.data}")
+    return Subset(train, train_idx), Subset(train, val)
+
+
+def write_image_list(dataset, path: Path):
+    """The held-out images as a CSV with an absolute `path` column (for sample.py / segment.py --images);
+    nothing for phantoms, which have no files."""
+    base, idx = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    paths = getattr(base, "paths", None)
+    if paths is None or isinstance(base, PhantomDataset):
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path"])
+        w.writerows([str(Path(paths[i]).resolve())] for i in (idx if idx is not None else range(len(paths))))
+    os.replace(tmp, path)
 
 
 class Subset(Dataset):
@@ -308,8 +363,9 @@ def fit_vae(vae, data, cfg: TrainConfig, device):
     """Random-init presets only: fit the VAE as an autoencoder (L1 + small KL) so that its latents decode."""
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    batches = Batches(KeyedImages(data, cfg.seed, False), cfg.batch_size, rank=0, world=1, seed=cfg.seed + 7)
-    for step in tqdm(range(cfg.vae_fit_steps), desc="fit tiny VAE", leave=False):
+    batches = Batches(KeyedImages(data, cfg.seed, False), cfg.vae_fit_batch_size, rank=0, world=1,
+                      seed=cfg.seed + 7)
+    for step in tqdm(range(cfg.vae_fit_steps), desc="fit VAE", leave=False):
         x = batches.next().to(device).expand(-1, 3, -1, -1) * 2 - 1
         post = vae.encode(x)
         rec = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=seeded(cfg.seed, 2, step)))
@@ -390,6 +446,7 @@ def main(argv=None):
         if not cfg.dino and not (out / "dino").is_dir():
             pipeline.save_local(dino, out / "dino", "model.safetensors")
         hub.write_json_atomic(asdict(cfg) | {"unet_config_resolved": asdict(unet.config)}, out / "config.json")
+        write_image_list(val_set, out / "val.csv")
     if ddp:
         dist.barrier()
     if not cfg.vae:  # every rank uses the frozen VAE/ViT exactly as saved
@@ -546,19 +603,22 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def fid_extractor(cfg: TrainConfig):
+def fid_extractor(cfg: TrainConfig, reference: torch.Tensor):
     """The FID feature network: the named pretrained one when --fid-weights is given, else (offline) a
-    random-init XRV-style DenseNet with a fixed seed -- FIDs are then comparable within a run only. The tiny
-    preset uses a tiny DenseNet at its own 64 px resolution to stay fast on CPU."""
-    from eval.densenet import DenseNet121, DenseNetConfig, XRVDenseNetFeatures
+    random-init XRV-style DenseNet with a fixed seed whose BatchNorm statistics are set from the held-out
+    `reference` images -- FIDs are then comparable within a run only. The tiny preset uses a tiny DenseNet at
+    its own 64 px resolution to stay fast on CPU."""
+    from eval.densenet import DenseNet121, DenseNetConfig, XRVDenseNetFeatures, calibrate_batchnorm
 
     if cfg.fid_weights:
         return cfg.fid_features
     torch.manual_seed(0)
     if cfg.preset == "tiny":
         net = DenseNet121(DenseNetConfig.tiny(in_channels=1))
-        return XRVDenseNetFeatures(net, name="xrv-tiny-random-init", resolution=cfg.image_size)
-    return XRVDenseNetFeatures(name="xrv-random-init")
+        features = XRVDenseNetFeatures(net, name="xrv-tiny-random-init", resolution=cfg.image_size)
+    else:
+        features = XRVDenseNetFeatures(name="xrv-random-init")
+    return calibrate_batchnorm(features, reference, cfg.batch_size).eval()
 
 
 def evaluate(unet, ema, vae, dino, val_set, cfg: TrainConfig, step: int, out: Path, device):
@@ -585,7 +645,8 @@ def evaluate(unet, ema, vae, dino, val_set, cfg: TrainConfig, step: int, out: Pa
     grid = torch.cat([torch.cat(list(real[:k, 0]), dim=1), torch.cat(list(fake[:k, 0]), dim=1)], dim=0)
     (out / "samples").mkdir(exist_ok=True)
     Image.fromarray((grid.numpy() * 255).round().astype("uint8")).save(out / "samples" / f"step_{step:07d}.png")
-    score = fid(real, fake, features=fid_extractor(cfg), weights=cfg.fid_weights, batch_size=cfg.batch_size,
+    extractor = fid_extractor(cfg, real[:512])  # BN calibration needs no more than a few hundred images
+    score = fid(real, fake, features=extractor, weights=cfg.fid_weights, batch_size=cfg.batch_size,
                 device=device, progress=False, cache=out / "fid_reference.npz")
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "fid": score, "fid_features": cfg.fid_features, "fid_n": n}) + "\n")

@@ -176,6 +176,7 @@ class CSVDataset(_MapDataset):
         self.paths, matrix, extras = read_labels_csv(csv_path, labels, uncertain=uncertain)
         self.label_names = label_columns(csv_columns(csv_path), labels, f"label CSV {csv_path}")
         self.labels = torch.from_numpy(matrix) if self.label_names else None  # [N, C]
+        self.columns = extras  # every other column (ids, patient ids, metadata): {name: [str per row]}
         self.masks = None
         if "mask" in extras:
             blank = [k + 2 for k, m in enumerate(extras["mask"]) if not m.strip()]

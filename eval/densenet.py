@@ -310,3 +310,26 @@ class XRVDenseNetFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.pooled_features(self.preprocess(x.float()))  # [B, 1024]
+
+
+@torch.no_grad()
+def calibrate_batchnorm(module: nn.Module, images: torch.Tensor, batch_size: int = 32) -> nn.Module:
+    """Set every BatchNorm's running mean/var to the statistics of `images` (a fixed reference set).
+
+    A random-init network keeps BatchNorm's defaults (mean 0, var 1), so in eval mode nothing normalises its
+    activations: through DenseNet-121's 58 BN layers they grow to ~1e3 and a random-init FID reads ~1e7.
+    One pass over the reference images in train mode with momentum=None (PyTorch's cumulative average) gives
+    well-scaled features. Used for the offline random-init FID extractors only; pretrained nets keep theirs.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = module.training
+    module.train()
+    for i in range(0, len(images), batch_size):
+        module(images[i : i + batch_size])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return module.train(was_training)

@@ -258,3 +258,21 @@ def test_full_size_parity_299_and_224(random_inception, monkeypatch):
     with heavy_lock(), torch.no_grad():
         theirs, ours = xref.features2((2 * img - 1) * 1024), ext(img)
     assert max_abs_diff(ours, theirs) <= 1e-4 * theirs.abs().max().item()
+
+
+def test_calibrate_batchnorm_sets_reference_statistics():
+    from eval.densenet import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    feats = XRVDenseNetFeatures(DenseNet121(DenseNetConfig.tiny(in_channels=1)), resolution=32).eval()
+    images = torch.rand(10, 1, 32, 32)
+    with torch.no_grad():
+        before = feats(images)
+    assert calibrate_batchnorm(feats, images, batch_size=5) is feats and not feats.training
+    bn = feats.net.features.norm0
+    with torch.no_grad():
+        y = feats.net.features.conv0(feats.preprocess(images))  # what norm0 normalises
+        after = feats(images)
+    assert torch.allclose(bn.running_mean, y.mean((0, 2, 3)), rtol=1e-4, atol=1e-3)
+    assert bn.momentum == 0.1  # restored
+    assert before.abs().max() > 10 * after.abs().max()  # random-init activations no longer blow up

@@ -180,3 +180,28 @@ def test_checkpoint_optimizer_state_round_trip(tmp_path):
     for k in s1["state"]:
         for name, v in s1["state"][k].items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2["state"][k][name]))
+
+
+def test_val_group_holds_out_whole_patients(tmp_path):
+    from data.phantom import make_phantom
+
+    (tmp_path / "img").mkdir()
+    patients = ["p0"] * 3 + ["p1"] * 3 + ["p2"] * 2 + ["p3"] * 2 + ["p4"] * 2
+    lines = ["image,patient_id"]
+    for i, pid in enumerate(patients):
+        Image.fromarray(make_phantom(i, 32)[0]).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{pid}")
+    (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
+    cfg = train.parse_args([*MICRO, "--data", str(tmp_path / "index.csv"), "--val-group", "patient_id",
+                            "--val-count", "3"])
+    tr, va = train.split_data(cfg, 0, 1)
+    held = {patients[i] for i in va.indices}
+    assert held == {"p3", "p4"} and len(va) == 4 and len(tr) == 8  # last groups until >= 3 images
+    assert not held & {patients[i] for i in tr.indices}
+    train.write_image_list(va, tmp_path / "val.csv")
+    rows = (tmp_path / "val.csv").read_text().splitlines()
+    assert rows[0] == "path" and [os.path.basename(r) for r in rows[1:]] == ["8.png", "9.png", "10.png", "11.png"]
+    assert all(os.path.isabs(r) and os.path.isfile(r) for r in rows[1:])
+    bad = train.parse_args([*MICRO, "--data", str(tmp_path / "index.csv"), "--val-group", "site"])
+    with pytest.raises(SystemExit, match="--val-group 'site'"):
+        train.split_data(bad, 0, 1)
