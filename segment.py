@@ -25,8 +25,10 @@ to the image size first). An empty mask gives a warning; every rule then selects
 (eval.segmentation's documented rule). An unreadable image or mask is skipped with a warning and listed in
 summary.json (`skipped`).
 
-Reports: `dice.csv` (image, path, dice, dice_best_union, dice_nms, dice_hungarian, num_segments) and
-`summary.json` (mean_dice, std_dice (ddof 0), n, the per-rule means, mean_num_segments, settings, step).
+Reports: `dice.csv` (image, path, dice, dice_best_union, dice_nms, dice_hungarian, num_segments, and with 2+
+masks the image-blind baselines dice_baseline_all_foreground / dice_baseline_prior: every pixel lung, and the
+leave-one-out mean lung mask; `eval.segmentation.mask_baselines`) and `summary.json` (mean_dice, std_dice
+(ddof 0), n, the per-rule and baseline means, mean_num_segments, settings, step).
 --checkpoints all (one report per checkpoint, `step_XXXXXXX/`) and --search (one report per combination,
 e.g. `timestep300_threshold0.05_grid16/`; the UNet runs once per image, timestep and context, and the
 aggregated attention is reused for every threshold/grid/iterations/upsample) add `summary.csv` and
@@ -57,7 +59,7 @@ import hub
 import pipeline
 from data.readers import ImageReadError, list_images, read_image
 from data.transforms import preprocess_cxr, preprocess_mask
-from eval.segmentation import lung_scores
+from eval.segmentation import lung_scores, mask_baselines
 from generate import encode_images
 from unet.diffseg import AttentionAggregator, diffseg
 
@@ -283,6 +285,7 @@ def write_report(folder: Path, rows: list[dict], meta: dict, rule: str) -> dict:
         d = np.array([r["dice"] for r in rows])
         summary |= {"mean_dice": float(d.mean()), "std_dice": float(d.std()), "dice_rule": rule}
         summary |= {f"mean_dice_{k}": float(np.mean([r[f"dice_{k}"] for r in rows])) for k in RULES}
+        summary |= {f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if "baseline" in k}
     summary |= meta
     hub.write_json_atomic(summary, folder / "summary.json")
     return summary
@@ -341,6 +344,9 @@ def main(argv=None):
     contexts = {"zeros": latents.new_zeros(len(items), 1, unet.config.cross_attention_dim)}
     if any(c["context"] == "own" for c in combos):
         contexts["own"] = torch.cat([pipeline.condition(dino, images[b].to(device)) for b in batches])
+    baselines = {}  # Dice of image-blind segmenters, for scale (eval.segmentation.mask_baselines)
+    if masks is not None and len(masks) >= 2:
+        baselines = {k: v.tolist() for k, v in mask_baselines(masks).items()}
     out, sweep = Path(args.out), args.checkpoints == "all"
     summaries = []
     for step, path in ckpts:
@@ -369,6 +375,9 @@ def main(argv=None):
                                 for j, lab in zip(range(len(items))[b], labels)]
         for i, c in enumerate(combos):
             settings = c | {"step": step, "refine": args.refine, "size": size}
+            for name, scores in baselines.items():
+                for r, d in zip(rows[i], scores):
+                    r[f"dice_baseline_{name}"] = d
             meta = {"settings": settings, "step": step, "run": args.run, "unet": args.unet, "vae": args.vae,
                     "weights": weights and str(weights), "ema": not args.no_ema, "skipped": skipped}
             summaries.append(s := write_report(folders[i], rows[i], meta, args.dice_rule))

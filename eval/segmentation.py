@@ -130,6 +130,22 @@ def lung_scores(labels, gt) -> dict:
     return scores
 
 
+def mask_baselines(masks) -> dict[str, torch.Tensor]:
+    """Per-image Dice of two segmenters that never look at the image, for masks bool [N, H, W] -> {name: [N]}.
+
+    `all_foreground`: every pixel is lung (Dice = 2|GT| / (|GT| + HW), i.e. it rewards large lungs).
+    `prior`: a fixed lung-shaped mask, the pixel-wise mean of the OTHER N - 1 masks thresholded at 0.5
+    (leave-one-out, so an image's own mask never helps it); needs N >= 2.
+    A segmenter that cannot beat `prior` has learned nothing about the particular image.
+    """
+    m = torch.as_tensor(masks).bool()
+    if m.ndim != 3 or len(m) < 2:
+        raise ValueError(f"mask_baselines: expected masks [N >= 2, H, W], got shape {list(m.shape)}")
+    f = m.double()
+    prior = (f.sum(0) - f) / (len(m) - 1) >= 0.5  # [N, H, W]: leave-one-out mean mask
+    return {"all_foreground": dice(torch.ones_like(m), m), "prior": dice(prior, m)}
+
+
 def linear_sum_assignment(cost, maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum-cost assignment of a rectangular [n, m] matrix, as scipy.optimize.linear_sum_assignment.
 

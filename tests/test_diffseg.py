@@ -310,3 +310,17 @@ def test_evaluation_bad_inputs_and_empty_gt():
     assert scores["dice_best_union"] == scores["dice_nms"] == scores["dice_hungarian"] == 1.0
     with pytest.warns(UserWarning, match="empty"):
         assert hungarian_dice(labels, torch.zeros(4, 4)).segments == ()
+
+
+def test_mask_baselines():
+    from eval.segmentation import mask_baselines
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 12, 12, generator=g) > 0.4
+    base = mask_baselines(masks)
+    assert torch.allclose(base["all_foreground"], dice(torch.ones_like(masks), masks))
+    for i in range(5):  # leave-one-out: the prior of image i is the majority vote of the other four
+        others = torch.cat([masks[:i], masks[i + 1 :]]).float().mean(0) >= 0.5
+        assert base["prior"][i] == pytest.approx(dice(others, masks[i]).item())
+    with pytest.raises(ValueError, match="N >= 2"):
+        mask_baselines(masks[:1])

@@ -28,6 +28,7 @@ VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_gr
 DINO = DinoConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=32, num_register_tokens=1)
 SCORES = ["image", "path", "dice", "dice_best_union", "dice_nms", "dice_hungarian", "num_segments"]
+BASELINES = ["dice_baseline_all_foreground", "dice_baseline_prior"]  # with 2+ masks
 
 
 def make_run(folder, steps=(1, 2), ema_steps=(2,)):
@@ -80,7 +81,8 @@ def test_phantoms_end_to_end(run_dir, tmp_path, size):
     out = tmp_path / "out"
     [summary] = seg("--images", images, "--masks", masks, "--out", out, "--size", size, run=run_dir)
     rows = read_csv(out / "dice.csv")
-    assert list(rows[0]) == SCORES and [r["image"] for r in rows] == ["p0", "p1"][: len(rows)]
+    assert list(rows[0]) == SCORES + (BASELINES if len(rows) > 1 else [])
+    assert [r["image"] for r in rows] == ["p0", "p1"][: len(rows)]
     assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in SCORES[2:6])
     assert all(r["dice"] == r["dice_nms"] for r in rows)  # the headline rule is NMS by default
     saved = json.loads((out / "summary.json").read_text())
@@ -103,8 +105,11 @@ def test_cxr_lungs_csv(run_dir, tmp_path, shared_data):
     seg("--images", shared_data / "cxr-lungs" / "index.csv", "--out", out, "--limit", 3, "--size", 64,
         run=run_dir)  # columns image and mask are found by name
     rows = read_csv(out / "dice.csv")
-    assert len(rows) == 3 and list(rows[0]) == SCORES
-    assert json.loads((out / "summary.json").read_text())["n"] == 3
+    assert len(rows) == 3 and list(rows[0]) == SCORES + BASELINES
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["n"] == 3 and 0 < saved["mean_dice_baseline_prior"] <= 1
+    assert saved["mean_dice_baseline_all_foreground"] == pytest.approx(
+        np.mean([float(r["dice_baseline_all_foreground"]) for r in rows]))
     assert np.array(Image.open(out / "labels" / f"{rows[0]['image']}.png")).shape == (64, 64)
 
 
