@@ -39,11 +39,12 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     step = max(1, min(heads, PROBS_CHUNK_ELEMENTS // (b * n * k.shape[2])))
     outs, probs = [], None
     with torch.autocast(q.device.type, enabled=False):
+        q, kt = q.float() * scale, k.float().transpose(-1, -2)  # scale the N x d queries, not the N x L scores
         for h in range(0, heads, step):
-            scores = q[:, h : h + step].float() @ k[:, h : h + step].float().transpose(-1, -2)  # [B, s, N, L]
-            p = torch.softmax(scores * scale, dim=-1)
+            p = torch.softmax(q[:, h : h + step] @ kt[:, h : h + step], dim=-1)  # [B, s, N, L]
             outs.append(p.to(v.dtype) @ v[:, h : h + step])  # [B, s, N, d]
-            probs = p.sum(1) if probs is None else probs.add_(p.sum(1))  # [B, N, L]
+            head_sum = p.sum(1)  # [B, N, L]
+            probs = head_sum if probs is None else probs.add_(head_sum)
     return torch.cat(outs, dim=1), probs.div_(heads)
 
 
