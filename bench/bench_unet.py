@@ -5,6 +5,9 @@ Rows (ours vs diffusers `UNet2DConditionModel`, goal: time_ratio <= 1 and mem_ra
 - forward+backward B=1/2: mean-square loss on the output, backward, gradients freed (one training step
                           without the optimizer)
 
+- forward B=1 compiled:   `--compile`: ours under torch.compile (inductor; outputs checked against eager
+                          first) vs diffusers eager. Compilation itself (minutes on CPU) is not timed.
+
 Full: the SD v1.5 UNet (859.5M parameters, ~3.4 GB each) at a 32x32 latent (256 px), under the heavy-test
 lock. `quick`: the SD v1 block structure at a quarter of the width (64-128-256-256) with batch 1 only.
 Run: `python -m bench.bench_unet [--quick]`.
@@ -59,7 +62,22 @@ def _bench_batch(ours, ref, b: int, where: str, repeats: int) -> list[dict]:
     return [fwd, train]
 
 
-def run(quick: bool) -> list[dict]:
+def _bench_compiled(ours, ref, where: str, repeats: int) -> dict:
+    """torch.compile(ours) vs eager diffusers at B=1, after checking the compiled output equals eager."""
+    c = ours.config
+    x, ctx = torch.randn(1, c.in_channels, LATENT, LATENT), torch.randn(1, CONTEXT_LEN, c.cross_attention_dim)
+    t = torch.full((1,), TIMESTEP)
+    compiled = torch.compile(ours)
+    with torch.inference_mode():
+        eager, fast = ours(x, t, ctx), compiled(x, t, ctx)  # the first compiled call compiles
+        diff = (fast - eager).abs().max().item() / eager.abs().max().item()
+        if diff > 1e-4:
+            raise AssertionError(f"compiled UNet differs from eager: max abs diff {diff:.2e} of the output scale")
+        m = measure(lambda: compiled(x, t, ctx), lambda: ref(x, t, ctx).sample, repeats=repeats)
+    return make_row(f"forward B=1 torch.compile ({where}; diff {diff:.0e})", m)
+
+
+def run(quick: bool, compile: bool = False) -> list[dict]:
     config, batches, repeats = (QUICK, (1,), 3) if quick else (UNetConfig(), (1, 2), 2)
     rows = []
     with contextlib.nullcontext() if quick else heavy_lock():
@@ -68,10 +86,14 @@ def run(quick: bool) -> list[dict]:
         where = f"{LATENT}x{LATENT} latent, {sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M params"
         for b in batches:
             rows += _bench_batch(ours, ref, b, where, repeats)
+        if compile:
+            rows.append(_bench_compiled(ours, ref, where, repeats))
     return rows
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="quarter-width UNet, batch 1 only")
-    print_table(run(parser.parse_args().quick))
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile (inductor) forward row")
+    args = parser.parse_args()
+    print_table(run(args.quick, args.compile))
