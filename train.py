@@ -57,7 +57,7 @@ class TrainConfig:
     vae_subfolder: str | None = None
     vae_config: dict = field(default_factory=dict)
     vae_fit_steps: int = 0  # random-init VAE only: fit it as an autoencoder for N steps, then freeze it
-    vae_fit_batch_size: int = 16
+    vae_fit_batch_size: int = 0  # 0 = --batch-size
     unet: str | None = None
     unet_subfolder: str | None = None
     unet_config: dict = field(default_factory=dict)
@@ -108,7 +108,7 @@ HELP = {
     "vae": "pretrained VAE (Hub id / folder / file); unset = random init from --vae-config",
     "vae_config": "JSON dict of VAEConfig fields for a random-init VAE",
     "vae_fit_steps": "random-init VAE only: fit it as an autoencoder for N steps before freezing it",
-    "vae_fit_batch_size": "images per VAE-fit step",
+    "vae_fit_batch_size": "images per VAE-fit step (0 = --batch-size)",
     "unet": "pretrained UNet to start from (paper: SD v1.5); unset = random init from --unet-config",
     "unet_config": "JSON dict of UNetConfig fields for a random-init UNet",
     "dino": "pretrained DINO ViT (facebook/dino-vitb16 or timm/vit_base_patch14_reg4_dinov2.lvd142m)",
@@ -360,10 +360,11 @@ def ema_update(ema: dict, model: torch.nn.Module, step: int, max_decay: float):
 
 
 def fit_vae(vae, data, cfg: TrainConfig, device):
-    """Random-init presets only: fit the VAE as an autoencoder (L1 + small KL) so that its latents decode."""
+    """Random-init presets only: fit the VAE as an autoencoder (L1 + small KL) so that its latents decode,
+    then set its scaling_factor so that the latents have unit variance."""
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    batches = Batches(KeyedImages(data, cfg.seed, False), cfg.vae_fit_batch_size, rank=0, world=1,
+    batches = Batches(KeyedImages(data, cfg.seed, False), cfg.vae_fit_batch_size or cfg.batch_size, rank=0, world=1,
                       seed=cfg.seed + 7)
     for step in tqdm(range(cfg.vae_fit_steps), desc="fit VAE", leave=False):
         x = batches.next().to(device).expand(-1, 3, -1, -1) * 2 - 1
@@ -373,7 +374,17 @@ def fit_vae(vae, data, cfg: TrainConfig, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return pipeline.freeze(vae)
+    vae = pipeline.freeze(vae)
+    # Unit-variance latents, as LDM's `scale_by_std` (Rombach et al. 2022, Sec. 4.3.2: 1 / std of encoded
+    # training latents; SD v1's 0.18215 is this number for its VAE). Without it the UNet's noise schedule
+    # would see a low-signal latent space (here std ~0.25 at 0.18215).
+    n, zs = min(len(data), 256), []
+    with torch.no_grad():
+        for j in range(0, n, 16):
+            x = torch.stack([data[i]["image"] for i in range(j, min(j + 16, n))]).to(device)
+            zs.append(vae.encode(x.expand(-1, 3, -1, -1) * 2 - 1).sample(seeded(cfg.seed, 3, j)).cpu())
+    vae.config = replace(vae.config, scaling_factor=1.0 / torch.cat(zs).std().item())
+    return vae
 
 
 @torch.no_grad()
