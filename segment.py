@@ -42,7 +42,6 @@ Everything is deterministic: no noise is drawn anywhere.
 from __future__ import annotations
 
 import argparse
-import colorsys
 import csv
 import itertools
 import warnings
@@ -51,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -59,7 +57,7 @@ import hub
 import pipeline
 from data.readers import ImageReadError, list_images, read_image
 from data.transforms import preprocess_cxr, preprocess_mask
-from eval.segmentation import lung_scores, mask_baselines
+from eval.segmentation import lung_scores, mask_baselines, overlay
 from generate import encode_images
 from unet.diffseg import AttentionAggregator, diffseg
 
@@ -71,7 +69,6 @@ VALID = {"timestep": (lambda v: v >= 0, ">= 0"), "context": (lambda v: v in ("ow
                                                                "bilinear or nearest")}
 FORWARD_KEYS = ("timestep", "context")  # a UNet forward per value; the others reuse its attention
 RULES = ("best_union", "nms", "hungarian")
-CONTOUR = (255, 255, 0)  # ground-truth lung contour colour in the overlays
 
 
 def parse_args(argv=None):
@@ -256,22 +253,6 @@ def self_attention(unet, latents, context, timestep: int, amp) -> tuple[torch.Te
     with unet.capture_self_attention(callback=agg), amp:
         unet(latents, timestep, context)
     return agg.result(), agg.resolution
-
-
-def palette(k: int) -> np.ndarray:
-    """k distinct colours uint8 [k, 3]: golden-ratio hue steps (deterministic, no colormap dependency)."""
-    return np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.7, 1.0) for i in range(k)]) * 255
-
-
-def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) -> Image.Image:
-    """CXR [S, S] in [0, 1] + label map [S, S] (+ lung mask) -> RGB: 45 % segment colour, GT contour."""
-    gray = image.float().numpy()[..., None] * 255
-    rgb = 0.55 * gray + 0.45 * palette(int(labels.max()) + 1)[labels.numpy()]
-    if gt is not None:
-        m = gt.float()[None, None]
-        contour = (m - -F.max_pool2d(-m, 3, 1, 1))[0, 0].bool().numpy()  # mask minus its erosion
-        rgb[contour] = CONTOUR
-    return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
 
 
 def write_report(folder: Path, rows: list[dict], meta: dict, rule: str) -> dict:

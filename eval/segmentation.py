@@ -24,17 +24,24 @@ lung mask. A rule must pick the lung segments before Dice can be computed. Three
    unmatched) and the lung prediction is the segment matched to lung. `criterion="iou"` matches on
    |GT_c & S_k| / |GT_c | S_k| instead. A GT class with no pixel is left out of the matching.
 
+Also here: `mask_baselines` (image-blind reference scores) and `overlay` (a label map drawn in colour over
+the CXR with the GT lung contour, segment.py's overlays).
+
 Empty GT (no lung pixel) is accepted with a warning: every rule then selects no segment, and the empty
 prediction scores 1.0 by `eval.metrics.dice`'s both-empty convention.
 """
 
 from __future__ import annotations
 
+import colorsys
 import math
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from eval.metrics import dice
 
@@ -144,6 +151,25 @@ def mask_baselines(masks) -> dict[str, torch.Tensor]:
     f = m.double()
     prior = (f.sum(0) - f) / (len(m) - 1) >= 0.5  # [N, H, W]: leave-one-out mean mask
     return {"all_foreground": dice(torch.ones_like(m), m), "prior": dice(prior, m)}
+
+
+CONTOUR = (255, 255, 0)  # ground-truth lung contour colour in the overlays
+
+
+def palette(k: int) -> np.ndarray:
+    """k distinct colours uint8 [k, 3]: golden-ratio hue steps (deterministic, no colormap dependency)."""
+    return np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.7, 1.0) for i in range(k)]) * 255
+
+
+def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) -> Image.Image:
+    """CXR [S, S] in [0, 1] + label map [S, S] (+ lung mask) -> RGB: 45 % segment colour, GT contour."""
+    gray = image.float().numpy()[..., None] * 255
+    rgb = 0.55 * gray + 0.45 * palette(int(labels.max()) + 1)[labels.numpy()]
+    if gt is not None:
+        m = gt.float()[None, None]
+        contour = (m - -F.max_pool2d(-m, 3, 1, 1))[0, 0].bool().numpy()  # mask minus its erosion
+        rgb[contour] = CONTOUR
+    return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
 
 
 def linear_sum_assignment(cost, maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

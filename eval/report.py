@@ -1,0 +1,178 @@
+"""Collect the artefacts of docs/small_real.sh into figures and tables (`python -m eval.report`).
+
+Reads, under --runs (each part is optional; missing ones are listed and skipped):
+    small-real/metrics.jsonl, small-real/samples/     training loss, FID every K steps, sample grids
+    small-real-reconstruction/grid.png                 held-out source | 4 reconstructions (sample.py)
+    small-real-interpolation/grid.png                  source a | slerp r = 0, 0.25, 0.5, 0.75, 1 (sample.py)
+    small-real-segment/summary.json, labels/           DiffSeg Dice + the image-blind baselines (segment.py)
+    small-real-segment-search/summary.csv              the timestep / threshold / grid search
+    classify/results.csv                               test AUC per (regime, ratio, fold) (classify.py)
+Writes to --out: fid.png, loss.png, eval_samples.png, reconstruction.png and interpolation.png (generated
+images only: the real source column/row is cropped off, as ../shared/data is not redistributed),
+segment_maps.png (label maps with the ground-truth lung contour), auc_vs_ratio.png, and tables.md (markdown
+tables with every number quoted in docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.readers import read_image
+from data.transforms import preprocess_mask
+from eval.plot import line_plot
+from eval.segmentation import overlay
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves(run: Path, out: Path, bins: int = 15) -> list[str]:
+    """fid.png (FID at every evaluation) and loss.png (mean loss per bin of steps) -> markdown lines."""
+    records = read_jsonl(run / "metrics.jsonl")
+    fid = [r for r in records if "fid" in r]
+    loss = [r for r in records if "loss" in r]
+    lines = []
+    if fid:
+        line_plot({"FID (random-init XRV DenseNet)": [r["fid"] for r in fid]}, [str(r["step"]) for r in fid],
+                  out / "fid.png", title="FID vs held-out patients", xlabel="training step", ylabel="FID")
+        lines += ["| step | FID | n |", "|---:|---:|---:|"]
+        lines += [f"| {r['step']} | {r['fid']:.2f} | {r.get('fid_n', '')} |" for r in fid]
+    if loss:
+        chunks = np.array_split(np.arange(len(loss)), min(bins, len(loss)))
+        means = [float(np.mean([loss[i]["loss"] for i in c])) for c in chunks]
+        line_plot({"training loss (eps MSE)": means}, [str(loss[c[-1]]["step"]) for c in chunks],
+                  out / "loss.png", title="Training loss (mean per bin)", xlabel="step", ylabel="loss")
+        speed = [r["img_per_s"] for r in loss if "img_per_s" in r]
+        lines += ["", f"Final logged loss {loss[-1]['loss']:.4f} at step {loss[-1]['step']}; "
+                      f"throughput {speed[-1]:.1f} img/s." if speed else ""]
+    samples = sorted((run / "samples").glob("step_*.png"))
+    if samples:  # the bottom row: reconstructions of the held-out images (the top row is the real images)
+        grid = Image.open(samples[-1])
+        grid.crop((0, grid.height // 2, grid.width, grid.height)).save(out / "eval_samples.png")
+    return lines
+
+
+def montage(tiles: list[np.ndarray], path: Path, cols: int = 4):
+    h, w = tiles[0].shape[:2]
+    canvas = np.zeros((math.ceil(len(tiles) / cols) * h, cols * w, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        canvas[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = t[:h, :w]
+    Image.fromarray(canvas).save(path)
+
+
+def segment_maps(seg: Path, masks: Path, out: Path, count: int = 8):
+    """segment_maps.png: DiffSeg label maps in colour with the ground-truth lung contour, over flat gray
+    (the CXRs themselves stay out of the figure: ../shared/data is not redistributed here)."""
+    rows = read_csv_rows(seg / "dice.csv")[:count]
+    tiles = []
+    for r in rows:
+        labels = torch.from_numpy(np.array(Image.open(seg / "labels" / f"{r['image']}.png")).astype(np.int64))
+        size = labels.shape[-1]
+        gt = None
+        if (masks / f"{r['image']}.png").is_file():
+            gt = preprocess_mask(read_image(masks / f"{r['image']}.png"), read_image(r["path"]), size)[0].bool()
+        tiles.append(np.asarray(overlay(torch.full(labels.shape, 0.6), labels, gt)))
+    if tiles:
+        montage(tiles, out / "segment_maps.png")
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
+    """The Dice table: DiffSeg (defaults, best searched setting, its oracle) against the baselines."""
+    lines = []
+    if (seg / "summary.json").is_file():
+        s = json.loads((seg / "summary.json").read_text())
+        st = s["settings"]
+        lines += ["| method | mean Dice | std |", "|---|---:|---:|",
+                  f"| all-foreground (every pixel lung) | {s['mean_dice_baseline_all_foreground']:.3f} | |",
+                  f"| lung prior (leave-one-out mean mask) | {s['mean_dice_baseline_prior']:.3f} | |",
+                  f"| DiffSeg, t={st['timestep']}, threshold {st['threshold']}, grid {st['grid']} (NMS rule) "
+                  f"| {s['mean_dice']:.3f} | {s['std_dice']:.3f} |",
+                  f"| same, oracle best union of segments | {s['mean_dice_best_union']:.3f} | |",
+                  f"| same, Hungarian matching (DiffSeg protocol) | {s['mean_dice_hungarian']:.3f} | |"]
+        segment_maps(seg, masks, out)
+        lines += ["", f"n = {s['n']} images, {s['mean_num_segments']:.1f} segments per image on average."]
+    if (search / "summary.csv").is_file():
+        rows = read_csv_rows(search / "summary.csv")
+        keys = [k for k in ("timestep", "threshold", "grid") if k in rows[0]]
+        lines += ["", "Search (best first; selected on the evaluated images):", "",
+                  "| " + " | ".join(keys) + " | mean Dice (NMS) | oracle | segments |",
+                  "|" + "---:|" * (len(keys) + 3)]
+        lines += [f"| {' | '.join(r[k] for k in keys)} | {float(r['mean_dice']):.3f} | "
+                  f"{float(r['mean_dice_best_union']):.3f} | {float(r['mean_num_segments']):.1f} |"
+                  for r in rows[:8]]
+    return lines
+
+
+def classification(results: Path) -> list[str]:
+    """Mean +- std over folds of the test mean AUC, one row per regime, one column per ratio."""
+    rows = read_csv_rows(results)
+    cells = defaultdict(list)
+    for r in rows:
+        cells[(int(r["regime"]), r["ratio"])].append(float(r["mean_auc"]))
+    regimes = sorted({k[0] for k in cells})
+    ratios = sorted({k[1] for k in cells}, key=lambda x: math.inf if x == "inf" else float(x))
+    label = lambda k: "synthetic only" if float(k) == math.inf else f"1:{float(k):g}"
+    lines = ["| N real | " + " | ".join(label(k) for k in ratios) + " |", "|---:|" + "---:|" * len(ratios)]
+    for n in regimes:
+        vals = [cells.get((n, k), []) for k in ratios]
+        lines.append(f"| {n} | " + " | ".join(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "" for v in vals)
+                     + " |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="runs", help="folder holding the recipe's outputs (docs/small_real.sh OUT)")
+    p.add_argument("--out", default="runs/report", help="folder for the figures and tables.md")
+    p.add_argument("--data", default="../shared/data", help="the data folder (lung masks for segment_maps.png)")
+    args = p.parse_args(argv)
+    runs, out = Path(args.runs), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text, missing = ["# Small-real recipe: generated tables", ""], []
+    if (runs / "small-real" / "metrics.jsonl").is_file():
+        text += ["## Training and FID", "", *curves(runs / "small-real", out), ""]
+    else:
+        missing.append("small-real/metrics.jsonl")
+    size = json.loads((runs / "small-real" / "config.json").read_text())["image_size"] \
+        if (runs / "small-real" / "config.json").is_file() else 128
+    for name in ("small-real-reconstruction", "small-real-interpolation"):
+        if (runs / name / "grid.png").is_file():  # drop column 0, the real source images
+            grid = Image.open(runs / name / "grid.png")
+            grid.crop((size, 0, grid.width, grid.height)).save(out / f"{name.removeprefix('small-real-')}.png")
+        else:
+            missing.append(f"{name}/grid.png")
+    seg = segmentation(runs / "small-real-segment", runs / "small-real-segment-search",
+                       Path(args.data) / "cxr-lungs" / "masks", out)
+    text += ["## Lung segmentation (DiffSeg)", "", *seg, ""] if seg else []
+    missing += [] if seg else ["small-real-segment/summary.json"]
+    if (runs / "classify" / "results.csv").is_file():
+        text += ["## Classification with synthetic data (phantom labels, test mean AUC)", "",
+                 *classification(runs / "classify" / "results.csv"), ""]
+        if (runs / "classify" / "auc_vs_ratio.png").is_file():
+            shutil.copy(runs / "classify" / "auc_vs_ratio.png", out / "auc_vs_ratio.png")
+    else:
+        missing.append("classify/results.csv")
+    if missing:
+        text += ["Missing: " + ", ".join(missing), ""]
+    (out / "tables.md").write_text("\n".join(text))
+    print(f"wrote {out}/tables.md" + (f" (missing: {', '.join(missing)})" if missing else ""))
+
+
+if __name__ == "__main__":
+    main()
