@@ -23,7 +23,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import pipeline
-from data import LABELS
 from data.datasets import open_dataset
 from generate import generate, interpolate, to_grayscale
 
@@ -49,7 +48,8 @@ def parse_args(argv=None):
                    help="interpolation: comma-separated r values in [0,1]; default r ~ U(--ratio-range)")
     p.add_argument("--ratio-range", default="0.1,0.9", help="interpolation: range for random r (paper: random)")
     p.add_argument("--method", choices=["lerp", "slerp"], default="lerp", help="interpolation of c_GLB")
-    p.add_argument("--labels", default=None, help="label columns of a labelled CSV (default: the 7 paper labels)")
+    p.add_argument("--labels", default=None,
+                   help="label columns of a labelled CSV (default: the paper labels it has, maybe none)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="UNet autocast (GPU)")
@@ -93,8 +93,9 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
     size = run.config["image_size"]
-    label_names = args.labels.split(",") if args.labels else list(LABELS)
-    dataset = open_dataset(args.images, size, labels=label_names if str(args.images).endswith(".csv") else None)
+    wanted = args.labels.split(",") if args.labels else None  # None: the paper's labels the CSV has (maybe none)
+    dataset = open_dataset(args.images, size, labels=wanted if str(args.images).endswith(".csv") else None)
+    label_names = getattr(dataset, "label_names", None) or []
     n = min(len(dataset), args.limit or len(dataset))
     items = [dataset[i] for i in range(n)]
     sources = torch.stack([it["image"] for it in items])

@@ -25,9 +25,11 @@ to the image size first). An empty mask gives a warning; every rule then selects
 (eval.segmentation's documented rule). An unreadable image or mask is skipped with a warning and listed in
 summary.json (`skipped`).
 
-Reports: `dice.csv` (image, path, dice, dice_best_union, dice_nms, dice_hungarian, num_segments, and with 2+
-masks the image-blind baselines dice_baseline_all_foreground / dice_baseline_prior: every pixel lung, and the
-leave-one-out mean lung mask; `eval.segmentation.mask_baselines`) and `summary.json` (mean_dice, std_dice
+Reports: `dice.csv` (image, path, dice, dice_best_union, dice_nms, dice_hungarian, num_segments, and the
+image-blind baselines: dice_baseline_blocks = the --dice-rule applied to as many square blocks as there are
+segments (`eval.segmentation.block_partition`: how much Dice the segment count alone buys), and with 2+ masks
+dice_baseline_all_foreground / dice_baseline_prior = every pixel lung / the leave-one-out mean lung mask
+(`eval.segmentation.mask_baselines`)) and `summary.json` (mean_dice, std_dice
 (ddof 0), n, the per-rule and baseline means, mean_num_segments, settings, step).
 --checkpoints all (one report per checkpoint, `step_XXXXXXX/`) and --search (one report per combination,
 e.g. `timestep300_threshold0.05_grid16/`; the UNet runs once per image, timestep and context, and the
@@ -57,7 +59,15 @@ import hub
 import pipeline
 from data.readers import ImageReadError, list_images, read_image
 from data.transforms import preprocess_cxr, preprocess_mask
-from eval.segmentation import lung_scores, mask_baselines, overlay
+from eval.segmentation import (
+    best_union_dice,
+    block_partition,
+    hungarian_dice,
+    lung_scores,
+    mask_baselines,
+    nms_dice,
+    overlay,
+)
 from generate import encode_images
 from unet.diffseg import AttentionAggregator, diffseg
 
@@ -68,7 +78,7 @@ VALID = {"timestep": (lambda v: v >= 0, ">= 0"), "context": (lambda v: v in ("ow
          "iterations": (lambda v: v >= 1, ">= 1"), "upsample": (lambda v: v in ("bilinear", "nearest"),
                                                                "bilinear or nearest")}
 FORWARD_KEYS = ("timestep", "context")  # a UNet forward per value; the others reuse its attention
-RULES = ("best_union", "nms", "hungarian")
+RULES = {"best_union": best_union_dice, "nms": nms_dice, "hungarian": hungarian_dice}  # --dice-rule
 
 
 def parse_args(argv=None):
@@ -276,7 +286,8 @@ def write_table(out: Path, summaries: list[dict], columns: list[str]):
     """The sweep/search summary: one row per report, best mean Dice first."""
     rows = sorted(summaries, key=lambda s: -s.get("mean_dice", 0.0))
     keys = columns + [k for k in ("mean_dice", "std_dice", "mean_dice_best_union", "mean_dice_nms",
-                                  "mean_dice_hungarian", "mean_num_segments", "n") if k in rows[0]]
+                                  "mean_dice_hungarian", "mean_dice_baseline_blocks", "mean_num_segments", "n")
+                      if k in rows[0]]
     table = [{k: (r["settings"] | r)[k] for k in keys} for r in rows]
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -300,6 +311,8 @@ def segment_image(lab, image, gt, stem: str, path, folder: Path, rule: str) -> d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # empty masks were reported, by name, while reading
         scores = lung_scores(lab, gt)
+        blocks = block_partition(scores["num_segments"], *lab.shape)  # image-blind, same segment count
+        scores["dice_baseline_blocks"] = RULES[rule](blocks, gt).dice
     return {"image": stem, "path": str(path), "dice": scores[f"dice_{rule}"]} | scores
 
 

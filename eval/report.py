@@ -53,9 +53,11 @@ def curves(run: Path, out: Path, bins: int = 15) -> list[str]:
         means = [float(np.mean([loss[i]["loss"] for i in c])) for c in chunks]
         line_plot({"training loss (eps MSE)": means}, [str(loss[c[-1]]["step"]) for c in chunks],
                   out / "loss.png", title="Training loss (mean per bin)", xlabel="step", ylabel="loss")
+        tail = loss[-max(1, len(loss) // 10):]
         speed = [r["img_per_s"] for r in loss if "img_per_s" in r]
-        lines += ["", f"Final logged loss {loss[-1]['loss']:.4f} at step {loss[-1]['step']}; "
-                      f"throughput {speed[-1]:.1f} img/s." if speed else ""]
+        lines += ["", f"Mean loss over the last {len(tail)} logged steps (to step {loss[-1]['step']}): "
+                      f"{np.mean([r['loss'] for r in tail]):.4f} (first logged: {loss[0]['loss']:.4f})."]
+        lines += [f"Throughput {speed[-1]:.1f} img/s (UNet steps, evaluation pauses included)." if speed else ""]
     samples = sorted((run / "samples").glob("step_*.png"))
     if samples:  # the bottom row: reconstructions of the held-out images (the top row is the real images)
         grid = Image.open(samples[-1])
@@ -103,6 +105,7 @@ def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
                   f"| lung prior (leave-one-out mean mask) | {s['mean_dice_baseline_prior']:.3f} | |",
                   f"| DiffSeg, t={st['timestep']}, threshold {st['threshold']}, grid {st['grid']} (NMS rule) "
                   f"| {s['mean_dice']:.3f} | {s['std_dice']:.3f} |",
+                  f"| same number of square blocks, same rule (image-blind) | {s['mean_dice_baseline_blocks']:.3f} | |",
                   f"| same, oracle best union of segments | {s['mean_dice_best_union']:.3f} | |",
                   f"| same, Hungarian matching (DiffSeg protocol) | {s['mean_dice_hungarian']:.3f} | |"]
         segment_maps(seg, masks, out)
@@ -111,11 +114,11 @@ def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
         rows = read_csv_rows(search / "summary.csv")
         keys = [k for k in ("timestep", "threshold", "grid") if k in rows[0]]
         lines += ["", "Search (best first; selected on the evaluated images):", "",
-                  "| " + " | ".join(keys) + " | mean Dice (NMS) | oracle | segments |",
-                  "|" + "---:|" * (len(keys) + 3)]
+                  "| " + " | ".join(keys) + " | mean Dice (NMS) | same-count blocks (NMS) | Hungarian | segments |",
+                  "|" + "---:|" * (len(keys) + 4)]
         lines += [f"| {' | '.join(r[k] for k in keys)} | {float(r['mean_dice']):.3f} | "
-                  f"{float(r['mean_dice_best_union']):.3f} | {float(r['mean_num_segments']):.1f} |"
-                  for r in rows[:8]]
+                  f"{float(r['mean_dice_baseline_blocks']):.3f} | {float(r['mean_dice_hungarian']):.3f} | "
+                  f"{float(r['mean_num_segments']):.1f} |" for r in rows[:10]]
     return lines
 
 

@@ -324,3 +324,12 @@ def test_mask_baselines():
         assert base["prior"][i] == pytest.approx(dice(others, masks[i]).item())
     with pytest.raises(ValueError, match="N >= 2"):
         mask_baselines(masks[:1])
+
+
+def test_block_partition():
+    from eval.segmentation import block_partition
+
+    blocks = block_partition(10, 12, 9)  # round(sqrt(10)) = 3 -> 3 x 3 blocks
+    assert blocks.shape == (12, 9) and blocks.unique().tolist() == list(range(9))
+    assert (blocks[:4, :3] == 0).all() and (blocks[8:, 6:] == 8).all()
+    assert block_partition(1, 5, 5).unique().tolist() == [0]

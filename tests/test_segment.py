@@ -27,7 +27,8 @@ UNET = UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1
 VAE = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)  # factor 8
 DINO = DinoConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=32, num_register_tokens=1)
-SCORES = ["image", "path", "dice", "dice_best_union", "dice_nms", "dice_hungarian", "num_segments"]
+SCORES = ["image", "path", "dice", "dice_best_union", "dice_nms", "dice_hungarian", "num_segments",
+          "dice_baseline_blocks"]
 BASELINES = ["dice_baseline_all_foreground", "dice_baseline_prior"]  # with 2+ masks
 
 
