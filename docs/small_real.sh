@@ -9,7 +9,7 @@
 # 3. segment.py: DiffSeg on the 74 lung-masked CXRs of ../shared/data/cxr-lungs (never seen in training),
 #    Dice against the image-blind baselines, with a small search over timestep and merge threshold
 # 4. classify.py on phantom labels: the tiny preset trained on phantoms, 3 synthetic reconstructions per real
-#    image, a tiny DenseNet at 64 px, regimes 50 and 100, ratios 1:0, 1:1, 1:3, 3 folds
+#    image, a tiny DenseNet at 64 px (lr 3e-3), regimes 50, 100, 200, ratios 1:0, 1:1, 1:3, 3 folds
 # 5. python -m eval.report: figures and tables in $OUT/report (docs/results/ holds the committed ones)
 #
 # Environment overrides (tests/test_small_real.py runs the recipe with a handful of steps): PYTHON, OUT,
@@ -42,7 +42,8 @@ $PY -m data.phantom --out "$OUT/phantoms" -n "${PHANTOMS:-300}" --size 64 --seed
 $PY sample.py --run "$OUT/tiny" --mode reconstruction --images "$OUT/phantoms/labels.csv" --num 3 --steps 20 \
     --out "$OUT/tiny-synthetic" ${SAMPLE_ARGS:-}
 $PY classify.py --real "$OUT/phantoms/labels.csv" --synthetic "$OUT/tiny-synthetic/synthetic.csv" \
-    --model tiny --image-size 64 --regimes 50,100 --ratios 0,1,3 --folds 3 --max-epochs 15 --early-stop 5 \
+    --model tiny --image-size 64 --regimes 50,100,200 --ratios 0,1,3 --folds 3 --lr 3e-3 --batch-size 16 \
+    --max-epochs 30 --early-stop 8 \
     --num-workers 0 --out "$OUT/classify" ${CLASSIFY_ARGS:-}
 
 $PY -m eval.report --runs "$OUT" --data "$DATA" --out "$OUT/report"

@@ -123,7 +123,8 @@ def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
 
 
 def classification(results: Path) -> list[str]:
-    """Mean +- std over folds of the test mean AUC, one row per regime, one column per ratio."""
+    """Mean +- sample std (ddof 1, as classify.py's summary.md) over folds of the test mean AUC, one row per
+    regime, one column per ratio."""
     rows = read_csv_rows(results)
     cells = defaultdict(list)
     for r in rows:
@@ -132,10 +133,9 @@ def classification(results: Path) -> list[str]:
     ratios = sorted({k[1] for k in cells}, key=lambda x: math.inf if x == "inf" else float(x))
     label = lambda k: "synthetic only" if float(k) == math.inf else f"1:{float(k):g}"
     lines = ["| N real | " + " | ".join(label(k) for k in ratios) + " |", "|---:|" + "---:|" * len(ratios)]
+    cell = lambda v: f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else math.nan:.3f}" if v else ""
     for n in regimes:
-        vals = [cells.get((n, k), []) for k in ratios]
-        lines.append(f"| {n} | " + " | ".join(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "" for v in vals)
-                     + " |")
+        lines.append(f"| {n} | " + " | ".join(cell(cells.get((n, k), [])) for k in ratios) + " |")
     return lines
 
 

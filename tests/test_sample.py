@@ -117,6 +117,18 @@ def test_interpolation_csv_has_labels_of_nearer_source(run_dir, phantoms, tmp_pa
         assert r["Cardiomegaly"] == real[key]["Cardiomegaly"] and r["Edema"] == real[key]["Edema"]
 
 
+def test_unlabelled_csv_and_label_subset(run_dir, phantoms, tmp_path):
+    """A CSV with only a path column (e.g. a run's val.csv) samples without labels; --labels picks columns."""
+    (tmp_path / "val.csv").write_text("path\n" + "".join(f"{p}\n" for p in sorted((phantoms / "images").iterdir())))
+    sample.main(["--run", str(run_dir), "--mode", "reconstruction", "--images", str(tmp_path / "val.csv"),
+                 "--num", "1", "--limit", "2", "--steps", "2", "--out", str(tmp_path / "a")])
+    rows = list(csv.DictReader(open(tmp_path / "a" / "synthetic.csv")))
+    assert len(rows) == 2 and list(rows[0]) == ["path", "source", "source_b", "r", "seed"]
+    sample.main(["--run", str(run_dir), "--mode", "reconstruction", "--images", str(phantoms / "labels.csv"),
+                 "--num", "1", "--limit", "2", "--steps", "2", "--labels", "Edema", "--out", str(tmp_path / "b")])
+    assert list(next(csv.DictReader(open(tmp_path / "b" / "synthetic.csv"))))[-1] == "Edema"
+
+
 def test_bad_inputs_give_clear_errors(run_dir, phantoms, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         sample.main(["--run", str(tmp_path / "nope"), "--mode", "reconstruction", "--images",
