@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DiNO-Diffusion end to end on real chest X-rays, on a CPU: the recipe behind docs/results.md.
 #
-#   bash docs/small_real.sh          # from the repository root, with ../shared/data beside it; ~75 min on 2 cores
+#   bash docs/small_real.sh          # from the repository root, with ../shared/data beside it; ~70 min on 2 cores
 #
 # 1. train.py --preset small-real: 128 px, random-init models (VAE fitted first, frozen ViT, 6M-param UNet),
 #    the 243 unlabelled CXRs of ../shared/data/cxr-unlabeled with 60 held out by patient; FID every 500 steps
