@@ -41,7 +41,7 @@ import pipeline
 from data.datasets import PhantomDataset, collate, open_dataset
 from data.transforms import augment as augment_images
 from ddpm import DDPMScheduler
-from generate import generate, to_grayscale
+from generate import encode_images, generate, to_grayscale
 
 
 @dataclass(frozen=True)
@@ -379,11 +379,10 @@ def fit_vae(vae, data, cfg: TrainConfig, device):
     # training latents; SD v1's 0.18215 is this number for its VAE). Without it the UNet's noise schedule
     # would see a low-signal latent space (here std ~0.25 at 0.18215).
     n, zs = min(len(data), 256), []
-    with torch.no_grad():
-        for j in range(0, n, 16):
-            x = torch.stack([data[i]["image"] for i in range(j, min(j + 16, n))]).to(device)
-            zs.append(vae.encode(x.expand(-1, 3, -1, -1) * 2 - 1).sample(seeded(cfg.seed, 3, j)).cpu())
-    vae.config = replace(vae.config, scaling_factor=1.0 / torch.cat(zs).std().item())
+    for j in range(0, n, 16):  # encode_images scales by the current factor f: the new one is f / std(f z)
+        x = torch.stack([data[i]["image"] for i in range(j, min(j + 16, n))]).to(device)
+        zs.append(encode_images(vae, x, sample=True, generator=seeded(cfg.seed, 3, j)).cpu())
+    vae.config = replace(vae.config, scaling_factor=vae.config.scaling_factor / torch.cat(zs).std().item())
     return vae
 
 
@@ -547,6 +546,7 @@ def main(argv=None):
     # ------------------------------------------------------------------ loop
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not master)
     t0, seen = time.time(), 0
+    held_out = None  # (held-out images [N, 1, S, S], FID feature network)
     while step < cfg.max_steps:
         loss_sum = 0.0
         for k in range(cfg.grad_accum):
@@ -606,7 +606,10 @@ def main(argv=None):
             checkpoint.prune(out, cfg.keep_last)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             if master:
-                evaluate(unet, ema, vae, dino, val_set, cfg, step, out, device)
+                if held_out is None:  # loaded at the first evaluation, kept for the run
+                    real = torch.stack([val_set[i]["image"] for i in range(min(cfg.fid_count, len(val_set)))])
+                    held_out = real, fid_extractor(cfg, real[:512], device)  # BN calibration: a few hundred do
+                evaluate(unet, ema, vae, dino, *held_out, cfg, step, out, device)
             if ddp:
                 dist.barrier()
     bar.close()
@@ -614,15 +617,16 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def fid_extractor(cfg: TrainConfig, reference: torch.Tensor):
+def fid_extractor(cfg: TrainConfig, reference: torch.Tensor, device=None):
     """The FID feature network: the named pretrained one when --fid-weights is given, else (offline) a
     random-init XRV-style DenseNet with a fixed seed whose BatchNorm statistics are set from the held-out
     `reference` images -- FIDs are then comparable within a run only. The tiny preset uses a tiny DenseNet at
     its own 64 px resolution to stay fast on CPU."""
     from eval.densenet import DenseNet121, DenseNetConfig, XRVDenseNetFeatures, calibrate_batchnorm
+    from eval.fid import load_extractor
 
     if cfg.fid_weights:
-        return cfg.fid_features
+        return load_extractor(cfg.fid_features, cfg.fid_weights, device)
     torch.manual_seed(0)
     if cfg.preset == "tiny":
         net = DenseNet121(DenseNetConfig.tiny(in_channels=1))
@@ -632,8 +636,8 @@ def fid_extractor(cfg: TrainConfig, reference: torch.Tensor):
     return calibrate_batchnorm(features, reference, cfg.batch_size).eval()
 
 
-def evaluate(unet, ema, vae, dino, val_set, cfg: TrainConfig, step: int, out: Path, device):
-    """Sample grid (held-out images above their reconstructions) and FID against the held-out set."""
+def evaluate(unet, ema, vae, dino, real, extractor, cfg: TrainConfig, step: int, out: Path, device):
+    """Sample grid (held-out images `real` above their reconstructions) and FID against them (`extractor`)."""
     from PIL import Image
 
     from eval.fid import fid
@@ -643,8 +647,7 @@ def evaluate(unet, ema, vae, dino, val_set, cfg: TrainConfig, step: int, out: Pa
         backup = {k: v.detach().clone() for k, v in unet.state_dict().items()}
         unet.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema.items()})
     unet.eval()
-    n = min(cfg.fid_count, len(val_set))
-    real = torch.stack([val_set[i]["image"] for i in range(n)])
+    n = len(real)
     fake, sched = [], pipeline.make_scheduler({"scheduler": cfg.scheduler}, "ddim")
     for i in range(0, n, cfg.batch_size):
         x = real[i : i + cfg.batch_size].to(device)
@@ -656,9 +659,8 @@ def evaluate(unet, ema, vae, dino, val_set, cfg: TrainConfig, step: int, out: Pa
     grid = torch.cat([torch.cat(list(real[:k, 0]), dim=1), torch.cat(list(fake[:k, 0]), dim=1)], dim=0)
     (out / "samples").mkdir(exist_ok=True)
     Image.fromarray((grid.numpy() * 255).round().astype("uint8")).save(out / "samples" / f"step_{step:07d}.png")
-    extractor = fid_extractor(cfg, real[:512])  # BN calibration needs no more than a few hundred images
-    score = fid(real, fake, features=extractor, weights=cfg.fid_weights, batch_size=cfg.batch_size,
-                device=device, progress=False, cache=out / "fid_reference.npz")
+    score = fid(real, fake, features=extractor, batch_size=cfg.batch_size, device=device, progress=False,
+                cache=out / "fid_reference.npz")
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "fid": score, "fid_features": cfg.fid_features, "fid_n": n}) + "\n")
     print(f"step {step}: FID ({cfg.fid_features}, n={n}) = {score:.3f}", file=sys.stderr)

@@ -39,11 +39,14 @@ def _models(config: UNetConfig):
     return ours, ref
 
 
+def _inputs(config: UNetConfig, b: int):
+    """Latents [B, C, LATENT, LATENT], timesteps [B], context [B, CONTEXT_LEN, cross_attention_dim]."""
+    return (torch.randn(b, config.in_channels, LATENT, LATENT), torch.full((b,), TIMESTEP),
+            torch.randn(b, CONTEXT_LEN, config.cross_attention_dim))
+
+
 def _bench_batch(ours, ref, b: int, where: str, repeats: int) -> list[dict]:
-    c = ours.config
-    x = torch.randn(b, c.in_channels, LATENT, LATENT)
-    ctx = torch.randn(b, CONTEXT_LEN, c.cross_attention_dim)
-    t = torch.full((b,), TIMESTEP)
+    x, t, ctx = _inputs(ours.config, b)
 
     def ours_fwd():
         return ours(x, t, ctx)
@@ -64,9 +67,7 @@ def _bench_batch(ours, ref, b: int, where: str, repeats: int) -> list[dict]:
 
 def _bench_compiled(ours, ref, where: str, repeats: int) -> dict:
     """torch.compile(ours) vs eager diffusers at B=1, after checking the compiled output equals eager."""
-    c = ours.config
-    x, ctx = torch.randn(1, c.in_channels, LATENT, LATENT), torch.randn(1, CONTEXT_LEN, c.cross_attention_dim)
-    t = torch.full((1,), TIMESTEP)
+    x, t, ctx = _inputs(ours.config, 1)
     compiled = torch.compile(ours)
     with torch.inference_mode():
         eager, fast = ours(x, t, ctx), compiled(x, t, ctx)  # the first compiled call compiles
