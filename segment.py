@@ -29,8 +29,8 @@ Reports: `dice.csv` (image, path, dice, dice_best_union, dice_nms, dice_hungaria
 image-blind baselines: dice_baseline_blocks = the --dice-rule applied to as many square blocks as there are
 segments (`eval.segmentation.block_partition`: how much Dice the segment count alone buys), and with 2+ masks
 dice_baseline_all_foreground / dice_baseline_prior = every pixel lung / the leave-one-out mean lung mask
-(`eval.segmentation.mask_baselines`)) and `summary.json` (mean_dice, std_dice
-(ddof 0), n, the per-rule and baseline means, mean_num_segments, settings, step).
+(`eval.segmentation.mask_baselines`)) and `summary.json` (mean_dice, std_dice (ddof 0), n, the per-rule and
+baseline means, mean_num_segments, settings, step).
 --checkpoints all (one report per checkpoint, `step_XXXXXXX/`) and --search (one report per combination,
 e.g. `timestep300_threshold0.05_grid16/`; the UNet runs once per image, timestep and context, and the
 aggregated attention is reused for every threshold/grid/iterations/upsample) add `summary.csv` and
@@ -59,15 +59,7 @@ import hub
 import pipeline
 from data.readers import ImageReadError, list_images, read_image
 from data.transforms import preprocess_cxr, preprocess_mask
-from eval.segmentation import (
-    best_union_dice,
-    block_partition,
-    hungarian_dice,
-    lung_scores,
-    mask_baselines,
-    nms_dice,
-    overlay,
-)
+from eval.segmentation import RULES, block_partition, lung_scores, mask_baselines, overlay
 from generate import encode_images
 from unet.diffseg import AttentionAggregator, diffseg
 
@@ -78,7 +70,6 @@ VALID = {"timestep": (lambda v: v >= 0, ">= 0"), "context": (lambda v: v in ("ow
          "iterations": (lambda v: v >= 1, ">= 1"), "upsample": (lambda v: v in ("bilinear", "nearest"),
                                                                "bilinear or nearest")}
 FORWARD_KEYS = ("timestep", "context")  # a UNet forward per value; the others reuse its attention
-RULES = {"best_union": best_union_dice, "nms": nms_dice, "hungarian": hungarian_dice}  # --dice-rule
 
 
 def parse_args(argv=None):

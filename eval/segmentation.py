@@ -125,12 +125,14 @@ def hungarian_dice(labels, gt, criterion: str = "overlap") -> Selection:
     return _select(labels, gt, ids, lung)
 
 
+RULES = {"best_union": best_union_dice, "nms": nms_dice, "hungarian": hungarian_dice}  # name -> rule
+
+
 def lung_scores(labels, gt) -> dict:
     """All three rules on one image -> {"dice_best_union", "dice_nms", "dice_hungarian", "num_segments"}."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the empty-gt warning, once below instead of three times
-        scores = {"dice_best_union": best_union_dice(labels, gt).dice, "dice_nms": nms_dice(labels, gt).dice,
-                  "dice_hungarian": hungarian_dice(labels, gt).dice}
+        scores = {f"dice_{name}": rule(labels, gt).dice for name, rule in RULES.items()}
     if not torch.as_tensor(gt).bool().any():
         warnings.warn("gt lung mask is empty: every rule selects nothing and scores 1.0", stacklevel=2)
     scores["num_segments"] = len(torch.unique(torch.as_tensor(labels)))
