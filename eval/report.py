@@ -6,7 +6,7 @@ Reads, under --runs (each part is optional; missing ones are listed and skipped)
     small-real-interpolation/grid.png                  source a | slerp r = 0, 0.25, 0.5, 0.75, 1 (sample.py)
     small-real-segment/summary.json, labels/           DiffSeg Dice + the image-blind baselines (segment.py)
     small-real-segment-search/summary.csv              the timestep / threshold / grid search
-    classify/results.csv                               test AUC per (regime, ratio, fold) (classify.py)
+    classify/summary.md, auc_vs_ratio.png              test AUC per (regime, ratio) (classify.py)
 Writes to --out: fid.png, loss.png, eval_samples.png, reconstruction.png and interpolation.png (generated
 images only: the real source column/row is cropped off, as ../shared/data is not redistributed),
 segment_maps.png (label maps with the ground-truth lung contour), auc_vs_ratio.png, and tables.md (markdown
@@ -20,7 +20,6 @@ import csv
 import json
 import math
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +94,8 @@ def read_csv_rows(path: Path) -> list[dict]:
 
 
 def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
-    """The Dice table: DiffSeg (defaults, best searched setting, its oracle) against the baselines."""
+    """The Dice table (DiffSeg at the run's setting under each rule, against the image-blind baselines) and the
+    search table."""
     lines = []
     if (seg / "summary.json").is_file():
         s = json.loads((seg / "summary.json").read_text())
@@ -103,11 +103,12 @@ def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
         lines += ["| method | mean Dice | std |", "|---|---:|---:|",
                   f"| all-foreground (every pixel lung) | {s['mean_dice_baseline_all_foreground']:.3f} | |",
                   f"| lung prior (leave-one-out mean mask) | {s['mean_dice_baseline_prior']:.3f} | |",
-                  f"| DiffSeg, t={st['timestep']}, threshold {st['threshold']}, grid {st['grid']} (NMS rule) "
-                  f"| {s['mean_dice']:.3f} | {s['std_dice']:.3f} |",
-                  f"| same number of square blocks, same rule (image-blind) | {s['mean_dice_baseline_blocks']:.3f} | |",
+                  f"| DiffSeg, t={st['timestep']}, threshold {st['threshold']}, grid {st['grid']} "
+                  f"({s['dice_rule']} rule) | {s['mean_dice']:.3f} | {s['std_dice']:.3f} |",
                   f"| same, oracle best union of segments | {s['mean_dice_best_union']:.3f} | |",
-                  f"| same, Hungarian matching (DiffSeg protocol) | {s['mean_dice_hungarian']:.3f} | |"]
+                  f"| same, Hungarian matching (DiffSeg protocol) | {s['mean_dice_hungarian']:.3f} | |",
+                  f"| as many square blocks as segments, {s['dice_rule']} rule (image-blind) "
+                  f"| {s['mean_dice_baseline_blocks']:.3f} | |"]
         segment_maps(seg, masks, out)
         lines += ["", f"n = {s['n']} images, {s['mean_num_segments']:.1f} segments per image on average."]
     if (search / "summary.csv").is_file():
@@ -122,21 +123,10 @@ def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
     return lines
 
 
-def classification(results: Path) -> list[str]:
-    """Mean +- sample std (ddof 1, as classify.py's summary.md) over folds of the test mean AUC, one row per
-    regime, one column per ratio."""
-    rows = read_csv_rows(results)
-    cells = defaultdict(list)
-    for r in rows:
-        cells[(int(r["regime"]), r["ratio"])].append(float(r["mean_auc"]))
-    regimes = sorted({k[0] for k in cells})
-    ratios = sorted({k[1] for k in cells}, key=lambda x: math.inf if x == "inf" else float(x))
-    label = lambda k: "synthetic only" if float(k) == math.inf else f"1:{float(k):g}"
-    lines = ["| N real | " + " | ".join(label(k) for k in ratios) + " |", "|---:|" + "---:|" * len(ratios)]
-    cell = lambda v: f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else math.nan:.3f}" if v else ""
-    for n in regimes:
-        lines.append(f"| {n} | " + " | ".join(cell(cells.get((n, k), [])) for k in ratios) + " |")
-    return lines
+def classification(summary: Path) -> list[str]:
+    """classify.py's own summary.md (mean test AUC +- std, p-values, images per fold), title dropped and
+    headings one level down."""
+    return ["#" + line if line.startswith("#") else line for line in summary.read_text().splitlines()[1:]]
 
 
 def main(argv=None):
@@ -164,13 +154,13 @@ def main(argv=None):
                        Path(args.data) / "cxr-lungs" / "masks", out)
     text += ["## Lung segmentation (DiffSeg)", "", *seg, ""] if seg else []
     missing += [] if seg else ["small-real-segment/summary.json"]
-    if (runs / "classify" / "results.csv").is_file():
+    if (runs / "classify" / "summary.md").is_file():
         text += ["## Classification with synthetic data (phantom labels, test mean AUC)", "",
-                 *classification(runs / "classify" / "results.csv"), ""]
+                 *classification(runs / "classify" / "summary.md"), ""]
         if (runs / "classify" / "auc_vs_ratio.png").is_file():
             shutil.copy(runs / "classify" / "auc_vs_ratio.png", out / "auc_vs_ratio.png")
     else:
-        missing.append("classify/results.csv")
+        missing.append("classify/summary.md")
     if missing:
         text += ["Missing: " + ", ".join(missing), ""]
     (out / "tables.md").write_text("\n".join(text))
