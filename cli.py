@@ -1,0 +1,127 @@
+"""What the four scripts share at the command line: one-line errors, checked numeric flags, output folders.
+
+A user's mistake (a missing file, a bad flag, a CSV without its path column, a corrupt checkpoint) ends with
+one line naming the file, key or argument and a non-zero exit, never a traceback. Set `DINO_DEBUG=1` to get
+the traceback instead (for developers). `main_guard(main)` is what each script's `__main__` calls.
+
+An output folder holds one job (DEVELOPERS.md): `claim_output` records the settings a script was started with
+in `OUT/settings.json`. Rerunning with the same settings continues where it stopped; other settings are
+refused with one line naming `--overwrite`, which empties the folder and starts clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+# The errors a user's input can cause. ValueError covers hub.CheckpointError and data's ImageReadError;
+# OSError covers missing files, permissions and a full disk (ENOSPC).
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
+
+
+def main_guard(main, argv=None):
+    """Run `main(argv)`; a user error becomes `prog: error: message` on stderr and exit status 1."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except USER_ERRORS as e:
+        if os.environ.get("DINO_DEBUG"):
+            raise
+        if isinstance(e, OSError) and e.strerror:
+            msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        else:
+            msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e) or type(e).__name__
+        fail(msg.splitlines()[0])
+
+
+def fail(message: str):
+    """Stop with one line (the traceback, if any, only under DINO_DEBUG=1)."""
+    if os.environ.get("DINO_DEBUG"):
+        traceback.print_stack()
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------------- flag types
+
+
+def _number(kind, lo=None, hi=None, lo_open=False):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v != v or (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+            bound = f"> {lo}" if lo_open else f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1)
+nonneg_int = _number(int, 0)
+positive_float = _number(float, 0.0, lo_open=True)
+nonneg_float = _number(float, 0.0)
+probability = _number(float, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def claim_output(out, settings: dict, *, overwrite: bool, flag_hint: str = "") -> Path:
+    """Make `out` this job's folder. Same settings as recorded: continue. Other settings (or files from
+    something else): refuse in one line, unless `overwrite`, which empties the folder first."""
+    out = Path(out)
+    record = out / "settings.json"
+    settings = json.loads(json.dumps(settings, default=str))  # what JSON keeps, so equal compares equal
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        old = json.loads(record.read_text()) if record.is_file() else None
+        if old != settings and not overwrite:
+            differ = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
+            what = f"other settings ({', '.join(differ)})" if old is not None else "files of another job"
+            fail(f"--out {out} holds outputs made with {what}; pass --overwrite to start clean, or choose "
+                 f"another --out{flag_hint}")
+        if old != settings:
+            empty_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(".settings.json.tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    os.replace(tmp, record)
+    return out
+
+
+def empty_folder(folder: Path):
+    for p in Path(folder).iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- data flags
+
+# CheXpert's uncertain label -1 (Irvin et al., 2019): U-Zeros, U-Ones, or U-Ignore (nan: masked out of the
+# loss and out of AUC).
+UNCERTAIN = {"zeros": 0.0, "ones": 1.0, "ignore": float("nan")}
+
+
+def add_data_flags(p: argparse.ArgumentParser, labels: bool = True):
+    """--path-column and --image-root (how a CSV names its images) and, where labels are read, --uncertain."""
+    p.add_argument("--path-column", default=None, metavar="NAME",
+                   help="CSV column holding the image paths (default: 'path', else 'Path', else 'image')")
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="folder that relative CSV paths start from (default: the CSV's own folder; for "
+                        "CheXpert's train.csv, the folder that holds CheXpert-v1.0/)")
+    if labels:
+        p.add_argument("--uncertain", choices=sorted(UNCERTAIN), default="zeros",
+                       help="what an uncertain label (-1) becomes: zeros (U-Zeros), ones (U-Ones) or ignore "
+                            "(masked out of the loss and the AUC) (default: zeros)")
