@@ -13,7 +13,9 @@ Nothing is pickled: nested optimizer state is flattened to `optim.state.{param}.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,7 +59,22 @@ def paths(run_dir, step: int) -> dict[str, Path]:
 
 def save(run_dir, step: int, *, model_state: dict, ema_state: dict | None, optimizer, scaler=None,
          rng: dict[str, torch.Tensor] | None = None, extra: dict | None = None, config: dict | None = None):
+    """Write step `step`'s files, all or none: if any write fails (a full disk, a kill), the files of this
+    step already written are removed and the error names the file that failed."""
     p = paths(run_dir, step)
+    try:
+        _save(p, step, model_state, ema_state, optimizer, scaler, rng, extra, config)
+    except BaseException as e:
+        failed = next((f for f in (p["state"], p["ema"], p["weights"]) if not f.is_file()), p["weights"])
+        for f in p.values():
+            f.unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            raise OSError(f"cannot write checkpoint {failed} (step {step} not saved; earlier checkpoints are "
+                          f"intact): {e}") from e
+        raise
+
+
+def _save(p, step, model_state, ema_state, optimizer, scaler, rng, extra, config):
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     tensors = dict(opt_tensors)
     for name, t in (rng or {}).items():
@@ -102,6 +119,31 @@ def weight_steps(run_dir) -> list[int]:
 def complete_steps(run_dir) -> list[int]:
     """Steps whose weights and state files both exist (resumable checkpoints), oldest first."""
     return [step for step in weight_steps(run_dir) if paths(run_dir, step)["state"].is_file()]
+
+
+def clean(run_dir) -> list[Path]:
+    """Remove what killed writes leave behind: temporary files (`.step_*.tmp`, `.config.json.tmp`,
+    half-written model folders `.vae.tmp`) and the state/EMA files of a step whose weights file, written
+    last, never landed. Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = [p for folder in (run_dir, run_dir / "checkpoints", run_dir / "cache")
+               for p in (folder.glob(".*tmp*") if folder.is_dir() else [])]
+    folder = run_dir / "checkpoints"
+    for p in folder.glob("step_*.safetensors") if folder.is_dir() else []:
+        m = re.match(r"^step_(\d+)\.(state|ema)\.safetensors$", p.name)
+        if m and not paths(run_dir, int(m.group(1)))["weights"].is_file():
+            removed.append(p)
+    for p in removed:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return removed
+
+
+def set_aside(path) -> Path:
+    """Move an unreadable checkpoint file out of the way (kept, renamed `*.unreadable`)."""
+    path = Path(path)
+    target = path.with_name(path.name + ".unreadable")
+    os.replace(path, target)
+    return target
 
 
 def prune(run_dir, keep_last: int):

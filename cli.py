@@ -45,8 +45,7 @@ def fail(message: str):
     """Stop with one line (the traceback, if any, only under DINO_DEBUG=1)."""
     if os.environ.get("DINO_DEBUG"):
         traceback.print_stack()
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    raise SystemExit(1)
+    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")  # printed to stderr, exit status 1
 
 
 # ---------------------------------------------------------------------------------------------- flag types

@@ -20,6 +20,8 @@ Run directory:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,8 +62,16 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_local(model, folder: Path, weights_name: str):
-    """Save a model built from a config (not a pretrained source) with its dataclass config."""
-    hub.save_pretrained(model, folder, weights_name=weights_name)
+    """Save a model built from a config (not a pretrained source) with its dataclass config, atomically:
+    written into `.NAME.tmp` beside `folder`, then renamed, so `folder` is complete or absent."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    hub.save_pretrained(model, tmp, weights_name=weights_name)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def load_local(cls, config_cls, folder: Path, weights_name: str, device=None):

@@ -26,6 +26,8 @@ each worker keeps its own `skipped` list; the warnings still reach stderr. An em
 
 from __future__ import annotations
 
+import collections
+import copy
 import os
 import tarfile
 import warnings
@@ -118,6 +120,21 @@ class _MapDataset(_SkipLog, Dataset):
 
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
         raise NotImplementedError
+
+    def select(self, indices) -> _MapDataset:
+        """A dataset of these items only (a train or held-out split): an unreadable item falls back to the
+        next readable one *of the selection*, so items never leak from one split into the other."""
+        idx = list(indices)
+        part = copy.copy(self)
+        part.skipped, part._bad = [], set()
+        part.paths = [self.paths[i] for i in idx]
+        if getattr(self, "masks", None) is not None:
+            part.masks = [self.masks[i] for i in idx]
+        if getattr(self, "labels", None) is not None:
+            part.labels = self.labels[idx]
+        if getattr(self, "columns", None):
+            part.columns = {k: [v[i] for i in idx] for k, v in self.columns.items()}
+        return part
 
     def __getitem__(self, i: int) -> dict:
         n = len(self)
@@ -259,8 +276,6 @@ class ShardDataset(_SkipLog, IterableDataset):
                     seen, pos = seen + 1, pos + 1
             except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
                 self._skip(ImageReadError(f"shard {shard} is unreadable after {pos} samples: {e}"))
-        if seen == 0:
-            raise ValueError(f"no samples in shard(s) {[s for _, s in shards][:3]} of {self.source}")
 
     def _shuffled(self, it: Iterator, generator: torch.Generator) -> Iterator:
         buf = []
@@ -282,6 +297,7 @@ class ShardDataset(_SkipLog, IterableDataset):
             stream = self._shuffled(stream, gen)
         skipped_before = len(self.skipped)
         for index, shard, key, files in stream:
+            files = sample_files(files)
             ext = next((e for e in IMAGE_EXTENSIONS if e[1:] in files), None)
             where = f"{shard}:{key}" + (ext or "")
             try:
@@ -306,6 +322,42 @@ class ShardDataset(_SkipLog, IterableDataset):
         if len(self.skipped) > skipped_before:
             warnings.warn(f"{self.source}: skipped {len(self.skipped) - skipped_before} sample(s) in this "
                           f"pass (rank {self.rank}); see .report()", DataWarning, stacklevel=2)
+
+
+    def diagnose(self) -> str:
+        """Why a full pass gave no usable sample: one line naming the shards and what their samples hold."""
+        n, with_image, exts, first_error = 0, 0, collections.Counter(), None
+        for _, shard, key, files in self._raw(list(enumerate(self.shards)), 1, 0):
+            n, files = n + 1, sample_files(files)
+            exts.update(files)
+            ext = next((e[1:] for e in IMAGE_EXTENSIONS if e[1:] in files), None)
+            if ext is not None:
+                with_image += 1
+                if first_error is None:
+                    try:
+                        decode_image(files[ext], f"{shard}:{key}.{ext}")
+                    except ImageReadError as e:
+                        first_error = str(e)
+        names = ", ".join(Path(s).name for s in self.shards[:3]) + (" ..." if len(self.shards) > 3 else "")
+        where = f"{self.source} ({len(self.shards)} shard(s): {names})"
+        if with_image < n or n == 0:
+            found = ", ".join(f".{e}" for e, _ in exts.most_common(5)) or "nothing"
+            return (f"{where}: no usable sample: {with_image} of {n} samples had a png/jpg/jpeg/dcm image "
+                    f"(members found: {found})")
+        why = first_error or f"all were skipped by this process (rank {self.rank} of {self.world_size})"
+        return f"{where}: no usable sample: {n} of {n} samples had an image but none was usable, e.g. {why}"
+
+
+def sample_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    """A shard sample's members by plain extension: webdataset's multi-dot keys (`x.image.png`,
+    `x.label.json`, written by its ShardWriter from {"image.png": ..., "label.json": ...}) become `png`,
+    `json`; masks keep their `mask.` prefix (`x.mask.png`, `x.seg.mask.png` -> `mask.png`)."""
+    out = {}
+    for ext, data in files.items():
+        parts = ext.split(".")
+        name = f"mask.{parts[-1]}" if "mask" in parts[:-1] else parts[-1]
+        out.setdefault(name, data)
+    return out
 
 
 def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1,

@@ -109,7 +109,7 @@ def test_nan_loss_stops_without_saving(tmp_path, monkeypatch):
 
     nan_after_two.calls = 0
     monkeypatch.setattr(unet_module.UNet2DConditionModel, "forward", nan_after_two)
-    with pytest.raises(SystemExit, match="non-finite loss.*step 3.*Last good checkpoint: 2"):
+    with pytest.raises(SystemExit, match="non-finite loss at step 3.*newest checkpoint, step 2 .*finite-loss check"):
         run(out, "--max-steps", "5", "--save-every", "2")
     assert checkpoint.complete_steps(out) == [2]
 
@@ -122,9 +122,11 @@ def test_corrupt_image_is_skipped(tmp_path):
     for i in range(12):
         Image.fromarray(make_phantom(i, 32)[0]).save(data / f"img{i:02d}.png")
     (data / "img99.png").write_bytes(b"not a png at all")
-    with pytest.warns(UserWarning, match="img99.png"):
-        run(tmp_path / "run", "--data", str(data), "--max-steps", "2", "--val-count", "2", "--fid-count", "2")
+    with pytest.warns(UserWarning, match="dropping held-out image.*img99.png"):
+        run(tmp_path / "run", "--data", str(data), "--max-steps", "2", "--val-count", "3", "--fid-count", "3")
     assert checkpoint.complete_steps(tmp_path / "run") == [2]
+    held = [os.path.basename(r) for r in (tmp_path / "run" / "val.csv").read_text().splitlines()[1:]]
+    assert held == ["img10.png", "img11.png"]  # the unreadable one dropped, not replaced by a training image
 
 
 def test_empty_data_folder_is_a_clear_error(tmp_path):
@@ -161,7 +163,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 
 
 def test_rejects_mismatched_dino_width(tmp_path):
-    with pytest.raises(SystemExit, match="cross_attention_dim"):
+    with pytest.raises(ValueError, match="cross_attention_dim"):
         run(tmp_path / "run", "--max-steps", "1", "--dino-config", json.dumps(
             {"image_size": 32, "patch_size": 8, "hidden_size": 24, "num_hidden_layers": 1,
              "num_attention_heads": 2, "intermediate_size": 32}))
@@ -195,13 +197,13 @@ def test_val_group_holds_out_whole_patients(tmp_path):
     cfg = train.parse_args([*MICRO, "--data", str(tmp_path / "index.csv"), "--val-group", "patient_id",
                             "--val-count", "3"])
     tr, va = train.split_data(cfg, 0, 1)
-    held = {patients[i] for i in va.indices}
+    held = set(va.columns["patient_id"])
     assert held == {"p3", "p4"} and len(va) == 4 and len(tr) == 8  # last groups until >= 3 images
-    assert not held & {patients[i] for i in tr.indices}
+    assert not held & set(tr.columns["patient_id"])
     train.write_image_list(va, tmp_path / "val.csv")
     rows = (tmp_path / "val.csv").read_text().splitlines()
     assert rows[0] == "path" and [os.path.basename(r) for r in rows[1:]] == ["8.png", "9.png", "10.png", "11.png"]
     assert all(os.path.isabs(r) and os.path.isfile(r) for r in rows[1:])
     bad = train.parse_args([*MICRO, "--data", str(tmp_path / "index.csv"), "--val-group", "site"])
-    with pytest.raises(SystemExit, match="--val-group 'site'"):
+    with pytest.raises(ValueError, match="--val-group 'site'"):
         train.split_data(bad, 0, 1)

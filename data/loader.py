@@ -1,0 +1,231 @@
+"""Training data plumbing: the train / held-out split, keyed randomness, exact micro-batches, the latent cache.
+
+A diffusion run trains by steps, and every optimizer step must see exactly batch_size x grad_accum x
+world_size samples, in an order that does not depend on how the work is spread or interrupted:
+- `seeded(*keys)`: a generator keyed by integers (seed, purpose, step, ...), the same on every rank, in every
+  DataLoader worker and after a resume; all of a run's randomness comes from it.
+- `Batches`: a map-style dataset (folder, CSV, phantoms, latent cache) as a per-epoch permutation cut into
+  global batches; rank r takes every N-th place, so N ranks with batch B see what one process with batch N*B
+  sees. Its position is the micro-step, so a resume needs nothing more.
+- `StreamBatches`: .tar shards, streamed (each rank reads its own shards): items are taken one by one and
+  packed into batches of exactly B, across shard and epoch ends. Its position (epoch, items taken in that
+  epoch) is saved in each checkpoint; a resume re-reads that epoch up to it.
+- `split_data`: the held-out images (FID, sample grids) stay held out: unreadable ones are dropped with a
+  warning, never replaced, and no training image is ever among them.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import DataWarning, PhantomDataset, open_dataset
+from .readers import ImageReadError
+from .transforms import augment as augment_image
+
+VAL_PHANTOM_SEED_OFFSET = 10_000_000  # held-out phantoms: seeds no training phantom uses
+
+
+def seeded(*keys) -> torch.Generator:
+    """A CPU generator determined by integer keys (seed, purpose, step, ...): same on every rank/resume."""
+    h = 0
+    for k in keys:
+        h = (h * 1_000_003 + int(k)) % (2**61 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+class KeyedImages(Dataset):
+    """Item `key` = image `key % n`, augmented by a generator keyed by (seed, epoch, index): the same
+    whichever rank or worker loads it, and after a resume."""
+
+    def __init__(self, dataset, seed: int, augment: bool):
+        self.dataset, self.seed, self.augment = dataset, seed, augment
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> torch.Tensor:
+        epoch, idx = divmod(key, len(self.dataset))
+        x = self.dataset[idx]["image"]
+        return augment_image(x, seeded(self.seed, 1, epoch, idx)) if self.augment else x
+
+
+class Batches:
+    """Deterministic, rank-split, resumable micro-batches of a map-style dataset.
+
+    Global micro-batch j of epoch e holds positions perm_e[j*N*B : (j+1)*N*B] of a per-epoch permutation
+    (the last incomplete global batch of an epoch is dropped); rank r takes every N-th position from r.
+    Starting at micro-batch `start` resumes.
+    """
+
+    def __init__(self, dataset, batch_size, *, rank, world, seed, start=0, num_workers=0):
+        self.n, self.seed = len(dataset), seed
+        self.global_batch = batch_size * world
+        self.per_epoch = self.n // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"{self.n} training images are fewer than one global batch ({self.global_batch} = "
+                             f"--batch-size x processes): lower --batch-size or add images")
+        self.positions = torch.arange(rank, self.global_batch, world)  # this rank's places in the global batch
+        self._it = iter(DataLoader(dataset, batch_size=batch_size, sampler=self._keys(start),
+                                   num_workers=num_workers, persistent_workers=num_workers > 0))
+
+    def _keys(self, micro: int):
+        perm_epoch, perm = -1, None
+        while True:
+            epoch, j = divmod(micro, self.per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, torch.randperm(self.n, generator=seeded(self.seed, 0, epoch))
+            yield from (epoch * self.n + perm[j * self.global_batch + self.positions]).tolist()
+            micro += 1
+
+    def next(self):
+        return next(self._it)
+
+    def state(self) -> None:
+        return None  # the micro-step is the whole position
+
+
+class StreamBatches:
+    """Micro-batches of exactly `batch_size` images from a `ShardDataset` (this rank's shards).
+
+    The dataset is read one item at a time (DataLoader workers decode in parallel, in a fixed round-robin
+    order) and items are packed into batches across shard and epoch ends, so no batch is ever short and
+    ranks with different sample counts still take the same number of steps. `state()` = [epoch, items taken
+    from it]; `StreamBatches(..., state=s)` re-reads epoch s[0] and drops its first s[1] items (their
+    decoding is the cost of a resume; augmentation is keyed by sample name, so the order is exact). The
+    order depends on the number of readers (processes x workers): resume with the same ones.
+    """
+
+    def __init__(self, dataset, batch_size, *, rank, world, num_workers=0, state=None):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.global_batch = batch_size * world
+        self.positions = torch.arange(rank, self.global_batch, world)
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        self.epoch, self.taken = state or (0, 0)
+        self._items = self._stream(self.epoch, self.taken)
+
+    def _stream(self, epoch: int, skip: int):
+        while True:
+            self.dataset.set_epoch(epoch)  # before iter(): workers receive the dataset with it
+            n = -1
+            for n, item in enumerate(self.loader):
+                if n >= skip:
+                    yield epoch, n, item["image"]
+            if n < 0:
+                raise ValueError(self.dataset.diagnose())
+            epoch, skip = epoch + 1, 0
+
+    def next(self) -> torch.Tensor:
+        images = []
+        for _ in range(self.batch_size):
+            self.epoch, n, image = next(self._items)
+            self.taken = n + 1
+            images.append(image)
+        return torch.stack(images)
+
+    def state(self) -> list[int]:
+        return [self.epoch, self.taken]
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+def _readable(dataset, idx: list[int], what: str) -> list[int]:
+    """The indices of `dataset` whose image (and mask) can be read; each other one is named in a warning."""
+    good = []
+    for i in idx:
+        try:
+            dataset._load(i)
+            good.append(i)
+        except ImageReadError as e:
+            warnings.warn(f"dropping held-out image: {e}", DataWarning, stacklevel=3)
+    if not good:
+        raise ValueError(f"{what}: none of the {len(idx)} held-out images is readable")
+    return good
+
+
+def split_data(cfg, rank: int, world: int):
+    """(train, held-out) datasets for a TrainConfig: phantoms (disjoint seeds), --val-data, or held out of
+    --data (the last --val-count images, or the last whole --val-group groups)."""
+    common = {k: v for k in ("path_column", "image_root") if (v := getattr(cfg, k, None)) is not None}
+    if not cfg.data:
+        train = open_dataset("phantom", cfg.image_size, phantoms=cfg.phantom_count, seed=cfg.seed)
+        val = open_dataset("phantom", cfg.image_size, phantoms=cfg.val_count,
+                           seed=cfg.seed + VAL_PHANTOM_SEED_OFFSET)
+        return train, val
+    train = open_dataset(cfg.data, cfg.image_size, rank=rank, world_size=world, shuffle=True, **common)
+    if cfg.val_data:
+        val = open_dataset(cfg.val_data, cfg.image_size, **common)
+        val = val.select(_readable(val, list(range(len(val))), f"--val-data {cfg.val_data}"))
+        if hasattr(train, "paths"):
+            shared = set(map(os.path.realpath, train.paths)) & set(map(os.path.realpath, val.paths))
+            if shared:
+                raise ValueError(f"--val-data {cfg.val_data} and --data {cfg.data} share {len(shared)} image(s), "
+                                 f"e.g. {sorted(shared)[0]}: held-out images must not be trained on")
+        return train, val
+    if not hasattr(train, "__len__"):
+        raise ValueError(f"--data {cfg.data} is a stream of .tar shards: give held-out images with --val-data")
+    n = len(train)
+    if n <= cfg.val_count:
+        raise ValueError(f"--data {cfg.data} lists {n} image file(s), not more than --val-count {cfg.val_count}: "
+                         "add images, lower --val-count, or give --val-data")
+    if not cfg.val_group:
+        held = list(range(n - cfg.val_count, n))
+    else:
+        groups = getattr(train, "columns", {}).get(cfg.val_group)
+        if groups is None:
+            raise ValueError(f"--val-group {cfg.val_group!r}: --data {cfg.data} is not a CSV with that column")
+        counts, chosen = collections.Counter(groups), set()
+        for g in sorted(counts, reverse=True):  # whole groups (patients), so none straddles the split
+            if sum(counts[h] for h in chosen) >= cfg.val_count:
+                break
+            chosen.add(g)
+        held = [i for i, g in enumerate(groups) if g in chosen]
+    train_idx = sorted(set(range(n)) - set(held))
+    if not train_idx:
+        raise ValueError(f"--val-group {cfg.val_group!r} leaves no training images in {cfg.data}")
+    val_idx = _readable(train, held, f"--data {cfg.data}")
+    assert not set(val_idx) & set(train_idx), "a training image entered the held-out set"
+    return train.select(train_idx), train.select(val_idx)
+
+
+def write_image_list(dataset, path: Path):
+    """The held-out images as a CSV with an absolute `path` column (for sample.py / segment.py --images):
+    exactly the images used; nothing for phantoms, which have no files."""
+    if isinstance(dataset, PhantomDataset) or not hasattr(dataset, "paths"):
+        return
+    paths = dataset.paths
+    tmp = Path(path).with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path"])
+        w.writerows([str(Path(p).resolve())] for p in paths)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def cache_path(out, cfg) -> Path:
+    """Where a run's latent cache lives: computed from the config, so every rank finds the same file."""
+    return Path(out) / "cache" / f"latents_{cfg.cache_copies if cfg.augment else 1}.safetensors"
+
+
+class CachedLatents(Dataset):
+    """The latent cache (VAE posterior mean/std and c_GLB per augmented copy): item = (mean, std, cond)."""
+
+    def __init__(self, tensors: dict):
+        self.mean, self.std, self.cond = tensors["mean"], tensors["std"], tensors["cond"]
+
+    def __len__(self):
+        return len(self.mean)
+
+    def __getitem__(self, key: int):
+        i = key % len(self.mean)
+        return self.mean[i], self.std[i], self.cond[i]
