@@ -1,0 +1,123 @@
+"""Real dataset layouts as they are shipped: CheXpert's train.csv and MIMIC-CXR-JPG (data/mimic.py).
+
+Miniature trees are written by the tests in the exact official layouts (headers, folder names, gzip CSVs),
+with JPEGs written by Pillow.
+"""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import classify
+from data import LABELS
+from data.datasets import DataWarning, open_dataset
+from data.readers import read_labels_csv
+
+# CheXpert-v1.0 train.csv header, as shipped (Irvin et al., 2019; stanfordmlgroup.github.io/competitions/chexpert)
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
+                   "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
+                   "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
+VALUES = ("1.0", "0.0", "-1.0", "")  # CheXpert's positive, negative, uncertain, not mentioned
+
+
+def jpeg(path: Path, seed: int, size=40):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(30, 220, (size, size), dtype=np.uint8)).save(path)
+
+
+def write_chexpert(parent: Path, n: int) -> Path:
+    """parent/CheXpert-v1.0/train.csv + train/patientXXXXX/study1/view1_frontal.jpg; paths relative to parent."""
+    g = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        rel = f"CheXpert-v1.0/train/patient{i + 1:05d}/study1/view1_frontal.jpg"
+        jpeg(parent / rel, i)
+        row = dict.fromkeys(CHEXPERT_HEADER, "")
+        row |= {"Path": rel, "Sex": "Female", "Age": "68", "Frontal/Lateral": "Frontal", "AP/PA": "AP"}
+        for name in CHEXPERT_HEADER[5:]:
+            row[name] = VALUES[i % 4] if name == "Edema" else str(g.choice(VALUES))
+        rows.append(row)
+    csv_path = parent / "CheXpert-v1.0" / "train.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, CHEXPERT_HEADER)
+        w.writeheader()
+        w.writerows(rows)
+    return csv_path
+
+
+def test_chexpert_train_csv_as_shipped(tmp_path):
+    table = write_chexpert(tmp_path, 8)
+    edema = LABELS.index("Edema")
+    for mode, uncertain in (("zeros", 0.0), ("ones", 1.0), ("ignore", math.nan)):
+        ds = open_dataset(table, 32, path_column="Path", image_root=tmp_path, uncertain=uncertain)
+        assert len(ds) == 8 and ds.label_names == list(LABELS)
+        col = ds.labels[:, edema]  # rows cycle through 1.0, 0.0, -1.0, blank
+        assert col[[0, 1, 3]].tolist() == [1.0, 0.0, 0.0]
+        assert math.isnan(col[2]) if mode == "ignore" else col[2] == uncertain
+        item = ds[5]
+        assert item["image"].shape == (1, 32, 32) and item["path"] == str(
+            tmp_path / "CheXpert-v1.0/train/patient00006/study1/view1_frontal.jpg")
+    paths, matrix, extras = read_labels_csv(table, image_root=tmp_path)  # `Path` is found without the flag
+    assert Path(paths[0]).is_file() and matrix.shape == (8, 7) and extras["Frontal/Lateral"][0] == "Frontal"
+    with pytest.raises(ValueError, match=r"none of the 8 images .* see --image-root"):
+        open_dataset(table, 32)  # the paths start from the folder above CheXpert-v1.0/, not the CSV's
+    with pytest.raises(ValueError, match=r"train\.csv has no column 'path' \(--path-column; columns: \['Path'"):
+        open_dataset(table, 32, path_column="path", image_root=tmp_path)
+
+
+def test_mask_column_follows_image_root(tmp_path):
+    for name in ("a", "b"):
+        jpeg(tmp_path / "data" / f"{name}.jpg", 1)
+        Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "data" / f"{name}_mask.png")
+    (tmp_path / "list.csv").write_text("image,mask\ndata/a.jpg,data/a_mask.png\ndata/b.jpg,data/b_mask.png\n")
+    (tmp_path / "csvs").mkdir()
+    (tmp_path / "list.csv").rename(tmp_path / "csvs" / "list.csv")
+    ds = open_dataset(tmp_path / "csvs" / "list.csv", 16, image_root=tmp_path)
+    assert ds.masks[1] == str(tmp_path / "data" / "b_mask.png") and ds[1]["mask"].min() == 1
+
+
+def test_masked_bce_ignores_nan_labels():
+    logits = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([[1.0, math.nan, 0.0], [0.0, 1.0, math.nan], [1.0, 1.0, 1.0], [math.nan] * 3])
+    loss = classify.masked_bce(logits, y)
+    known = ~torch.isnan(y)
+    assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logits[known], y[known]))
+    loss.backward()
+    assert (logits.grad[~known] == 0).all() and (logits.grad[known] != 0).all()
+    full = torch.rand(4, 3).round()
+    assert torch.allclose(classify.masked_bce(logits, full), F.binary_cross_entropy_with_logits(logits, full))
+
+
+@pytest.mark.filterwarnings("ignore:test label")
+def test_classify_on_chexpert_with_uncertain_ignore(tmp_path, monkeypatch):
+    table = write_chexpert(tmp_path / "chexpert", 24)
+    seen = []
+    real = classify.train_and_evaluate
+
+    def spy(bank, labels, *rest, **kw):
+        seen.append(labels)
+        return real(bank, labels, *rest, **kw)
+
+    monkeypatch.setattr(classify, "train_and_evaluate", spy)
+    rows = classify.main(["--real", str(table), "--path-column", "Path", "--image-root", str(tmp_path / "chexpert"),
+                          "--uncertain", "ignore", "--regimes", "8", "--ratios", "0", "--folds", "2",
+                          "--test-fraction", "0.25", "--max-epochs", "1", "--model", "tiny", "--image-size", "32",
+                          "--batch-size", "4", "--num-workers", "1", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert len(rows) == 2 and len(seen) == 2
+    labels = seen[0]
+    assert np.isnan(labels[:, LABELS.index("Edema")]).any() and not np.isnan(labels).all()
+    assert all(0 <= r["mean_auc"] <= 1 or math.isnan(r["mean_auc"]) for r in rows)
+    assert (tmp_path / "out" / "results.csv").is_file()
+
+
+def test_missing_csv_images_warn(tmp_path):
+    table = write_chexpert(tmp_path, 3)
+    (tmp_path / "CheXpert-v1.0/train/patient00002/study1/view1_frontal.jpg").unlink()
+    with pytest.warns(DataWarning, match="1 image"):
+        open_dataset(table, 16, image_root=tmp_path)
