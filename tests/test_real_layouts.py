@@ -121,3 +121,88 @@ def test_missing_csv_images_warn(tmp_path):
     (tmp_path / "CheXpert-v1.0/train/patient00002/study1/view1_frontal.jpg").unlink()
     with pytest.warns(DataWarning, match="1 image"):
         open_dataset(table, 16, image_root=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ MIMIC-CXR-JPG
+# The official headers of MIMIC-CXR-JPG 2.0.0/2.1.0 (physionet.org/content/mimic-cxr-jpg)
+MIMIC_META = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+              "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+              "PatientOrientationCodeSequence_CodeMeaning"]
+MIMIC_CHEXPERT = ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+                  "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity", "No Finding",
+                  "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices"]
+# (dicom_id, subject, study, ViewPosition, on disk)
+MIMIC_IMAGES = [
+    ("02aa804e-bde0afdd-112c0b34-7bc16630-4e384014", "10000032", "50414267", "PA", True),
+    ("174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962", "10000032", "50414267", "LATERAL", True),  # dropped
+    ("2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab", "10000032", "53189527", "AP", True),
+    ("68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714", "15000393", "52000001", "AP", True),  # no CheXpert row
+    ("ea030e7a-2e3b1346-bc518786-7a8fd698-f673b44c", "11000011", "51000002", "PA", False),  # not downloaded
+    ("fffabebf-74fd3a1f-673b6b41-96ec0ac9-2ab69818", "12000012", "51000003", "", True),  # no ViewPosition
+    ("4b9bb5a8-0a3a8d5b-5a4bb0b8-32a8d2b0-5e0a4d38", "19000019", "59000004", "PA", True),  # p19: test
+]
+
+
+def write_mimic(root: Path):
+    import gzip
+
+    root.mkdir(parents=True, exist_ok=True)
+    meta = [dict(zip(MIMIC_META, [d, s, st, "CHEST (PA AND LAT)", v, "3056", "2544", "21800506", "213014.531",
+                                  "CHEST (PA AND LAT)", "postero-anterior" if v == "PA" else "", "Erect"]))
+            for d, s, st, v, _ in MIMIC_IMAGES]
+    labels = {("10000032", "50414267"): {"Atelectasis": "1.0", "Edema": "-1.0", "Pneumothorax": "0.0"},
+              ("10000032", "53189527"): {"Cardiomegaly": "-1.0", "Pleural Effusion": "1.0"},
+              ("11000011", "51000002"): {}, ("12000012", "51000003"): {"No Finding": "1.0"},
+              ("19000019", "59000004"): {"Pneumonia": "1.0", "Consolidation": "0.0"}}
+    chexpert = [dict.fromkeys(MIMIC_CHEXPERT, "") | {"subject_id": s, "study_id": st} | v
+                for (s, st), v in labels.items()]
+    for name, header, rows in (("metadata", MIMIC_META, meta), ("chexpert", MIMIC_CHEXPERT, chexpert)):
+        with gzip.open(root / f"mimic-cxr-2.0.0-{name}.csv.gz", "wt", newline="") as f:
+            w = csv.DictWriter(f, header)
+            w.writeheader()
+            w.writerows(rows)
+    for k, (d, s, st, _, on_disk) in enumerate(MIMIC_IMAGES):
+        if on_disk:
+            jpeg(root / "files" / f"p{s[:2]}" / f"p{s}" / f"s{st}" / f"{d}.jpg", k)
+
+
+def test_mimic_official_layout_to_train_and_test_csv(tmp_path, capsys):
+    from data import mimic
+
+    write_mimic(tmp_path / "mimic-cxr-jpg")
+    counts = mimic.main(["--root", str(tmp_path / "mimic-cxr-jpg"), "--out", str(tmp_path / "csv")])
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "2 non-frontal" in line and "1 not on disk" in line and "1 kept without" in line
+    assert counts == dict(train=3, test=1, not_frontal=2, other_folders=0, missing_files=1, unlabelled=1)
+    train = list(csv.DictReader(open(tmp_path / "csv" / "train.csv")))
+    test = list(csv.DictReader(open(tmp_path / "csv" / "test.csv")))
+    assert list(train[0]) == ["path", "patient_id", "study_id", *LABELS]
+    assert [r["path"].split("/")[-1][:8] for r in train] == ["02aa804e", "2a2277a9", "68b5c4b1"]
+    assert train[0]["path"] == str((tmp_path / "mimic-cxr-jpg" / "files/p10/p10000032/s50414267/"
+                                    "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg").resolve())
+    assert (train[0]["Atelectasis"], train[0]["Edema"], train[0]["Pneumothorax"], train[0]["Cardiomegaly"]) == (
+        "1", "-1", "0", "")  # uncertain kept as -1, blank stays blank
+    assert all(train[2][k] == "" for k in LABELS)  # study without a CheXpert row
+    assert [(r["patient_id"], r["study_id"], r["Pneumonia"]) for r in test] == [("19000019", "59000004", "1")]
+    ds = open_dataset(tmp_path / "csv" / "train.csv", 32, uncertain=math.nan)  # absolute paths: no --image-root
+    assert len(ds) == 3 and math.isnan(ds.labels[0, LABELS.index("Edema")]) and ds.columns["patient_id"][0] == "10000032"
+
+
+def test_mimic_errors_are_one_line(tmp_path):
+    from data import mimic
+
+    with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-chexpert.csv.gz not found .*--root"):
+        mimic.main(["--root", str(tmp_path), "--out", str(tmp_path / "csv")])
+    write_mimic(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "files")
+    with pytest.raises(ValueError, match="no frontal p10-p19 image .* on disk .*5 listed but missing"):
+        mimic.main(["--root", str(tmp_path), "--out", str(tmp_path / "csv")])
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "data.mimic", "--root", str(tmp_path / "nowhere"), "--out",
+                           str(tmp_path / "csv")], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "metadata" not in done.stdout
+    assert "mimic-cxr-2.0.0-chexpert.csv.gz not found" in done.stderr
