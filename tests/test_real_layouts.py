@@ -206,3 +206,17 @@ def test_mimic_errors_are_one_line(tmp_path):
                            str(tmp_path / "csv")], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "metadata" not in done.stdout
     assert "mimic-cxr-2.0.0-chexpert.csv.gz not found" in done.stderr
+
+
+@pytest.mark.parametrize("script,labels", [("classify", True), ("sample", True), ("segment", False)])
+def test_scripts_take_the_data_flags(script, labels, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        (module.main if script == "segment" else module.parse_args)(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--path-column" in text and "--image-root" in text
+    assert ("--uncertain {ignore,ones,zeros}" in text and "(default: zeros)" in text) == labels
+    assert text.count("(default: zeros)") <= 1
