@@ -170,9 +170,8 @@ class ImageFolderDataset(_MapDataset):
 
 
 class CSVDataset(_MapDataset):
-    """Rows of a label CSV: image paths (`path_column`, default `path`/`Path`/`image`; relative ones start
-    from `image_root`, default the CSV's folder), label columns (`labels`, default the paper's LABELS
-    present; -1 -> `uncertain`), and an optional `mask` column (resolved like the image paths)."""
+    """Rows of a label CSV (`readers.read_labels_csv`: path column, image root, labels, `uncertain`) and an
+    optional `mask` column, resolved like the image paths."""
 
     def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0,
                  path_column=None, image_root=None):
@@ -317,8 +316,8 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
                  masks=None, phantoms=1000, shuffle=False, uncertain=0.0, path_column=None, image_root=None):
     """The dataset for `source` (see the module docstring). `rank`/`world_size` split .tar shards between
     processes; map-style datasets are split by the sampler instead (e.g. DistributedSampler), so the
-    arguments are checked but unused there. `phantoms`: the number of phantom images. `path_column` and
-    `image_root` (CSV only): see `CSVDataset`; `uncertain`: what label -1 becomes (nan = ignore)."""
+    arguments are checked but unused there. `phantoms`: the number of phantom images. CSV: `path_column`,
+    `image_root` (`readers.read_labels_csv`). `uncertain`: what label -1 becomes (nan = ignore)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if source is None or str(source) == "phantom":
