@@ -29,8 +29,10 @@ auc_vs_ratio.png and config.json. Rerunning with the same arguments skips the fi
 interrupted sweep resumes where it stopped; a different configuration is refused.
 
 Images are preprocessed once (data/transforms.py: border removal, centre square, resize to --image-size)
-and kept in memory as uint8; --num-workers threads decode them. CheXpert's uncertain labels (-1) count as
-negative ("U-Zeros", data/readers.py).
+and kept in memory as uint8; --num-workers threads decode them. CheXpert's uncertain labels (-1) follow
+--uncertain: zeros (negative, "U-Zeros", the default), ones ("U-Ones") or ignore ("U-Ignore": that label of
+that image is left out of the loss and out of the AUC). --path-column and --image-root say how --real and
+--test name their images (CheXpert's train.csv: `--path-column Path --image-root <folder above CheXpert-v1.0>`).
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import cli
 from data import LABELS
-from data.readers import read_image, read_labels_csv
+from data.readers import path_column_of, read_image, read_labels_csv
 from data.transforms import augment, preprocess_cxr
 from eval import experiment as ex
 from eval.densenet import DenseLayer, DenseNet121
@@ -77,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--test", help="fixed test CSV; default: a held-out split of --real")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of --real (no --test)")
     p.add_argument("--labels", help="comma-separated label columns (default: the 7 paper labels)")
+    cli.add_data_flags(p, labels=True)  # --path-column, --image-root (for --real, --test), --uncertain
     p.add_argument("--patient-column", help="column of patient ids for patient-level splits "
                    "(default: 'patient_id' when the CSV has it, else image-level splits)")
     p.add_argument("--regimes", default="50,100,500,1000,5000", help="real training-set sizes N")
@@ -128,19 +132,21 @@ class Table:
                      self.csv)
 
 
-def load_table(path, labels, patient_column, flag, need=()) -> Table:
-    """Read a labelled CSV; every problem becomes a SystemExit naming the flag, file and column."""
+def load_table(path, labels, patient_column, flag, need=(), **csv_args) -> Table:
+    """Read a labelled CSV (`csv_args`: uncertain, path_column, image_root of `read_labels_csv`); every
+    problem becomes a SystemExit naming the flag, file and column."""
     try:
-        paths, matrix, extras = read_labels_csv(path, labels)
+        paths, matrix, extras = read_labels_csv(path, labels, **csv_args)
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
+        path_col = path_column_of(list(rows[0]), csv_args.get("path_column"), path)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"classify.py {flag}: {e}") from e
     for column in need:
         if column not in extras:
             raise SystemExit(f"classify.py {flag}: {path} has no {column!r} column "
                              f"(columns: {list(rows[0])})")
-    rel = [(r.get("path") or r.get("image") or "").strip() for r in rows]
+    rel = [(r.get(path_col) or "").strip() for r in rows]
     ids = extras.get(patient_column, [""] * len(paths))
     groups = [g.strip() or p for g, p in zip(ids, paths)]  # no patient id: the image is its own group
     return Table(paths, rel, matrix, groups, extras, Path(path))
@@ -150,7 +156,7 @@ def check_files(table: Table, rows, flag: str):
     missing = [table.paths[i] for i in rows if not os.path.isfile(table.paths[i])]
     if missing:
         raise SystemExit(f"classify.py {flag}: {len(missing)} image(s) listed in {table.csv} do not exist, "
-                         f"e.g. {missing[:3]} (relative paths are relative to the CSV's folder)")
+                         f"e.g. {missing[:3]} (relative paths start from --image-root, default the CSV's folder)")
 
 
 class ImageBank:
@@ -173,6 +179,13 @@ class ImageBank:
 
     def batch(self, ids) -> torch.Tensor:
         return torch.stack([self.images[int(i)] for i in ids]).float() / 255  # [B, 1, S, S]
+
+
+def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over the known labels: nan entries (--uncertain ignore) add no loss or gradient."""
+    known = ~torch.isnan(y)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.where(known, y, 0.0), reduction="none")
+    return (loss * known).sum() / known.sum().clamp_min(1)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -253,8 +266,7 @@ def train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, d
                 continue  # BatchNorm cannot train on a batch of one
             x = bank.batch(ids).to(device)
             x = augment(x, aug_gen) if args.augment else x
-            loss = F.binary_cross_entropy_with_logits(model(model_input(x, in_ch, norm)),
-                                                      y_all[ids].to(device))
+            loss = masked_bce(model(model_input(x, in_ch, norm)), y_all[ids].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -292,12 +304,14 @@ def write_summary(out: Path, rows: list[dict]) -> str:
 def split_real(args, names) -> tuple[Table, Table, str]:
     """-> (pool of real training candidates, fixed test set, 'patient' or 'image' level)."""
     patient = args.patient_column or "patient_id"
-    real = load_table(args.real, names, patient, "--real")
+    csv_args = dict(uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column,
+                    image_root=args.image_root)
+    real = load_table(args.real, names, patient, "--real", **csv_args)
     if args.patient_column and args.patient_column not in real.extras:
         raise SystemExit(f"classify.py --patient-column: {args.real} has no {args.patient_column!r} column")
     level = "patient" if patient in real.extras else "image"
     if args.test:  # drop real rows that are test images, or of test patients
-        test = load_table(args.test, names, patient, "--test")
+        test = load_table(args.test, names, patient, "--test", **csv_args)
         seen = {str(Path(p).resolve()) for p in test.paths}
         seen_patients = set(test.groups) if level == "patient" and patient in test.extras else set()
         in_test = np.array([str(Path(p).resolve()) in seen or g in seen_patients
@@ -305,9 +319,9 @@ def split_real(args, names) -> tuple[Table, Table, str]:
     else:
         in_test = ex.holdout_split(real.groups, args.test_fraction, args.seed)
         test = real.subset(in_test)
-    for name, n_pos in zip(names, test.labels.sum(0)):
-        if n_pos in (0, len(test.paths)):
-            warnings.warn(f"test label {name!r} has only one class ({int(n_pos)} of {len(test.paths)} "
+    for name, n_pos, n in zip(names, np.nansum(test.labels, 0), (~np.isnan(test.labels)).sum(0)):
+        if n_pos in (0, n):  # n: the test images where the label is known (not ignored)
+            warnings.warn(f"test label {name!r} has only one class ({int(n_pos)} of {n} "
                           "positive): its AUC is nan and left out of the mean", stacklevel=2)
     return real.subset(~in_test), test, level
 
@@ -336,7 +350,8 @@ def main(argv=None):
     syn = Table([], [], np.zeros((0, len(names)), np.float32), [], {}, Path())
     syn_sources = np.zeros((0, 2), np.int64)  # [M, 2] pool index of source and source_b (-1: none)
     if args.synthetic:
-        syn = load_table(args.synthetic, names, None, "--synthetic", need=("source",))
+        syn = load_table(args.synthetic, names, None, "--synthetic", need=("source",),
+                         uncertain=cli.UNCERTAIN[args.uncertain])
         bases = [Path.cwd(), syn.csv.parent, Path(args.real).parent]
         syn_sources = np.stack([ex.match_sources(syn.extras.get(c, [""] * len(syn.paths)), pool.paths, bases,
                                                  pool.rel) for c in ("source", "source_b")], 1)
@@ -353,7 +368,7 @@ def main(argv=None):
 
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG} | {"labels": names}
-    for k in ("real", "synthetic", "test", "weights"):
+    for k in ("real", "synthetic", "test", "weights", "image_root"):
         config[k] = str(Path(config[k]).resolve()) if config[k] else None
     fields = ["regime", "ratio", "fold", "n_real", "n_synthetic", "mean_auc", *names, "epochs", "best_epoch",
               "best_val_auc"]

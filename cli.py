@@ -123,4 +123,4 @@ def add_data_flags(p: argparse.ArgumentParser, labels: bool = True):
     if labels:
         p.add_argument("--uncertain", choices=sorted(UNCERTAIN), default="zeros",
                        help="what an uncertain label (-1) becomes: zeros (U-Zeros), ones (U-Ones) or ignore "
-                            "(masked out of the loss and the AUC) (default: zeros)")
+                            "(masked out of the loss and the AUC) (default: %(default)s)")

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import cli
 import pipeline
 from data.datasets import open_dataset
 from generate import generate, interpolate, to_grayscale
@@ -50,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=["lerp", "slerp"], default="lerp", help="interpolation of c_GLB")
     p.add_argument("--labels", default=None,
                    help="label columns of a labelled CSV (default: the paper labels it has, maybe none)")
+    cli.add_data_flags(p, labels=True)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="UNet autocast (GPU)")
@@ -75,7 +77,7 @@ def draw_pairs(n_images: int, labels: np.ndarray | None, num_pairs: int, rng: ra
         if len(pairs) == num_pairs:
             break
         a, b = rng.sample(range(n_images), 2)
-        if labels is None or (labels[a] * labels[b]).sum() > 0:
+        if labels is None or np.nansum(labels[a] * labels[b]) > 0:  # nan: an ignored (uncertain) label
             pairs.append((a, b))
     if len(pairs) < num_pairs:
         raise SystemExit(f"found only {len(pairs)} image pairs sharing a positive label (asked {num_pairs})")
@@ -94,7 +96,9 @@ def main(argv=None):
     run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
     size = run.config["image_size"]
     wanted = args.labels.split(",") if args.labels else None  # None: the paper's labels the CSV has (maybe none)
-    dataset = open_dataset(args.images, size, labels=wanted if str(args.images).endswith(".csv") else None)
+    dataset = open_dataset(args.images, size, labels=wanted if str(args.images).endswith(".csv") else None,
+                           uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column,
+                           image_root=args.image_root)
     label_names = getattr(dataset, "label_names", None) or []
     n = min(len(dataset), args.limit or len(dataset))
     items = [dataset[i] for i in range(n)]
@@ -143,7 +147,8 @@ def main(argv=None):
                    "r": "" if r is None else f"{r:.4f}", "seed": seed}
             if labels is not None:
                 nearer = a if r is None or r <= 0.5 else b
-                row |= {name: int(labels[nearer][j]) for j, name in enumerate(label_names)}
+                # an ignored label (nan) is written back as uncertain (-1): classify.py --uncertain decides
+                row |= {name: -1 if np.isnan(v) else int(v) for name, v in zip(label_names, labels[nearer])}
             rows.append(row)
             results.append((a, img))
     with open(out / "synthetic.csv", "w", newline="") as f:

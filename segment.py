@@ -55,9 +55,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import cli
 import hub
 import pipeline
-from data.readers import ImageReadError, list_images, read_image
+from data.readers import ImageReadError, list_images, path_column_of, read_image, resolve_path
 from data.transforms import preprocess_cxr, preprocess_mask
 from eval.segmentation import RULES, block_partition, lung_scores, mask_baselines, overlay
 from generate import encode_images
@@ -89,6 +90,7 @@ def parse_args(argv=None):
                     help="folder of PNG/JPEG/DICOM, or CSV with an image column")
     io.add_argument("--masks", metavar="DIR", help="lung masks (255 = lung), matched to images by file stem")
     io.add_argument("--image-column", help="CSV image column (default: 'path', else 'image')")
+    cli.add_data_flags(io, labels=False)  # --path-column (as --image-column), --image-root
     io.add_argument("--mask-column", help="CSV mask column (default: 'mask' when present and no --masks)")
     io.add_argument("--resize-masks", action="store_true",
                     help="nearest-resize masks whose size differs from their image (default: error)")
@@ -159,13 +161,17 @@ def list_inputs(args) -> list[tuple[str, Path, Path | None]]:
         with open(src, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
         cols = list(rows[0]) if rows else []
-        img_col = args.image_column or ("path" if "path" in cols else "image")
+        try:
+            img_col = path_column_of(cols, args.path_column or args.image_column, f"--images {src}")
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
         mask_col = args.mask_column or ("mask" if "mask" in cols and not args.masks else None)
         for c in (img_col, mask_col):
             if c is not None and c not in cols:
                 raise SystemExit(f"--images {src}: no column {c!r} (columns: {cols})")
-        images = [src.parent / r[img_col] for r in rows]
-        masks = [src.parent / r[mask_col] if r[mask_col] else None for r in rows] if mask_col else None
+        root = Path(args.image_root) if args.image_root else src.parent
+        images = [Path(resolve_path(r[img_col], root)) for r in rows]
+        masks = [Path(resolve_path(r[mask_col], root)) if r[mask_col] else None for r in rows] if mask_col else None
     elif src.is_dir():
         images, masks = list_images(src), None
     else:

@@ -4,8 +4,8 @@
 - None or "phantom": the built-in phantom CXRs, item i = `data.phantom.make_phantom(seed + i, size)`;
 - a folder: every PNG/JPEG/DICOM under it, recursively, in sorted order (`masks=DIR` pairs each image with
   the mask of the same relative name in DIR);
-- a .csv with a `path` column (relative to the CSV's folder, or absolute), optional label columns and an
-  optional `mask` column (see `readers.read_labels_csv` for label values);
+- a .csv with a path column (`path`, `Path` or `image`, or `path_column`; relative to `image_root`, default
+  the CSV's folder), optional label columns and an optional `mask` column (`readers.read_labels_csv`);
 - webdataset-style shards: one .tar, a brace pattern `shards-{000..099}.tar`, or a folder of .tar files.
   They are streamed (the paper streams its 868k images with webdataset, Sec. 3) by `ShardDataset`, an
   IterableDataset that splits the shards between DDP ranks and DataLoader workers: worker w of rank r
@@ -52,6 +52,7 @@ from .readers import (
     list_shards,
     read_image,
     read_labels_csv,
+    resolve_path,
     sample_labels,
 )
 from .transforms import augment_with_mask, preprocess_cxr, preprocess_mask
@@ -186,25 +187,28 @@ class ImageFolderDataset(_MapDataset):
 
 
 class CSVDataset(_MapDataset):
-    """Rows of a label CSV: `path`, label columns (`labels`, default the paper's LABELS present), `mask`."""
+    """Rows of a label CSV (`readers.read_labels_csv`: path column, image root, labels, `uncertain`) and an
+    optional `mask` column, resolved like the image paths."""
 
-    def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0):
+    def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0,
+                 path_column=None, image_root=None):
         super().__init__(csv_path, size, augment, seed)
-        self.paths, matrix, extras = read_labels_csv(csv_path, labels, uncertain=uncertain)
+        self.paths, matrix, extras = read_labels_csv(csv_path, labels, uncertain=uncertain,
+                                                     path_column=path_column, image_root=image_root)
         self.label_names = label_columns(csv_columns(csv_path), labels, f"label CSV {csv_path}")
         self.labels = torch.from_numpy(matrix) if self.label_names else None  # [N, C]
         self.columns = extras  # every other column (ids, patient ids, metadata): {name: [str per row]}
         self.masks = None
+        root = Path(image_root) if image_root is not None else Path(csv_path).parent
         if "mask" in extras:
             blank = [k + 2 for k, m in enumerate(extras["mask"]) if not m.strip()]
             if blank:
                 raise ValueError(f"label CSV {csv_path}: empty 'mask' on line(s) {blank[:5]}")
-            base = Path(csv_path).parent
-            self.masks = [str(Path(m) if Path(m).is_absolute() else base / m) for m in extras["mask"]]
+            self.masks = [resolve_path(m.strip(), root) for m in extras["mask"]]
         missing = [p for p in self.paths if not os.path.exists(p)]
         if len(missing) == len(self.paths):
             raise ValueError(f"none of the {len(missing)} images listed in {csv_path} exist, e.g. "
-                             f"{missing[0]} (relative paths are relative to the CSV's folder)")
+                             f"{missing[0]} (relative paths start from {root}; see --image-root)")
         if missing:
             warnings.warn(f"{len(missing)} image(s) listed in {csv_path} do not exist and will be skipped, "
                           f"e.g. {missing[:3]}", DataWarning, stacklevel=2)
@@ -361,17 +365,19 @@ def sample_files(files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1,
-                 masks=None, phantoms=1000, shuffle=False, uncertain=0.0):
+                 masks=None, phantoms=1000, shuffle=False, uncertain=0.0, path_column=None, image_root=None):
     """The dataset for `source` (see the module docstring). `rank`/`world_size` split .tar shards between
     processes; map-style datasets are split by the sampler instead (e.g. DistributedSampler), so the
-    arguments are checked but unused there. `phantoms`: the number of phantom images."""
+    arguments are checked but unused there. `phantoms`: the number of phantom images. CSV: `path_column`,
+    `image_root` (`readers.read_labels_csv`). `uncertain`: what label -1 becomes (nan = ignore)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if source is None or str(source) == "phantom":
         return PhantomDataset(phantoms, size, labels=labels, augment=augment, seed=seed)
     path = Path(source)
     if path.suffix.lower() == ".csv":
-        return CSVDataset(path, size, labels=labels, augment=augment, seed=seed, uncertain=uncertain)
+        return CSVDataset(path, size, labels=labels, augment=augment, seed=seed, uncertain=uncertain,
+                          path_column=path_column, image_root=image_root)
     shards = dict(labels=labels, augment=augment, seed=seed, rank=rank, world_size=world_size,
                   shuffle=shuffle, uncertain=uncertain)
     if is_shard_source(source):

@@ -9,16 +9,19 @@ is `transforms.py`'s job.
   PNGs) -> uint16 when the values fit, else min-max scaled; F -> min-max scaled to uint16; everything else
   (RGB, RGBA, P, CMYK, 1, LA) -> luminance via Pillow's `convert("L")` (ITU-R 601-2: 0.299 R + 0.587 G +
   0.114 B). EXIF orientation is applied.
-- DICOM (optional extra: pydicom >= 3) follows the display pipeline of DICOM PS3.3 C.11: modality LUT /
-  rescale slope and intercept, then the VOI LUT or window (`pydicom.pixels.apply_voi_lut`), then the result
-  is mapped from the VOI output range onto uint16 (uint8 when BitsStored <= 8), and MONOCHROME1 (where
-  high values are dark) is inverted so that bone is always bright. Multi-frame files give their first frame.
+- DICOM (optional extra: pydicom >= 3, `pip install -r requirements-dicom.txt`) follows the display pipeline
+  of DICOM PS3.3 C.11 with pydicom's own functions (data/dicom.py): modality LUT, VOI LUT or window, a
+  single inversion for MONOCHROME1 or Presentation LUT Shape INVERSE, palettes and colour to luminance.
+  In folders, DICOM files without an extension (`IM0001`, as PACS exports them) are found by their `DICM`
+  marker.
 - Anything unreadable raises `ImageReadError` naming the file, so a dataset can skip it and carry on.
 
-Label CSVs (`read_labels_csv`) hold one row per image: a `path` column (`image` is accepted when `path` is
-absent), optional 0/1 label columns and anything else. CheXpert conventions for label values (Irvin et
-al., 2019): blank = not mentioned = 0; -1 = uncertain, mapped to `uncertain` (0.0 = "U-Zeros" by default,
-1.0 = "U-Ones", nan to mask it out of a loss).
+Label CSVs (`read_labels_csv`) hold one row per image: a path column (`path_column`, default the first of
+`path`, `Path` (CheXpert's train.csv), `image`), optional 0/1 label columns and anything else. Relative paths
+start from `image_root` (default: the CSV's folder; CheXpert's paths start from the folder holding
+`CheXpert-v1.0/`). CheXpert conventions for label values (Irvin et al., 2019): blank = not mentioned = 0;
+-1 = uncertain, mapped to `uncertain` (0.0 = "U-Zeros" by default, 1.0 = "U-Ones", nan = "U-Ignore": masked
+out of the loss and the AUC by classify.py).
 
 Shards follow webdataset's layout: a tar whose consecutive members share a key (the member name up to the
 first dot of its basename): `x001.png`, `x001.json`, `x001.mask.png` form one sample.
@@ -38,7 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import LABELS
+from .dicom import decode_dicom, is_dicom_file
+from .labels import LABELS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -62,9 +66,9 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode image bytes (a file's or a tar member's); `name` picks the format (.dcm) and names errors."""
     is_dicom = name.lower().endswith(".dcm") or data[128:132] == b"DICM"
     try:
-        img = _decode_dicom(data) if is_dicom else _decode_pil(data)
+        img = decode_dicom(data) if is_dicom else _decode_pil(data)
     except ImportError as e:
-        raise ImportError(f"reading {name} needs pydicom (pip install 'pydicom>=3'): {e}") from e
+        raise ImportError(f"reading {name} needs pydicom >= 3: pip install -r requirements-dicom.txt ({e})") from e
     except Exception as e:  # any decoder failure becomes one error type that names the file
         raise ImageReadError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
     if img.ndim != 2 or img.size == 0:
@@ -93,52 +97,14 @@ def _minmax(arr: np.ndarray, top: float) -> np.ndarray:
     return np.zeros_like(arr) if hi <= lo else (arr - lo) * (top / (hi - lo))
 
 
-def _decode_dicom(data: bytes) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    arr = ds.pixel_array
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]
-    if arr.ndim == 3:  # colour DICOM (RGB/YBR after pydicom's conversion) -> luminance
-        return np.array(Image.fromarray(np.ascontiguousarray(arr[..., :3]).astype(np.uint8)).convert("L"))
-    arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
-    lo, hi = _voi_output_range(ds, arr)
-    top = 255 if int(ds.get("BitsStored", 16)) <= 8 else 65535
-    out = np.zeros_like(arr) if hi <= lo else (np.clip(arr, lo, hi) - lo) * (top / (hi - lo))
-    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        out = top - out
-    return np.rint(out).astype(np.uint8 if top == 255 else np.uint16)
-
-
-def _voi_output_range(ds, arr: np.ndarray) -> tuple[float, float]:
-    """The range `apply_voi_lut` maps onto: the VOI LUT's bit depth, the window's output range (as pydicom
-    computes it, PS3.3 C.11.2.1.2), or the data's own min/max when the file has no VOI at all."""
-    if ds.get("VOILUTSequence"):
-        return 0.0, 2.0 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        bits = int(ds.BitsStored)
-        if ds.get("ModalityLUTSequence"):
-            lo, hi = 0.0, 2.0 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1
-        elif ds.get("PixelRepresentation", 0) == 0:
-            lo, hi = 0.0, 2.0**bits - 1
-        else:
-            lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
-        if "RescaleSlope" in ds and "RescaleIntercept" in ds:
-            slope, icpt = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-            lo, hi = sorted((lo * slope + icpt, hi * slope + icpt))
-        return lo, hi
-    return float(arr.min()), float(arr.max())
-
-
 def list_images(folder: str | Path) -> list[Path]:
     """All PNG/JPEG/DICOM files under `folder` (recursive, case-insensitive suffix, hidden files skipped),
-    sorted so that every process and every run sees the same order."""
+    sorted so that every process and every run sees the same order. Files without a suffix are DICOM when
+    they carry the `DICM` marker (`IM0001`, the usual PACS export)."""
     root = Path(folder)
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                  and (p.suffix.lower() in IMAGE_EXTENSIONS or (p.suffix == "" and is_dicom_file(p))))
 
 
 # ----------------------------------------------------------------------------------------------- labels
@@ -175,12 +141,36 @@ def csv_columns(path: str | Path) -> list[str]:
         return next(csv.reader(f), [])
 
 
-def read_labels_csv(path: str | Path, labels=None, *, uncertain: float = 0.0):
+PATH_COLUMNS = ("path", "Path", "image")  # ours, CheXpert's train.csv, and the common alternative
+
+
+def path_column_of(columns, path_column: str | None, where) -> str:
+    """The CSV column with the image paths: `path_column`, else the first of PATH_COLUMNS present."""
+    if path_column is not None:
+        if path_column not in columns:
+            raise ValueError(f"{where} has no column {path_column!r} (--path-column; columns: {list(columns)})")
+        return path_column
+    found = next((c for c in PATH_COLUMNS if c in columns), None)
+    if found is None:
+        raise ValueError(f"{where} has no 'path' column (nor 'Path' or 'image'); name it with --path-column "
+                         f"(columns: {list(columns)})")
+    return found
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """A CSV path -> a usable one: absolute as given, else joined to `base` (the image root)."""
+    return str(Path(value) if Path(value).is_absolute() else base / value)
+
+
+def read_labels_csv(path: str | Path, labels=None, *, uncertain: float = 0.0, path_column: str | None = None,
+                    image_root: str | Path | None = None):
     """Read a label CSV -> (paths, label matrix float32 [N, C], extra columns {name: list of str}).
 
-    Image paths are resolved against the CSV's folder unless absolute. `labels=None` takes the paper's
-    labels (data.LABELS) that the CSV has, in paper order (possibly none: C = 0); a list of names demands
-    exactly those columns. Every other column (`mask`, ids, metadata) is returned in the extras dict.
+    The image paths come from `path_column` (default: the first of `path`, `Path`, `image`); relative ones are
+    joined to `image_root` (default: the CSV's folder). `labels=None` takes the paper's labels (data.LABELS)
+    that the CSV has, in paper order (possibly none: C = 0); a list of names demands exactly those columns.
+    Uncertain values (-1) become `uncertain` (nan keeps them as nan, for masking). Every other column
+    (`mask`, ids, metadata) is returned as written in the extras dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -189,18 +179,17 @@ def read_labels_csv(path: str | Path, labels=None, *, uncertain: float = 0.0):
         reader = csv.DictReader(f)
         columns = [c for c in (reader.fieldnames or []) if c is not None]
         rows = list(reader)
-    path_col = "path" if "path" in columns else "image" if "image" in columns else None
-    if path_col is None:
-        raise ValueError(f"label CSV {path} has no 'path' column (columns: {columns})")
+    path_col = path_column_of(columns, path_column, f"label CSV {path}")
     names = label_columns(columns, labels, f"label CSV {path}")
     if not rows:
         raise ValueError(f"label CSV {path} has no rows")
+    base = Path(image_root) if image_root is not None else path.parent
     paths, matrix = [], np.zeros((len(rows), len(names)), np.float32)
     for i, row in enumerate(rows):
         p = (row.get(path_col) or "").strip()
         if not p:
             raise ValueError(f"{path}, line {i + 2}: empty {path_col!r}")
-        paths.append(str(Path(p) if Path(p).is_absolute() else path.parent / p))
+        paths.append(resolve_path(p, base))
         for j, name in enumerate(names):
             matrix[i, j] = parse_label(row.get(name), f"{path}, line {i + 2}, column {name!r}", uncertain)
     extras = {c: [row.get(c) or "" for row in rows] for c in columns if c != path_col and c not in names}

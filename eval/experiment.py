@@ -181,7 +181,8 @@ def synthetic_order(row_sources: np.ndarray, allowed: np.ndarray, seed: int) -> 
     column 1 = `source_b`), allowed: bool [n_real] (the fold's real training images). A row is eligible
     when it has a source and all its sources are allowed. Returns int64 row indices.
     """
-    src = np.asarray(row_sources, np.int64).reshape(len(row_sources), -1)
+    src = np.asarray(row_sources, np.int64)
+    src = src if src.ndim == 2 else src.reshape(len(src), 1)  # [M] -> [M, 1]; [0, 2] (no --synthetic) as is
     has = src >= 0
     ok = has.any(1) & np.all(~has | allowed[np.where(has, src, 0)], 1) & has[:, 0]
     rng = np.random.default_rng(seed)

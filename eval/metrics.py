@@ -54,26 +54,29 @@ def _check_binary(y: torch.Tensor, name: str):
 def roc_auc(y_true, y_score) -> torch.Tensor:
     """Per-label ROC AUC: y_true, y_score [N, C] (or [N]) -> float64 tensor [C] (or a 0-d tensor).
 
-    A label column with only one class has no AUC: its entry is nan and a warning names the column.
+    A nan in y_true is an ignored label (CheXpert's U-Ignore): each label's AUC uses only its non-nan rows.
+    A label column with only one class (among those rows) has no AUC: its entry is nan and a warning names it.
     """
     y, s = _as_float64(y_true), _as_float64(y_score)
     if y.shape != s.shape or y.ndim not in (1, 2):
         raise ValueError(f"y_true {list(y.shape)} and y_score {list(s.shape)} must both be [N] or [N, C]")
-    _check_binary(y, "y_true")
+    _check_binary(y[~torch.isnan(y)], "y_true")
     if torch.isnan(s).any():
         raise ValueError("y_score contains NaN")
     squeeze = y.ndim == 1
     y, s = (y[:, None], s[:, None]) if squeeze else (y, s)
     aucs = torch.empty(y.shape[1], dtype=torch.float64)
     for c in range(y.shape[1]):
-        pos = y[:, c] == 1
+        valid = ~torch.isnan(y[:, c])
+        yc, sc = y[valid, c], s[valid, c]
+        pos = yc == 1
         n_pos, n_neg = int(pos.sum()), int((~pos).sum())
         if n_pos == 0 or n_neg == 0:
             warnings.warn(f"roc_auc: label column {c} has only one class ({n_pos} positives, {n_neg} "
                           "negatives); its AUC is undefined (nan)", stacklevel=2)
             aucs[c] = float("nan")
             continue
-        r_pos = average_ranks(s[:, c])[pos].sum()
+        r_pos = average_ranks(sc)[pos].sum()
         aucs[c] = (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)  # Mann-Whitney U / (n_pos n_neg)
     return aucs[0] if squeeze else aucs
 

@@ -55,6 +55,26 @@ def test_roc_auc_one_class_column_is_nan_with_warning():
     assert math.isnan(aucs[1]) and not math.isnan(aucs[0]) and not math.isnan(aucs[2])
 
 
+def test_roc_auc_ignores_nan_labels_per_column():
+    """U-Ignore: nan labels drop out of that label's AUC only; the rest equals sklearn on the valid rows."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s = labels_and_scores(200, 4, seed=3)
+    y = y.astype(np.float64)
+    g = np.random.default_rng(4)
+    y[g.random(y.shape) < 0.25] = np.nan  # a different set of ignored rows per label
+    y[:, 3] = np.nan
+    y[:5, 3] = [0, 0, 1, 1, 0]
+    ours = roc_auc(torch.from_numpy(y), torch.from_numpy(s)).numpy()
+    for c in range(4):
+        ok = ~np.isnan(y[:, c])
+        assert abs(ours[c] - roc_auc_score(y[ok, c], s[ok, c])) <= 1e-12
+    assert abs(roc_auc(y[:, 0], s[:, 0]).item() - ours[0]) <= 1e-12  # 1-D too
+    y[:, 1] = np.where(np.isnan(y[:, 1]), np.nan, 1.0)  # only positives left among the valid rows
+    with pytest.warns(UserWarning, match="label column 1 has only one class"):
+        assert math.isnan(roc_auc(y, s)[1])
+
+
 def test_roc_auc_bad_input():
     with pytest.raises(ValueError, match="0/1"):
         roc_auc([0, 2, 1], [0.1, 0.2, 0.3])

@@ -117,6 +117,32 @@ def test_interpolation_csv_has_labels_of_nearer_source(run_dir, phantoms, tmp_pa
         assert r["Cardiomegaly"] == real[key]["Cardiomegaly"] and r["Edema"] == real[key]["Edema"]
 
 
+def test_path_column_image_root_and_ignored_labels(run_dir, phantoms, tmp_path):
+    """--path-column/--image-root reach the dataset; --uncertain ignore: nan labels are written back as -1."""
+    rows = list(csv.DictReader(open(phantoms / "labels.csv")))
+    for r in rows:
+        r["Path"] = r.pop("path")
+        r["Edema"] = "-1"
+    with open(tmp_path / "chexpert.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    sample.main(["--run", str(run_dir), "--mode", "interpolation", "--images", str(tmp_path / "chexpert.csv"),
+                 "--path-column", "Path", "--image-root", str(phantoms), "--uncertain", "ignore", "--num", "1",
+                 "--ratios", "0.2", "--num-pairs", "2", "--steps", "2", "--out", str(tmp_path / "out")])
+    out = list(csv.DictReader(open(tmp_path / "out" / "synthetic.csv")))
+    assert len(out) == 2 and all(r["Edema"] == "-1" for r in out)
+    assert all(r["source"].startswith(str(phantoms)) for r in out)
+
+
+def test_pairs_ignore_nan_labels():
+    import random
+
+    labels = np.array([[1, np.nan], [1, 1], [np.nan, 1], [0, 0]])
+    pairs = sample.draw_pairs(4, labels, 20, random.Random(0))
+    assert all(np.nansum(labels[a] * labels[b]) > 0 for a, b in pairs) and (0, 1) in pairs + [(b, a) for a, b in pairs]
+
+
 def test_unlabelled_csv_and_label_subset(run_dir, phantoms, tmp_path):
     """A CSV with only a path column (e.g. a run's val.csv) samples without labels; --labels picks columns."""
     (tmp_path / "val.csv").write_text("path\n" + "".join(f"{p}\n" for p in sorted((phantoms / "images").iterdir())))

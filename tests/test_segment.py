@@ -126,6 +126,21 @@ def test_csv_columns_and_no_masks(run_dir, phantoms, tmp_path):
     assert saved["n"] == 2 and "mean_dice" not in saved and saved["settings"]["context"] == "zeros"
 
 
+def test_path_column_and_image_root(run_dir, phantoms, tmp_path):
+    """CheXpert-style: a `Path` column found by default, paths relative to --image-root (masks too)."""
+    images, masks = phantoms
+    root = images.parent
+    (tmp_path / "list.csv").write_text("Path,mask\nimages/p0.png,masks/p0.png\nimages/p1.png,masks/p1.png\n")
+    seg("--images", tmp_path / "list.csv", "--image-root", root, "--out", tmp_path / "a", run=run_dir)
+    assert [r["image"] for r in read_csv(tmp_path / "a" / "dice.csv")] == ["p0", "p1"]
+    (tmp_path / "other.csv").write_text("file\nimages/p0.png\n")
+    seg("--images", tmp_path / "other.csv", "--path-column", "file", "--image-root", root, "--out", tmp_path / "b",
+        run=run_dir)
+    assert (tmp_path / "b" / "labels" / "p0.png").is_file()
+    with pytest.raises(SystemExit, match=r"other\.csv has no column 'img' \(--path-column"):
+        seg("--images", tmp_path / "other.csv", "--path-column", "img", "--out", tmp_path / "c", run=run_dir)
+
+
 def test_search_one_report_per_combination(run_dir, phantoms, tmp_path, monkeypatch):
     images, masks = phantoms
     calls = []
