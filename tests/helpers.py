@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import math
 import os
 import shutil
 from pathlib import Path
@@ -113,3 +114,29 @@ def save_scheduler_config(scheduler, folder) -> Path:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def vae_to_ldm(state: dict, config, prefix: str = "first_stage_model.") -> dict:
+    """Our VAE state dict -> CompVis/LDM layout (attention projections as 1x1 convs), as in SD single files
+    (was vae.convert.to_ldm)."""
+    from vae import convert
+
+    names = convert.ldm_key_map(config)
+    conv = lambda k, v: v[:, :, None, None] if convert.is_attention_linear_weight(k) else v  # noqa: E731
+    return {prefix + names[k]: conv(k, v) for k, v in state.items()}
+
+
+def vae_attention_with_probs(attn, x: torch.Tensor):
+    """The VAE mid-block attention computed explicitly: (out [B, C, H, W], probs [B, HW, HW] in float32),
+    softmax statistics in float32 (was vae Attention.forward(x, return_probs=True))."""
+    b, c, h, w = x.shape
+    t = attn.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+    q, k, v = attn.to_q(t), attn.to_k(t), attn.to_v(t)
+    probs = ((q.float() @ k.float().transpose(-1, -2)) * c**-0.5).softmax(dim=-1)  # [B, HW, HW]
+    out = x + attn.to_out[0](probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, c, h, w)
+    return out, probs
+
+
+def gaussian_nll(posterior, sample: torch.Tensor, dims=(1, 2, 3)) -> torch.Tensor:
+    """Negative log-likelihood of `sample` under a vae DiagonalGaussian, summed over `dims` (was its .nll)."""
+    squared = (sample - posterior.mean).pow(2) / posterior.var
+    return 0.5 * torch.sum(math.log(2.0 * math.pi) + posterior.logvar + squared, dim=dims)

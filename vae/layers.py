@@ -1,0 +1,178 @@
+"""The VAE's layers: the residual block, the mid-block attention, resampling, and the levels built from them.
+
+ResnetBlock2D: two (GroupNorm -> SiLU -> 3x3 conv) stages plus a skip connection,
+
+    h = conv1(silu(norm1(x)))              # [B, C_in, H, W] -> [B, C_out, H, W]
+    h = conv2(silu(norm2(h)))
+    out = h + (x if C_in == C_out else conv_shortcut(x))   # 1x1 conv when the width changes
+
+diffusers' `ResnetBlock2D` with `temb_channels=None` (no time embedding: the autoencoder is not a diffusion
+model), CompVis `ResnetBlock` with `nin_shortcut`. Dropout is 0 in every SD VAE and is omitted.
+
+Attention: single-head spatial self-attention, the one attention layer of each mid-block. Every pixel of the
+lowest-resolution feature map (32x32 for a 256x256 image) attends to every other pixel, with one head spanning
+all C channels (diffusers builds it with heads = C // attention_head_dim = 1):
+
+    t = group_norm(x)                         # [B, C, H, W]
+    q, k, v = to_q(t), to_k(t), to_v(t)       # per pixel, as tokens [B, HW, C]
+    a = softmax(q k^T / sqrt(C)) v            # [B, HW, C], F.scaled_dot_product_attention
+    out = x + to_out.0(a)                     # back to [B, C, H, W], residual
+
+Older Hub files call its weights `query/key/value/proj_attn` and CompVis files `norm/q/k/v/proj_out` (as 1x1
+convs); `vae/convert.py` renames them.
+
+The levels:
+
+    DownEncoderBlock2D   layers_per_block resnets, then (all levels but the last) Downsample2D: H -> H/2
+    UNetMidBlock2D       resnet -> single-head attention -> resnet, at the lowest resolution
+    UpDecoderBlock2D     layers_per_block + 1 resnets, then (all levels but the last) Upsample2D: H -> 2H
+
+Names and key layout follow diffusers (`resnets.{j}`, `attentions.0`, `downsamplers.0.conv`,
+`upsamplers.0.conv`), i.e. `diffusers/models/unets/unet_2d_blocks.py` and `resnet.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """silu(norm(x)), the SiLU in place on the fresh GroupNorm output: one activation-sized buffer less.
+    Autograd-safe: GroupNorm's backward reads its input, not its output, and PyTorch differentiates silu_
+    (tests compare our gradients with diffusers')."""
+    return F.silu(norm(x), inplace=True)
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)))  # conv1 output freed before conv2
+        h = self.conv2(h)
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h.add_(skip)  # in place on conv2's fresh output (conv backward does not need its output)
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, groups: int, eps: float):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # `to_out.0`, as in the checkpoints
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> tokens [B, HW, C]
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1 head, HW, C]
+        a = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [B, HW, C]
+        return x + self.to_out[0](a).transpose(1, 2).reshape(b, c, h, w)  # [B, C, H, W], in x's memory format
+
+
+class Downsample2D(nn.Module):
+    """Pad a zero row/column at the bottom/right, then a 3x3 stride-2 conv, no padding: [H, W] -> [H/2, W/2].
+
+    The asymmetric padding is CompVis' (`Downsample` with `with_conv=True`): output pixel i sees input rows
+    2i..2i+2. A symmetric `padding=1` conv (rows 2i-1..2i+1) computes something else with the same weights.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 upsampling, then a 3x3 conv: [H, W] -> [2H, 2W], computed without upsampling.
+
+    Along one axis, output pixel 2i+a of conv3(nearest2(x)) with taps (w0, w1, w2) only reads x[i-1], x[i],
+    x[i+1]: phase a=0 is (w0, w1+w2) on (x[i-1], x[i]), phase a=1 is (w0+w1, w2) on (x[i], x[i+1]). So the
+    four output phases (a, c) are 2x2 convs of x with summed taps, K_ac = M_a w M_c^T, computed as one conv
+    with 4*C outputs on x padded by 1, then interleaved. Same weights and result (up to float rounding) as
+    diffusers' interpolate + conv, with 16 instead of 36 multiply-adds per input pixel and channel pair.
+    """
+
+    # PHASE_TAPS[a] @ (w0, w1, w2) = phase a's two taps (see above)
+    PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        weight, bias = self.conv.weight, self.conv.bias
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # tap sums in fp32 (fp64 stays fp64)
+        taps = torch.tensor(self.PHASE_TAPS, dtype=dtype, device=weight.device)  # [2 phases, 2 taps, 3]
+        k = torch.einsum("ayh,cxw,oihw->acoiyx", taps, taps, weight.to(dtype))
+        k = k.flatten(0, 2).to(weight.dtype)  # [4 * C_out, C_in, 2, 2]
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            k, layout = k.contiguous(memory_format=torch.channels_last), torch.channels_last
+        else:
+            layout = torch.contiguous_format
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, bias.repeat(4))  # [B, 4 * C_out, H+1, W+1]
+        y = y.unflatten(1, (2, 2, -1))  # [B, a, c, C_out, H+1, W+1]
+        out = torch.empty((b, y.shape[3], 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=layout)
+        phases = out.unflatten(2, (h, 2)).unflatten(4, (w, 2))  # view [B, C_out, H, a, W, c]
+        for a in range(2):
+            for c in range(2):
+                phases[:, :, :, a, :, c] = y[:, a, c, :, a : a + h, c : c + w]
+        return out
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: bool, groups: int,
+                 eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, groups, eps)
+            for j in range(num_layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.downsamplers[0](x) if self.downsamplers is not None else x
+
+
+class UpDecoderBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, upsample: bool, groups: int,
+                 eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, groups, eps)
+            for j in range(num_layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.upsamplers[0](x) if self.upsamplers is not None else x
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet -> attention -> resnet at constant width (attention optional: `mid_block_add_attention`)."""
+
+    def __init__(self, channels: int, groups: int, eps: float, add_attention: bool = True):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, groups, eps) for _ in range(2))
+        self.attentions = nn.ModuleList([Attention(channels, groups, eps)]) if add_attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
