@@ -140,3 +140,27 @@ def gaussian_nll(posterior, sample: torch.Tensor, dims=(1, 2, 3)) -> torch.Tenso
     """Negative log-likelihood of `sample` under a vae DiagonalGaussian, summed over `dims` (was its .nll)."""
     squared = (sample - posterior.mean).pow(2) / posterior.var
     return 0.5 * torch.sum(math.log(2.0 * math.pi) + posterior.logvar + squared, dim=dims)
+
+
+def unet_to_ldm(state: dict, config) -> dict:
+    """Our (diffusers) UNet key names -> CompVis names, without the `model.diffusion_model.` prefix: the inverse
+    of unet.convert.ldm_to_diffusers (was unet.convert.diffusers_to_ldm)."""
+    from unet.convert import RESNET_RENAMES, module_map
+
+    table = {new: (ldm, is_resnet) for ldm, new, is_resnet in module_map(config)}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for d in range(len(parts) - 1, 0, -1):
+            if ".".join(parts[:d]) in table:
+                target, is_resnet = table[".".join(parts[:d])]
+                rest = ".".join(parts[d:])
+                if is_resnet:
+                    for ldm, ours in RESNET_RENAMES.items():
+                        if rest.startswith(ours + "."):
+                            rest = ldm + rest[len(ours) :]
+                            break
+                key = f"{target}.{rest}"
+                break
+        out[key] = value
+    return out
