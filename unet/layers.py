@@ -17,8 +17,8 @@ ResnetBlock2D (DDPM, after Wide-ResNet) adds a projection of the time embedding 
     out = shortcut(x) + h                          shortcut: 1x1 conv when C_in != C_out
 
 Downsample2D halves the resolution with a 3x3 stride-2 convolution (padding 1, so an odd side n gives
-ceil(n / 2)); Upsample2D doubles it by nearest-neighbour repetition followed by a 3x3 convolution, or
-resizes to an explicit `size` so that odd-sized skip connections still line up.
+ceil(n / 2)); Upsample2D doubles it by nearest-neighbour repetition followed by a 3x3 convolution, resizing
+to the size of the skip it meets, so that odd-sized skip connections still line up.
 
 Transformer2DModel: the feature map [B, C, h, w] is normalised (GroupNorm, eps 1e-6 as in SD), projected (1x1
 conv in SD v1, Linear in SD 2.x), flattened to h*w tokens and passed through a BasicTransformerBlock,
@@ -112,12 +112,9 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # [B, C, 2H, 2W]
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")  # [B, C, *size]
-        return self.conv(x)
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C, *size], size = (2H, 2W) unless the skip it meets has an odd side."""
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):

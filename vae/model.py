@@ -213,11 +213,9 @@ class AutoencoderKL(nn.Module):
                 z = self.post_quant_conv(z)
             return self.decoder(z).contiguous()
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reconstruction decode(z) with z the posterior mode, or a posterior sample if `sample_posterior`."""
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction decode(z) with z the posterior mode."""
+        return self.decode(self.encode(x).mode())
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

@@ -131,8 +131,8 @@ def _square(value, what: str, source) -> int:
 
 
 def config_from_timm(d: dict, *, source="config.json") -> DinoConfig:
-    """A timm Hub config: `architecture` selects the built-in config, then `pretrained_cfg` (input size,
-    mean/std) and `model_args` (field by field, like timm's create_model kwargs) override it."""
+    """A timm Hub config: `architecture` selects the TIMM_ARCHITECTURES entry, then `pretrained_cfg` (input
+    size, mean/std) and `model_args` (field by field, like timm's create_model kwargs) override it."""
     arch = d["architecture"]
     if arch not in TIMM_ARCHITECTURES:
         raise hub.CheckpointError(f"{source}: timm architecture {arch!r} is not supported; "
@@ -150,8 +150,8 @@ def config_from_timm(d: dict, *, source="config.json") -> DinoConfig:
         if key in _TIMM_ARGS:
             fields[_TIMM_ARGS[key]] = _square(value, key, source) if key == "img_size" else value
         elif key not in _TIMM_IGNORED and key != "mlp_ratio":
-            raise hub.CheckpointError(f"{source}: model_args {key}={value!r} is not supported by DinoViT "
-                                      f"(a {arch} with other {sorted(_TIMM_ARGS)} or mlp_ratio is)")
+            raise hub.CheckpointError(f"{source}: timm model_args {key}={value!r} is not supported (DinoViT "
+                                      f"reads {', '.join(_TIMM_ARGS)} and mlp_ratio)")
     hidden = fields.get("hidden_size", base.hidden_size)
     mlp_ratio = args.get("mlp_ratio", base.intermediate_size / base.hidden_size)
     fields["intermediate_size"] = int(hidden * mlp_ratio)  # timm Mlp: hidden_features = int(dim * mlp_ratio)

@@ -159,10 +159,6 @@ class DinoViT(nn.Module):
     def device(self) -> torch.device:
         return self.pos_embed.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pos_embed.dtype
-
     # ---------------------------------------------------------------------------------------- embedding
 
     def interpolate_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
