@@ -92,6 +92,9 @@ def heavy_lock():
     return f
 
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 # ------------------------------------------------------------------------------------------------ test-only API
 # Functions the project once carried but no script uses; the tests that prove them keep them here.
 
@@ -111,8 +114,6 @@ def save_scheduler_config(scheduler, folder) -> Path:
     hub.write_json_atomic({"_class_name": type(scheduler).__name__, **dataclasses.asdict(scheduler.config)}, path)
     return path
 
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def vae_to_ldm(state: dict, config, prefix: str = "first_stage_model.") -> dict:
