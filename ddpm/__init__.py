@@ -1,4 +1,4 @@
-"""Diffusion schedulers as plain tensor math: the noise schedule, DDPM and DDIM sampling steps.
+"""Diffusion schedulers as plain tensor math: the noise schedule (schedule.py), DDPM and DDIM steps (sampler.py).
 
     from ddpm import DDIMScheduler
     s = DDIMScheduler()                   # Stable Diffusion v1 schedule
@@ -10,18 +10,7 @@
 `python -m ddpm` runs a small demo with an exact noise predictor (no network).
 """
 
-from ddpm.base import CONFIG_NAME, NoiseScheduler, StepOutput
-from ddpm.ddim import DDIMScheduler
-from ddpm.ddpm import DDPMScheduler
-from ddpm.schedules import SchedulerConfig, make_betas, timestep_grid
+from ddpm.sampler import DDIMScheduler, DDPMScheduler, StepOutput
+from ddpm.schedule import NoiseScheduler, SchedulerConfig
 
-__all__ = [
-    "CONFIG_NAME",
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "NoiseScheduler",
-    "SchedulerConfig",
-    "StepOutput",
-    "make_betas",
-    "timestep_grid",
-]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "NoiseScheduler", "SchedulerConfig", "StepOutput"]

@@ -5,8 +5,10 @@ Nothing here is used by project code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
+import math
 import os
 import shutil
 from pathlib import Path
@@ -91,3 +93,75 @@ def heavy_lock():
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ------------------------------------------------------------------------------------------------ test-only API
+# Functions the project once carried but no script uses; the tests that prove them keep them here.
+
+
+def snr(scheduler, timesteps) -> torch.Tensor:
+    """SNR(t) = abar_t / (1 - abar_t), float32, shaped and placed like `timesteps` (was NoiseScheduler.snr)."""
+    device = timesteps.device if isinstance(timesteps, torch.Tensor) else None
+    abar = scheduler.alphas_cumprod.to(device)[scheduler._timestep_tensor(timesteps, device)]
+    return abar / (1 - abar)
+
+
+def save_scheduler_config(scheduler, folder) -> Path:
+    """Write `folder/scheduler_config.json` as diffusers does, with `_class_name` (was NoiseScheduler.save_config)."""
+    import hub
+
+    path = Path(folder) / "scheduler_config.json"
+    hub.write_json_atomic({"_class_name": type(scheduler).__name__, **dataclasses.asdict(scheduler.config)}, path)
+    return path
+
+
+
+def vae_to_ldm(state: dict, config, prefix: str = "first_stage_model.") -> dict:
+    """Our VAE state dict -> CompVis/LDM layout (attention projections as 1x1 convs), as in SD single files
+    (was vae.convert.to_ldm)."""
+    from vae import convert
+
+    names = convert.ldm_key_map(config)
+    conv = lambda k, v: v[:, :, None, None] if convert.is_attention_linear_weight(k) else v  # noqa: E731
+    return {prefix + names[k]: conv(k, v) for k, v in state.items()}
+
+
+def vae_attention_with_probs(attn, x: torch.Tensor):
+    """The VAE mid-block attention computed explicitly: (out [B, C, H, W], probs [B, HW, HW] in float32),
+    softmax statistics in float32 (was vae Attention.forward(x, return_probs=True))."""
+    b, c, h, w = x.shape
+    t = attn.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+    q, k, v = attn.to_q(t), attn.to_k(t), attn.to_v(t)
+    probs = ((q.float() @ k.float().transpose(-1, -2)) * c**-0.5).softmax(dim=-1)  # [B, HW, HW]
+    out = x + attn.to_out[0](probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, c, h, w)
+    return out, probs
+
+
+def gaussian_nll(posterior, sample: torch.Tensor, dims=(1, 2, 3)) -> torch.Tensor:
+    """Negative log-likelihood of `sample` under a vae DiagonalGaussian, summed over `dims` (was its .nll)."""
+    squared = (sample - posterior.mean).pow(2) / posterior.var
+    return 0.5 * torch.sum(math.log(2.0 * math.pi) + posterior.logvar + squared, dim=dims)
+
+
+def unet_to_ldm(state: dict, config) -> dict:
+    """Our (diffusers) UNet key names -> CompVis names, without the `model.diffusion_model.` prefix: the inverse
+    of unet.convert.ldm_to_diffusers (was unet.convert.diffusers_to_ldm)."""
+    from unet.convert import RESNET_RENAMES, module_map
+
+    table = {new: (ldm, is_resnet) for ldm, new, is_resnet in module_map(config)}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for d in range(len(parts) - 1, 0, -1):
+            if ".".join(parts[:d]) in table:
+                target, is_resnet = table[".".join(parts[:d])]
+                rest = ".".join(parts[d:])
+                if is_resnet:
+                    for ldm, ours in RESNET_RENAMES.items():
+                        if rest.startswith(ours + "."):
+                            rest = ldm + rest[len(ours) :]
+                            break
+                key = f"{target}.{rest}"
+                break
+        out[key] = value
+    return out

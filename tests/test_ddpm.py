@@ -5,7 +5,6 @@ generators, whose states are compared afterwards, or the same explicit variance_
 """
 
 import dataclasses
-import inspect
 import json
 import math
 import re
@@ -14,7 +13,8 @@ import warnings
 import pytest
 import torch
 
-from ddpm import DDIMScheduler, DDPMScheduler, NoiseScheduler, SchedulerConfig, StepOutput
+from ddpm import DDIMScheduler, DDPMScheduler, SchedulerConfig, StepOutput
+from tests.helpers import save_scheduler_config, snr
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -80,11 +80,12 @@ def test_defaults_are_sd_v1():
     expected = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)  # formulas.md
     assert s.alphas_cumprod.dtype == torch.float32 and s.alphas_cumprod.shape == (1000,)
     assert torch.equal(s.alphas_cumprod, expected)
-    # the constructor's keyword defaults are the config's defaults
-    params = inspect.signature(NoiseScheduler.__init__).parameters
-    assert {f.name: f.default for f in dataclasses.fields(SchedulerConfig)} == {
-        k: p.default for k, p in params.items() if k != "self"
-    }
+    # the constructor takes exactly the config's fields, by keyword
+    assert DDPMScheduler(**dataclasses.asdict(SchedulerConfig())).config == SchedulerConfig()
+    with pytest.raises(TypeError, match="not_a_field"):
+        DDIMScheduler(not_a_field=1)
+    with pytest.raises(TypeError):
+        DDIMScheduler(1000)
     s.set_timesteps(50)
     assert s.timesteps.dtype == torch.int64 and torch.equal(s.timesteps, torch.arange(981, 0, -20))
 
@@ -144,8 +145,8 @@ def test_add_noise_velocity_snr_parity():
     x_t = ours.add_noise(x0, noise, torch.tensor(3))
     assert torch.equal(x_t, ours.add_noise(x0, noise, torch.full((6,), 3)))
     abar = ref.alphas_cumprod[t]
-    assert torch.allclose(ours.snr(t), abar / (1 - abar)) and ours.snr(t).dtype == torch.float32
-    assert bool((ours.snr(torch.arange(1000)).diff() < 0).all())
+    assert torch.allclose(snr(ours, t), abar / (1 - abar)) and snr(ours, t).dtype == torch.float32
+    assert bool((snr(ours, torch.arange(1000)).diff() < 0).all())
 
 
 def test_forward_follows_input_dtype():
@@ -232,7 +233,7 @@ def test_cuda_inputs_match_cpu():
             for t in s.timesteps:
                 x = s.step(fake_model(x, t), t, x, generator=g, **kw).prev_sample
             t = torch.tensor([3, 999], device=device)
-            results.append((x, s.add_noise(x, x, t), s.snr(t)))
+            results.append((x, s.add_noise(x, x, t), snr(s, t)))
         for a, b in zip(*results):
             assert b.device.type == "cuda" and torch.allclose(a, b.cpu(), rtol=1e-5, atol=TOL)
 
@@ -273,7 +274,7 @@ def test_from_config_reads_diffusers_save_config(tmp_path):
 
 def test_save_config_round_trips_through_diffusers(tmp_path):
     ours = DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=True)
-    path = ours.save_config(tmp_path)
+    path = save_scheduler_config(ours, tmp_path)
     assert json.loads(path.read_text())["_class_name"] == "DDIMScheduler"
     assert DDIMScheduler.from_config(tmp_path).config == ours.config
     ref = diffusers.DDIMScheduler.from_config(diffusers.DDIMScheduler.load_config(tmp_path))
@@ -325,7 +326,7 @@ BAD_INPUTS = [
     (lambda: DDIMScheduler().add_noise(X.expand(2, -1, -1, -1), X, torch.tensor([5, 1000])), "timestep 1000"),
     (lambda: DDIMScheduler().add_noise(X, X, torch.tensor([2.5])), "[2.5]"),
     (lambda: DDIMScheduler().get_velocity(X, X, torch.tensor([-3])), "timestep -3"),
-    (lambda: DDIMScheduler().snr(torch.tensor([4000])), "timestep 4000"),
+    (lambda: snr(DDIMScheduler(), torch.tensor([4000])), "timestep 4000"),
 ]
 
 

@@ -98,7 +98,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_without_saving(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    import unet.unet as unet_module
+    import unet.model as unet_module
 
     real_forward = unet_module.UNet2DConditionModel.forward
 

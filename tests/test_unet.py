@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import hub
-from tests.helpers import heavy_lock, max_abs_diff, patch_torchvision
+from tests.helpers import heavy_lock, max_abs_diff, patch_torchvision, unet_to_ldm
 from unet import AttentionMap, UNet2DConditionModel, UNetConfig
-from unet.convert import LDM_PREFIX, diffusers_to_ldm
+from unet.convert import LDM_PREFIX
 
 patch_torchvision()
 diffusers = pytest.importorskip("diffusers")
@@ -162,14 +162,14 @@ def test_capture_self_attention_matches_sdpa_and_diffusers_probs():
 
 
 def test_capture_callback_streams_maps_and_small_chunks(monkeypatch):
-    import unet.attention
+    import unet.layers
 
     ours = UNet2DConditionModel(UNetConfig(**TINY)).eval()
     x, t, ctx = inputs(TINY, length=1)
     with torch.no_grad(), ours.capture_self_attention() as stored:
         ours(x, t, ctx)
     seen = []
-    monkeypatch.setattr(unet.attention, "PROBS_CHUNK_ELEMENTS", 1)  # one head at a time
+    monkeypatch.setattr(unet.layers, "PROBS_CHUNK_ELEMENTS", 1)  # one head at a time
     with torch.no_grad(), ours.capture_self_attention(callback=seen.append) as maps:
         ours(x, t, ctx)
     assert maps == [] and [m.name for m in seen] == [m.name for m in stored] and len(seen) == 4
@@ -306,12 +306,12 @@ def test_from_pretrained_compvis_single_file(tmp_path):
     kw = dict(TINY_SD15, block_out_channels=(32, 32, 64, 64), layers_per_block=2)
     ours, _ = make_pair(kw, scale=0.1)
     config = UNetConfig(**kw)
-    ldm = {LDM_PREFIX + k: v for k, v in diffusers_to_ldm(ours.state_dict(), config).items()}
+    ldm = {LDM_PREFIX + k: v for k, v in unet_to_ldm(ours.state_dict(), config).items()}
     # the facts: diffusers' own converter maps our CompVis keys back to the same diffusers state dict
     back = convert_ldm_unet_checkpoint(ldm, {"layers_per_block": 2})
     assert back.keys() == ours.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
-    assert "input_blocks.3.0.op.weight" in diffusers_to_ldm(ours.state_dict(), config)
+    assert "input_blocks.3.0.op.weight" in unet_to_ldm(ours.state_dict(), config)
     ldm["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)  # other parts of a full SD file
     save_file(ldm, tmp_path / "sd.safetensors")
     loaded = UNet2DConditionModel.from_pretrained(tmp_path / "sd.safetensors", config=config)

@@ -79,9 +79,9 @@ def test_parity_transformers_vit(pooler):
             assert max_abs_diff(glb[:, 1], want.pooler_output) <= TOL
 
 
-@pytest.mark.parametrize("arch,regs", [("vit_base_patch14_reg4_dinov2", 4), ("vit_small_patch14_dinov2", 0)])
+@pytest.mark.parametrize("arch,regs", [("vit_base_patch14_reg4_dinov2", 4), ("vit_giant_patch14_reg4_dinov2", 4)])
 def test_parity_timm_dinov2(arch, regs):
-    ref = timm_vit(arch)
+    ref = timm_vit(arch, mlp_ratio=4.0)  # ViT-g's SwiGLU at the tiny width: fc1 64 -> 256, fc2 128 -> 64
     config = dataclasses.replace(convert.TIMM_ARCHITECTURES[arch], image_size=56, hidden_size=64,
                                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
     ours = ours_from(ref, config, "timm")
@@ -94,6 +94,16 @@ def test_parity_timm_dinov2(arch, regs):
         assert got.shape == want.shape == (2, 1 + regs + hw[0] * hw[1] // 196, 64)
         assert max_abs_diff(got, want) <= TOL, hw
         assert max_abs_diff(glb, want[:, : 1 + regs]) <= TOL  # c_GLB = [CLS, registers]
+
+
+def test_documented_timm_architectures_match_timm_on_meta():
+    import timm
+
+    for arch, config in convert.TIMM_ARCHITECTURES.items():
+        with torch.device("meta"):
+            ref, ours = timm.create_model(arch, pretrained=False, num_classes=0), DinoViT(config)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}, arch
+        assert config.image_size == ref.pretrained_cfg["input_size"][1] and not config.pos_embed_has_class
 
 
 def test_fused_layout_and_transformers5_names_load():

@@ -10,8 +10,9 @@ HEADS of each block's attention, not the size of a head. SD v1 has 8 heads of 40
 has heads of 64 channels (320/5, 640/10, 1280/20).
 
 diffusers configs also carry many switches for other architectures (class embeddings, SDXL's additional
-embeddings, ...). `from_dict` accepts them only at the value that means "off" and rejects anything else,
-so an unsupported checkpoint fails loudly instead of loading into the wrong network.
+embeddings, ...). `from_dict` accepts them only at the value that means "off" (None, False, 0 or the NEUTRAL
+value) and rejects anything else, so an unsupported checkpoint fails loudly instead of loading into the wrong
+network.
 """
 
 from __future__ import annotations
@@ -23,42 +24,22 @@ import hub
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
-# diffusers UNet2DConditionModel.__init__ arguments this implementation does not have, with the value at
-# which they change nothing (diffusers 0.42 defaults).
+# diffusers UNet2DConditionModel.__init__ arguments this implementation does not have are accepted only at the
+# value at which they change nothing. For most that is None, False or 0; these are the others (diffusers 0.42
+# defaults, all written by its save_pretrained).
 NEUTRAL = {
-    "center_input_sample": False,
     "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "only_cross_attention": False,
+    "act_fn": "silu",
     "downsample_padding": 1,
     "mid_block_scale_factor": 1.0,
-    "dropout": 0.0,
-    "act_fn": "silu",
     "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "num_attention_heads": None,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-    "addition_embed_type_num_heads": 64,  # only read when addition_embed_type is set
+    "addition_embed_type_num_heads": 64,
 }
 
 
@@ -109,12 +90,14 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict, *, source="config") -> UNetConfig:
         """A diffusers unet config.json as a UNetConfig; architecture switches we lack must be off."""
-        d = dict(d)
-        for key, off in NEUTRAL.items():
-            if key not in d:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        ours = {}
+        for key, value in d.items():
+            if key in fields or key.startswith("_"):
+                ours[key] = value
                 continue
-            value = d.pop(key)
-            values = value if isinstance(value, (list, tuple)) else [value]
-            if key != "addition_embed_type_num_heads" and any(v != off for v in values):
-                raise hub.CheckpointError(f"{source}: {key}={value!r} is not supported (only {off!r})")
-        return hub.config_from_dict(cls, d, source=source)
+            allowed = [NEUTRAL[key]] if key in NEUTRAL else [None, False, 0]
+            if any(v not in allowed for v in (value if isinstance(value, (list, tuple)) else [value])):
+                only = " or ".join(map(repr, allowed))
+                raise hub.CheckpointError(f"{source}: {key}={value!r} is not supported (only {only})")
+        return hub.config_from_dict(cls, ours, source=source)

@@ -70,36 +70,26 @@ def module_map(config: UNetConfig) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def _convert(state: dict, table: dict[str, tuple[str, bool]], renames: dict[str, str]) -> dict:
-    """Rename every key whose longest module prefix is in `table`; other keys pass through unchanged
+def ldm_to_diffusers(state: dict, config: UNetConfig) -> dict:
+    """A CompVis UNet state dict (`model.diffusion_model.` prefix already removed) in diffusers key names.
+
+    Every key whose longest module prefix is in the table is renamed; other keys pass through unchanged
     (strict loading then reports them as unexpected)."""
+    table = {ldm: (new, is_resnet) for ldm, new, is_resnet in module_map(config)}
     out = {}
     for key, value in state.items():
         parts = key.split(".")
-        new_key = key
         for d in range(len(parts) - 1, 0, -1):
             prefix = ".".join(parts[:d])
             if prefix in table:
                 target, is_resnet = table[prefix]
                 rest = ".".join(parts[d:])
                 if is_resnet:
-                    for old, new in renames.items():
+                    for old, new in RESNET_RENAMES.items():
                         if rest.startswith(old + "."):
                             rest = new + rest[len(old) :]
                             break
-                new_key = f"{target}.{rest}"
+                key = f"{target}.{rest}"
                 break
-        out[new_key] = value
+        out[key] = value
     return out
-
-
-def ldm_to_diffusers(state: dict, config: UNetConfig) -> dict:
-    """A CompVis UNet state dict (`model.diffusion_model.` prefix already removed) in diffusers key names."""
-    table = {ldm: (new, res) for ldm, new, res in module_map(config)}
-    return _convert(state, table, RESNET_RENAMES)
-
-
-def diffusers_to_ldm(state: dict, config: UNetConfig) -> dict:
-    """The inverse: diffusers key names -> CompVis names (without the `model.diffusion_model.` prefix)."""
-    table = {new: (ldm, res) for ldm, new, res in module_map(config)}
-    return _convert(state, table, {v: k for k, v in RESNET_RENAMES.items()})

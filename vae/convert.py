@@ -13,10 +13,14 @@ so the strict load in `hub.load_model` names them instead of silently dropping t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from hub import strip_prefix
-from vae.config import VAEConfig
+
+if TYPE_CHECKING:
+    from vae.model import VAEConfig
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # SD single files; some merged files use `vae.`
 LDM_TRAINING_ONLY = ("loss.",)  # LPIPS + discriminator of CompVis autoencoder training checkpoints
@@ -77,10 +81,3 @@ def to_diffusers(state: dict[str, torch.Tensor], config: VAEConfig) -> dict[str,
             value = value.flatten(1)  # 1x1 conv [C, C, 1, 1] (or conv1d [C, C, 1]) -> Linear [C, C]; a view
         out[key] = value
     return out
-
-
-def to_ldm(state: dict[str, torch.Tensor], config: VAEConfig, prefix: str = "first_stage_model.") -> dict:
-    """Our state dict -> CompVis/LDM layout (attention projections as 1x1 convs), as in SD single files."""
-    names = ldm_key_map(config)
-    conv = lambda k, v: v[:, :, None, None] if is_attention_linear_weight(k) else v  # noqa: E731
-    return {prefix + names[k]: conv(k, v) for k, v in state.items()}

@@ -12,9 +12,15 @@ embeddings -> N x (attention, MLP) -> LayerNorm) and differ only in a handful of
 | pos_embed_has_class    | True: pos_embed [1, 1+L, D], added to CLS too | False: [1, L, D], patches only|
 | pos_embed_antialias    | False: bicubic, align_corners=False           | True: bicubic, antialias=True |
 
+The checkpoints we document: DINO v1 ViT-S/16 and ViT-B/16 (`facebook/dino-vit{s,b}16`, whose transformers
+config.json holds every field) and DINOv2 with 4 registers ViT-S/B/L/g (`timm/vit_{small,base,large,giant}_
+patch14_reg4_dinov2.lvd142m`, whose timm config.json names its `architecture`: `TIMM_ARCHITECTURES`). ViT-g
+replaces the GELU MLP by a SwiGLU one (`use_swiglu_ffn`; timm SwiGLUPacked).
+
 Sources: transformers `ViTConfig` defaults and `ViTEmbeddings.interpolate_pos_encoding`; timm
 `vit_*_patch14_reg4_dinov2` model args (`init_values=1e-5, reg_tokens=4, no_embed_class=True`),
-`resample_abs_pos_embed` (antialias=True) and the `.lvd142m` pretrained cfg (518 px, ImageNet mean/std).
+`resample_abs_pos_embed` (antialias=True) and the `.lvd142m` pretrained cfg (518 px, ImageNet mean/std);
+timm `vit_giant_patch14_reg4_dinov2` (embed_dim 1536, depth 40, 24 heads, mlp_ratio 2.66667 * 2, SwiGLUPacked).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class DinoConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     intermediate_size: int = 3072  # MLP hidden width (4 x hidden_size), GELU (exact, erf) in between
+    use_swiglu_ffn: bool = False  # SwiGLU MLP (DINOv2 ViT-g): fc1 -> silu(1st half) * 2nd half -> fc2
     layer_norm_eps: float = 1e-12
     qkv_bias: bool = True
     num_register_tokens: int = 0
@@ -56,6 +63,8 @@ class DinoConfig:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
+        if self.use_swiglu_ffn and self.intermediate_size % 2:
+            raise ValueError(f"use_swiglu_ffn needs an even intermediate_size, got {self.intermediate_size}")
 
     @property
     def grid_size(self) -> int:
@@ -67,43 +76,32 @@ class DinoConfig:
         """G in c_GLB = [CLS, pooler if present, registers]."""
         return 1 + int(self.has_pooler) + self.num_register_tokens
 
-    # ------------------------------------------------------------------------------------- named configs
-    # DINO v1 (transformers ViTModel layout; Hub configs keep ViTConfig's layer_norm_eps=1e-12).
-
-    @classmethod
-    def dino_vits16(cls) -> DinoConfig:
-        """`facebook/dino-vits16`."""
-        return cls(hidden_size=384, num_attention_heads=6, intermediate_size=1536)
-
     @classmethod
     def dino_vitb16(cls) -> DinoConfig:
         """`facebook/dino-vitb16` (the defaults)."""
         return cls()
 
-    # DINOv2 with 4 registers (timm layout; timm `vit_{small,base,large}_patch14_reg4_dinov2`).
-
-    @classmethod
-    def dinov2_vits14_reg4(cls) -> DinoConfig:
-        """`timm/vit_small_patch14_reg4_dinov2.lvd142m`."""
-        return dataclasses.replace(cls.dinov2_vitb14_reg4(), hidden_size=384, num_attention_heads=6,
-                                   intermediate_size=1536)
-
     @classmethod
     def dinov2_vitb14_reg4(cls) -> DinoConfig:
         """`timm/vit_base_patch14_reg4_dinov2.lvd142m`."""
-        return cls(
-            image_size=518, patch_size=14, layer_norm_eps=1e-6, num_register_tokens=4, layerscale_init=1e-5,
-            pos_embed_has_class=False, pos_embed_antialias=True,
-        )
-
-    @classmethod
-    def dinov2_vitl14_reg4(cls) -> DinoConfig:
-        """`timm/vit_large_patch14_reg4_dinov2.lvd142m`."""
-        return dataclasses.replace(cls.dinov2_vitb14_reg4(), hidden_size=1024, num_hidden_layers=24,
-                                   num_attention_heads=16, intermediate_size=4096)
+        return TIMM_ARCHITECTURES["vit_base_patch14_reg4_dinov2"]
 
     @classmethod
     def tiny(cls) -> DinoConfig:
         """A DINOv2-style ViT small enough for CPU tests and the tiny training preset (c_GLB [B, 5, 64])."""
         return dataclasses.replace(cls.dinov2_vitb14_reg4(), image_size=56, hidden_size=64,
                                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+
+
+# The documented DINOv2 checkpoints, by the `architecture` of their timm config.json (timm's model functions
+# `vit_{small,base,large,giant}_patch14_reg4_dinov2`: init_values=1e-5, reg_tokens=4, no_embed_class=True).
+_V2 = dict(image_size=518, patch_size=14, layer_norm_eps=1e-6, num_register_tokens=4, layerscale_init=1e-5,
+           pos_embed_has_class=False, pos_embed_antialias=True)
+TIMM_ARCHITECTURES = {
+    "vit_small_patch14_reg4_dinov2": DinoConfig(**_V2, hidden_size=384, num_attention_heads=6, intermediate_size=1536),
+    "vit_base_patch14_reg4_dinov2": DinoConfig(**_V2),
+    "vit_large_patch14_reg4_dinov2": DinoConfig(**_V2, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                                intermediate_size=4096),
+    "vit_giant_patch14_reg4_dinov2": DinoConfig(**_V2, hidden_size=1536, num_hidden_layers=40, num_attention_heads=24,
+                                                intermediate_size=8192, use_swiglu_ffn=True),
+}

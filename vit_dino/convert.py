@@ -30,7 +30,7 @@ import torch
 
 import hub
 
-from .config import DinoConfig
+from .config import TIMM_ARCHITECTURES, DinoConfig
 
 _HINT = {
     "transformers": "transformers ViTModel keys such as 'encoder.layer.0.attention.attention.query.weight'",
@@ -114,40 +114,11 @@ def convert_state_dict(state: dict, expected: str, *, source="state dict") -> di
 
 # ------------------------------------------------------------------------------------------- configs
 
-# timm architecture -> built-in config (timm `vit_*` model functions; Hub tags `.lvd142m` / `.dino`).
-TIMM_ARCHITECTURES = {
-    "vit_small_patch14_reg4_dinov2": DinoConfig.dinov2_vits14_reg4(),
-    "vit_base_patch14_reg4_dinov2": DinoConfig.dinov2_vitb14_reg4(),
-    "vit_large_patch14_reg4_dinov2": DinoConfig.dinov2_vitl14_reg4(),
-}
-for _size in ("small", "base", "large"):  # DINOv2 without registers: pos_embed has a CLS entry
-    TIMM_ARCHITECTURES[f"vit_{_size}_patch14_dinov2"] = dataclasses.replace(
-        TIMM_ARCHITECTURES[f"vit_{_size}_patch14_reg4_dinov2"], num_register_tokens=0,
-        pos_embed_has_class=True,
-    )
-for _name, _base in (("small", DinoConfig.dino_vits16()), ("base", DinoConfig.dino_vitb16())):
-    for _patch in (16, 8):  # DINO v1 as timm ships it: timm LayerNorm eps and position resampling
-        TIMM_ARCHITECTURES[f"vit_{_name}_patch{_patch}_224"] = dataclasses.replace(
-            _base, patch_size=_patch, layer_norm_eps=1e-6, pos_embed_antialias=True)
-
-# timm `model_args` -> DinoConfig field (timm VisionTransformer.__init__ argument names).
-_TIMM_ARGS = {
-    "img_size": "image_size", "patch_size": "patch_size", "in_chans": "num_channels",
-    "embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
-    "qkv_bias": "qkv_bias",
-    "init_values": "layerscale_init", "reg_tokens": "num_register_tokens",
-}
-# Arguments that do not change the features DinoViT computes (head, pooling, dropout, init, input padding).
-_TIMM_IGNORED = {
-    "num_classes", "global_pool", "dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate",
-    "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init",
-}
-# Architecture arguments DinoViT supports only at timm's default value.
-_TIMM_DEFAULTS = {
-    "class_token": True, "qk_norm": False, "pre_norm": False, "final_norm": True, "fc_norm": None,
-    "pos_embed": "learn", "proj_bias": True, "scale_attn_norm": False, "scale_mlp_norm": False,
-    "pool_include_prefix": False,
-}
+# timm `model_args` (the create_model kwargs timm's save_for_hf records) -> DinoConfig field. Other arguments
+# would describe a network that is not one of TIMM_ARCHITECTURES, except these, which leave the features alone.
+_TIMM_ARGS = {"img_size": "image_size", "in_chans": "num_channels", "embed_dim": "hidden_size",
+              "depth": "num_hidden_layers", "num_heads": "num_attention_heads"}
+_TIMM_IGNORED = ("num_classes", "global_pool", "dynamic_img_size")  # the head, and timm's input-size check
 
 
 def _square(value, what: str, source) -> int:
@@ -160,8 +131,8 @@ def _square(value, what: str, source) -> int:
 
 
 def config_from_timm(d: dict, *, source="config.json") -> DinoConfig:
-    """A timm Hub config: `architecture` selects the built-in config, then `pretrained_cfg` (input size,
-    mean/std) and `model_args` (field by field, like timm's create_model kwargs) override it."""
+    """A timm Hub config: `architecture` selects the TIMM_ARCHITECTURES entry, then `pretrained_cfg` (input
+    size, mean/std) and `model_args` (field by field, like timm's create_model kwargs) override it."""
     arch = d["architecture"]
     if arch not in TIMM_ARCHITECTURES:
         raise hub.CheckpointError(f"{source}: timm architecture {arch!r} is not supported; "
@@ -175,20 +146,12 @@ def config_from_timm(d: dict, *, source="config.json") -> DinoConfig:
         if pre.get(key):
             fields[name] = tuple(float(v) for v in pre[key])
     args = dict(d.get("model_args") or {})
-    unknown = []
     for key, value in args.items():
         if key in _TIMM_ARGS:
             fields[_TIMM_ARGS[key]] = _square(value, key, source) if key == "img_size" else value
-        elif key == "no_embed_class":
-            fields["pos_embed_has_class"] = not value
-        elif key in _TIMM_DEFAULTS:
-            if value != _TIMM_DEFAULTS[key] and not (key == "fc_norm" and value is False):
-                raise hub.CheckpointError(f"{source}: model_args {key}={value!r} is not supported by DinoViT")
         elif key not in _TIMM_IGNORED and key != "mlp_ratio":
-            unknown.append(key)
-    if unknown:
-        warnings.warn(f"{source}: ignoring timm model_args unknown to DinoViT: {sorted(unknown)}",
-                      stacklevel=3)
+            raise hub.CheckpointError(f"{source}: timm model_args {key}={value!r} is not supported (DinoViT "
+                                      f"reads {', '.join(_TIMM_ARGS)} and mlp_ratio)")
     hidden = fields.get("hidden_size", base.hidden_size)
     mlp_ratio = args.get("mlp_ratio", base.intermediate_size / base.hidden_size)
     fields["intermediate_size"] = int(hidden * mlp_ratio)  # timm Mlp: hidden_features = int(dim * mlp_ratio)

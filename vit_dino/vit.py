@@ -5,7 +5,7 @@ kernel = stride = p), prepends a learned CLS token (and, in DINOv2 "with registe
 learned register tokens), adds learned position embeddings and runs N pre-norm transformer blocks:
 
     x = x + ls1 * Attn(LN(x))        ls = LayerScale (a learned per-channel gain, DINOv2 only; else 1)
-    x = x + ls2 * MLP(LN(x))         MLP = Linear(D, 4D) -> GELU -> Linear(4D, D)
+    x = x + ls2 * MLP(LN(x))         MLP = Linear(D, 4D) -> GELU -> Linear(4D, D) (SwiGLU in DINOv2 ViT-g)
 
 followed by a final LayerNorm. Token order is [CLS, reg_1..reg_R, patch_1..patch_L].
 
@@ -68,13 +68,20 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc2(gelu(fc1(x))) (exact, erf GELU, as both references), or with `use_swiglu_ffn` (DINOv2 ViT-g, timm
+    SwiGLUPacked) fc2(silu(a) * b) where (a, b) are the two halves of fc1(x)."""
+
     def __init__(self, config: DinoConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.swiglu, hidden = config.use_swiglu_ffn, config.intermediate_size
+        self.fc1 = nn.Linear(config.hidden_size, hidden)
+        self.fc2 = nn.Linear(hidden // 2 if self.swiglu else hidden, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as both references
+        if self.swiglu:
+            a, b = self.fc1(x).chunk(2, dim=-1)
+            return self.fc2(F.silu(a) * b)
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class LayerScale(nn.Module):
@@ -151,10 +158,6 @@ class DinoViT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pos_embed.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pos_embed.dtype
 
     # ---------------------------------------------------------------------------------------- embedding
 

@@ -1,4 +1,4 @@
-"""UNet2DConditionModel: the Stable Diffusion v1 denoiser eps_theta(z_t, t, c).
+"""UNet2DConditionModel: the Stable Diffusion v1 denoiser eps_theta(z_t, t, c), and the stages it is built from.
 
 Latent diffusion (Rombach et al. 2022, eq. 2) trains a UNet to predict the noise added to a VAE latent
 z_t [B, 4, h, w] at step t, given context tokens c [B, L, 768]: here the DINO global tokens c_GLB
@@ -11,11 +11,21 @@ z_t [B, 4, h, w] at step t, given context tokens c [B, L, 768]: here the DINO gl
     up_blocks 0..3               1280@8 -> 1280@16 -> 640@32 -> 320@64, popping the skips
     GroupNorm, SiLU, conv_out    [B, 4, 64, 64]
 
-Module names mirror diffusers' `unet/diffusion_pytorch_model.safetensors` exactly, so diffusers weights
-load strictly with no renaming; CompVis single files are renamed by `unet.convert`.
+Down block i (resolution / 2^i): `layers_per_block` x [ResnetBlock2D (+ Transformer2DModel)], each output
+saved as a skip, then Downsample2D (all but the last block), whose output is also a skip. Up block i:
+`layers_per_block + 1` x [concat(x, skip) -> ResnetBlock2D (+ Transformer2DModel)], consuming the skips in
+reverse order, then Upsample2D (all but the last block). The blocks with transformers are diffusers'
+`CrossAttnDownBlock2D` / `CrossAttnUpBlock2D`, those without `DownBlock2D` / `UpBlock2D` (one class each
+here). For SD v1.5 the self-attention layers are at 64 (2 down + 3 up), 32 (2 + 3), 16 (2 + 3) and 8 (mid).
 
-`capture_self_attention()` switches the 16 self-attention (`attn1`) layers to the explicit attention path
-and collects their head-averaged probability maps for DiffSeg (`unet/attention.py`).
+Module names mirror diffusers' `unet/diffusion_pytorch_model.safetensors` exactly, so diffusers weights
+load strictly with no renaming; CompVis single files are renamed by `unet.convert`; the layers are in
+`unet/layers.py`. `capture_self_attention()` switches the 16 self-attention (`attn1`) layers to the explicit
+attention path and collects their head-averaged probability maps for DiffSeg.
+
+Gradient checkpointing (`enable_gradient_checkpointing`) recomputes each resnet and each transformer in the
+backward pass instead of storing its activations (torch.utils.checkpoint, use_reentrant=False, which works
+under autocast and torch.compile).
 """
 
 from __future__ import annotations
@@ -29,22 +39,103 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import hub
-from unet.blocks import (
-    Block,
-    CrossAttnDownBlock2D,
-    CrossAttnUpBlock2D,
-    DownBlock2D,
-    UNetMidBlock2DCrossAttn,
-    UpBlock2D,
-)
 from unet.config import UNetConfig
 from unet.convert import LDM_PREFIX, ldm_to_diffusers
-from unet.embeddings import TimestepEmbedding, timestep_embedding
+from unet.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Transformer2DModel,
+    Upsample2D,
+    timestep_embedding,
+)
 
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TIME_EMBED_MULT = 4  # temb width = 4 * block_out_channels[0] (LDM openaimodel: time_embed_dim)
+
+
+class Stage(nn.Module):
+    """Base of the down, mid and up blocks: `run(layer, ...)` calls a resnet/transformer, checkpointed when
+    `gradient_checkpointing` is on (set by the UNet)."""
+
+    gradient_checkpointing = False
+
+    def run(self, layer: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def resnet_transformer(self, i: int, x, temb, context):
+        """Layer i of the block: its resnet, then its transformer if the block has them."""
+        x = self.run(self.resnets[i], x, temb)
+        return x if self.attentions is None else self.run(self.attentions[i], x, context)
+
+
+def transformers(n: int, channels: int, attention: dict | None) -> nn.ModuleList | None:
+    """n Transformer2DModels (the `attentions` of a CrossAttn block), or None when `attention` is None."""
+    return None if attention is None else nn.ModuleList(Transformer2DModel(channels, **attention) for _ in range(n))
+
+
+class DownBlock2D(Stage):
+    def __init__(self, in_channels, out_channels, temb_channels, num_layers, add_downsample, norm, attention):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, **norm)
+            for i in range(num_layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+        self.attentions = transformers(num_layers, out_channels, attention)
+
+    def forward(self, x, temb, context):
+        """x [B, C_in, h, w] -> (x [B, C_out, h', w'], skips: the output of every layer and downsampler)."""
+        skips = []
+        for i in range(len(self.resnets)):
+            x = self.resnet_transformer(i, x, temb, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)  # [B, C_out, h/2, w/2]
+            skips.append(x)
+        return x, skips
+
+
+class UNetMidBlock2DCrossAttn(Stage):
+    def __init__(self, channels, temb_channels, norm, attention):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_channels, **norm) for _ in range(2))
+        self.attentions = transformers(1, channels, attention)
+
+    def forward(self, x, temb, context):
+        x = self.resnet_transformer(0, x, temb, context)
+        return self.run(self.resnets[1], x, temb)
+
+
+class UpBlock2D(Stage):
+    """Resnets on [x, skip] concatenations. in_channels: width of the down block one level up (its skips feed
+    the last resnet here); prev_channels: width of x entering the block; out_channels: width of this level."""
+
+    def __init__(self, in_channels, prev_channels, out_channels, temb_channels, num_layers, add_upsample, norm,
+                 attention):
+        super().__init__()
+        resnets = []
+        for i in range(num_layers):
+            skip = in_channels if i == num_layers - 1 else out_channels
+            x_in = prev_channels if i == 0 else out_channels
+            resnets.append(ResnetBlock2D(x_in + skip, out_channels, temb_channels, **norm))
+        self.resnets = nn.ModuleList(resnets)
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.attentions = transformers(num_layers, out_channels, attention)
+
+    def forward(self, x, temb, skips, context, size=None):
+        """skips: list of skip tensors, consumed from the end; size: output size of the upsampler."""
+        for i in range(len(self.resnets)):
+            x = torch.cat([x, skips.pop()], dim=1)  # [B, C_x + C_skip, h, w]
+            x = self.resnet_transformer(i, x, temb, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, size)
+        return x
 
 
 class AttentionMap(NamedTuple):
@@ -61,32 +152,27 @@ class UNet2DConditionModel(nn.Module):
         temb = TIME_EMBED_MULT * ch[0]
         norm = dict(groups=c.norm_num_groups, eps=c.norm_eps)
 
-        def attn(h):
-            return dict(heads=h, context_dim=c.cross_attention_dim, linear_projection=c.use_linear_projection,
-                        upcast=c.upcast_attention)
+        def attention(h: int, kind: str = "CrossAttn") -> dict | None:
+            """Transformer2DModel arguments for a CrossAttn* block; None for a block without transformers."""
+            if not kind.startswith("CrossAttn"):
+                return None
+            return dict(heads=h, context_dim=c.cross_attention_dim, groups=c.norm_num_groups,
+                        linear_projection=c.use_linear_projection, upcast=c.upcast_attention)
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
-
-        down = []
-        for i, kind in enumerate(c.down_block_types):
-            args = dict(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], temb_channels=temb,
-                        num_layers=c.layers_per_block, add_downsample=i < n - 1, **norm)
-            cross = kind == "CrossAttnDownBlock2D"
-            down.append(CrossAttnDownBlock2D(**args, **attn(heads[i])) if cross else DownBlock2D(**args))
-        self.down_blocks = nn.ModuleList(down)
-
-        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb, **norm, **attn(heads[-1]))
-
-        up, rch, rheads = [], ch[::-1], heads[::-1]
-        for i, kind in enumerate(c.up_block_types):
-            args = dict(in_channels=rch[min(i + 1, n - 1)], prev_channels=rch[max(i - 1, 0)],
-                        out_channels=rch[i], temb_channels=temb, num_layers=c.layers_per_block + 1,
-                        add_upsample=i < n - 1, **norm)
-            cross = kind == "CrossAttnUpBlock2D"
-            up.append(CrossAttnUpBlock2D(**args, **attn(rheads[i])) if cross else UpBlock2D(**args))
-        self.up_blocks = nn.ModuleList(up)
-
+        self.down_blocks = nn.ModuleList(
+            DownBlock2D(ch[max(i - 1, 0)], ch[i], temb, c.layers_per_block, i < n - 1, norm,
+                        attention(heads[i], kind))
+            for i, kind in enumerate(c.down_block_types)
+        )
+        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb, norm, attention(heads[-1]))
+        rch, rheads = ch[::-1], heads[::-1]
+        self.up_blocks = nn.ModuleList(
+            UpBlock2D(rch[min(i + 1, n - 1)], rch[max(i - 1, 0)], rch[i], temb, c.layers_per_block + 1, i < n - 1,
+                      norm, attention(rheads[i], kind))
+            for i, kind in enumerate(c.up_block_types)
+        )
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
@@ -163,19 +249,16 @@ class UNet2DConditionModel(nn.Module):
 
     def _set_gradient_checkpointing(self, on: bool):
         for m in self.modules():
-            if isinstance(m, Block):
+            if isinstance(m, Stage):
                 m.gradient_checkpointing = on
 
     def enable_gradient_checkpointing(self):
         """Recompute resnet/transformer activations in backward (less memory, ~30% more compute)."""
         self._set_gradient_checkpointing(True)
 
-    def disable_gradient_checkpointing(self):
-        self._set_gradient_checkpointing(False)
-
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Block))
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Stage))
 
     # ------------------------------------------------------------------------------------------ hub
 

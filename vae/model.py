@@ -12,12 +12,25 @@ z * scaling_factor.
              three, channels reversed) -> norm/SiLU/conv_out -> [B, 3, H, W]
 
 Module attribute names are diffusers' checkpoint keys, so a diffusers `vae/` state dict loads strictly;
-legacy and CompVis layouts are renamed by `vae/convert.py`. The VAE runs in the dtype of its weights with
-autocast disabled (DEVELOPERS.md: VAE decode stays in fp32 under a bf16/fp16 training loop).
+legacy and CompVis layouts are renamed by `vae/convert.py`; the layers are in `vae/layers.py`. The VAE runs
+in the dtype of its weights with autocast disabled (DEVELOPERS.md: VAE decode stays in fp32 under a bf16/fp16
+training loop).
+
+VAEConfig: field names are those of diffusers' `AutoencoderKL` `config.json`, so a Hub config maps onto it
+directly (`hub.config_from_dict`). Defaults are the SD v1 VAE (`stable-diffusion-v1-5/.../vae/config.json`,
+83.65M parameters): a 4-level encoder/decoder with 128-256-512-512 channels and a 4-channel latent at 1/8 of
+the image resolution.
+
+DiagonalGaussian is the posterior q(z | x) = N(mean, diag(exp(logvar))) that the encoder outputs.
+The encoder predicts 2 * latent_channels maps ("moments", double_z); the first half is the mean, the second
+the log-variance, clamped to [-30, 20] as in CompVis `DiagonalGaussianDistribution` (exp(20/2) ~ 2e4 bounds
+the std; exp(-30/2) ~ 3e-7 keeps it positive). Sampling is the reparameterisation z = mean + std * eps
+(Kingma & Welling 2014, Eq. 10 / Sec. 2.4), so gradients flow to mean and logvar.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -26,12 +39,94 @@ from torch import nn
 
 import hub
 from vae import convert
-from vae.blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
-from vae.config import NORM_EPS, VAEConfig
-from vae.distribution import DiagonalGaussian
-from vae.resnet import norm_silu
+from vae.layers import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, norm_silu
 
+# eps of every GroupNorm in the VAE: hard-coded in diffusers' Encoder/Decoder and in CompVis `Normalize`.
+NORM_EPS = 1e-6
+DOWN_BLOCK = "DownEncoderBlock2D"
+UP_BLOCK = "UpDecoderBlock2D"
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # CompVis DiagonalGaussianDistribution's clamp
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] | None = None  # None: one DownEncoderBlock2D per level
+    up_block_types: tuple[str, ...] | None = None  # None: one UpDecoderBlock2D per level
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2  # resnets per encoder level; decoder levels have layers_per_block + 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    # Latent scale chosen so SD v1 latents have ~unit variance (Rombach et al. 2022, Sec. 4.3.2 / App. G);
+    # the UNet sees z * scaling_factor. Read by the pipeline, not by the VAE itself.
+    scaling_factor: float = 0.18215
+    use_quant_conv: bool = True  # 1x1 conv on the 2*latent_channels moments after the encoder
+    use_post_quant_conv: bool = True  # 1x1 conv on the latent before the decoder
+    mid_block_add_attention: bool = True  # single-head self-attention between the two mid-block resnets
+    # Pipeline metadata kept so Hub configs round-trip; the model never reads them.
+    sample_size: int | tuple[int, ...] = 512  # nominal training resolution (diffusers uses it for tiling)
+    shift_factor: float | None = None  # SD3/Flux latent shift; None for SD v1
+    latents_mean: tuple[float, ...] | None = None  # SDXL-style per-channel latent statistics; None for SD v1
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True  # diffusers pipelines run this VAE in fp32 even in fp16 pipelines
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if self.down_block_types is None:
+            object.__setattr__(self, "down_block_types", (DOWN_BLOCK,) * n)
+        if self.up_block_types is None:
+            object.__setattr__(self, "up_block_types", (UP_BLOCK,) * n)
+        if self.act_fn != "silu":
+            raise ValueError(f"VAEConfig.act_fn={self.act_fn!r}: only 'silu' (the SD VAE's) is supported")
+        if tuple(self.down_block_types) != (DOWN_BLOCK,) * n or tuple(self.up_block_types) != (UP_BLOCK,) * n:
+            raise ValueError(
+                f"VAEConfig supports {n} x {DOWN_BLOCK!r} / {UP_BLOCK!r} (one per block_out_channels entry), "
+                f"got down_block_types={self.down_block_types}, up_block_types={self.up_block_types}"
+            )
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"VAEConfig: block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups}"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each axis (SD v1: 8, a stride-2 conv at all levels but one)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class DiagonalGaussian:
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)  # [B, 2C, h, w] -> 2 x [B, C, h, w]
+        self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * eps, eps ~ N(0, I) drawn from `generator` (on the generator's device)."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self, other: DiagonalGaussian | None = None) -> torch.Tensor:
+        """KL(self || other) per sample, summed over C, h, w: [B]. `other` defaults to N(0, I)."""
+        if other is None:
+            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=(1, 2, 3))
+        ratio = ((self.mean - other.mean).pow(2) + self.var) / other.var
+        return 0.5 * torch.sum(ratio - 1.0 - self.logvar + other.logvar, dim=(1, 2, 3))
+
 
 
 class Encoder(nn.Module):
@@ -118,11 +213,9 @@ class AutoencoderKL(nn.Module):
                 z = self.post_quant_conv(z)
             return self.decoder(z).contiguous()
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reconstruction decode(z) with z the posterior mode, or a posterior sample if `sample_posterior`."""
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction decode(z) with z the posterior mode."""
+        return self.decode(self.encode(x).mode())
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

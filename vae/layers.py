@@ -1,4 +1,27 @@
-"""The VAE's levels: encoder down blocks, decoder up blocks, and the mid-block between them.
+"""The VAE's layers: the residual block, the mid-block attention, resampling, and the levels built from them.
+
+ResnetBlock2D: two (GroupNorm -> SiLU -> 3x3 conv) stages plus a skip connection,
+
+    h = conv1(silu(norm1(x)))              # [B, C_in, H, W] -> [B, C_out, H, W]
+    h = conv2(silu(norm2(h)))
+    out = h + (x if C_in == C_out else conv_shortcut(x))   # 1x1 conv when the width changes
+
+diffusers' `ResnetBlock2D` with `temb_channels=None` (no time embedding: the autoencoder is not a diffusion
+model), CompVis `ResnetBlock` with `nin_shortcut`. Dropout is 0 in every SD VAE and is omitted.
+
+Attention: single-head spatial self-attention, the one attention layer of each mid-block. Every pixel of the
+lowest-resolution feature map (32x32 for a 256x256 image) attends to every other pixel, with one head spanning
+all C channels (diffusers builds it with heads = C // attention_head_dim = 1):
+
+    t = group_norm(x)                         # [B, C, H, W]
+    q, k, v = to_q(t), to_k(t), to_v(t)       # per pixel, as tokens [B, HW, C]
+    a = softmax(q k^T / sqrt(C)) v            # [B, HW, C], F.scaled_dot_product_attention
+    out = x + to_out.0(a)                     # back to [B, C, H, W], residual
+
+Older Hub files call its weights `query/key/value/proj_attn` and CompVis files `norm/q/k/v/proj_out` (as 1x1
+convs); `vae/convert.py` renames them.
+
+The levels:
 
     DownEncoderBlock2D   layers_per_block resnets, then (all levels but the last) Downsample2D: H -> H/2
     UNetMidBlock2D       resnet -> single-head attention -> resnet, at the lowest resolution
@@ -14,8 +37,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae.attention import Attention
-from vae.resnet import ResnetBlock2D
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """silu(norm(x)), the SiLU in place on the fresh GroupNorm output: one activation-sized buffer less.
+    Autograd-safe: GroupNorm's backward reads its input, not its output, and PyTorch differentiates silu_
+    (tests compare our gradients with diffusers')."""
+    return F.silu(norm(x), inplace=True)
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)))  # conv1 output freed before conv2
+        h = self.conv2(h)
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h.add_(skip)  # in place on conv2's fresh output (conv backward does not need its output)
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, groups: int, eps: float):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # `to_out.0`, as in the checkpoints
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> tokens [B, HW, C]
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1 head, HW, C]
+        a = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [B, HW, C]
+        return x + self.to_out[0](a).transpose(1, 2).reshape(b, c, h, w)  # [B, C, H, W], in x's memory format
 
 
 class Downsample2D(nn.Module):
