@@ -204,6 +204,12 @@ class NoiseScheduler:
         a, b = self._sqrt_abar(timesteps, sample)
         return a * noise - b * sample
 
+    def snr(self, timesteps) -> torch.Tensor:
+        """SNR(t) = abar_t / (1 - abar_t), float32, shaped and placed like `timesteps` (min-SNR weighting)."""
+        device = timesteps.device if isinstance(timesteps, torch.Tensor) else None
+        abar = self.alphas_cumprod.to(device)[self._timestep_tensor(timesteps, device)]
+        return abar / (1 - abar)
+
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """Choose the N timesteps to sample: `self.timesteps`, a descending LongTensor [N] on `device`."""
         grid = timestep_grid(self.config, num_inference_steps)

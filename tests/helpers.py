@@ -100,10 +100,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def snr(scheduler, timesteps) -> torch.Tensor:
-    """SNR(t) = abar_t / (1 - abar_t), float32, shaped and placed like `timesteps` (was NoiseScheduler.snr)."""
-    device = timesteps.device if isinstance(timesteps, torch.Tensor) else None
-    abar = scheduler.alphas_cumprod.to(device)[scheduler._timestep_tensor(timesteps, device)]
-    return abar / (1 - abar)
+    return scheduler.snr(timesteps)
 
 
 def save_scheduler_config(scheduler, folder) -> Path:
