@@ -15,6 +15,7 @@ import classify
 from data import LABELS
 from eval import experiment as ex
 from eval.plot import line_plot, nice_ticks
+from tests.helpers import help_gaps
 
 
 @pytest.fixture(autouse=True)
@@ -175,6 +176,7 @@ def test_help_lists_every_flag(capsys):
                  "--in-channels", "--image-size", "--batch-size", "--lr", "--weight-decay", "--patience",
                  "--early-stop", "--num-workers", "--device", "--augment"):
         assert flag in text
+    assert help_gaps(classify.parse_args) == []
     args = classify.parse_args(["--real", "r.csv", "--out", "o"])
     assert (args.batch_size, args.lr, args.weight_decay, args.patience, args.early_stop, args.max_epochs,
             args.image_size, args.folds) == (64, 1e-4, 1e-5, 10, 25, 150, 224, 5)
@@ -292,8 +294,18 @@ def test_resume_skips_finished_cells(sweep, monkeypatch):
     assert len(calls) == 2
     assert sorted(results.read_text().splitlines()) == sorted(before.splitlines())  # same numbers again
 
-    with pytest.raises(SystemExit, match="another configuration.*max_epochs"):
+
+
+def test_other_settings_refused_in_one_line(sweep, capsys):
+    if not (sweep["out"] / "results.csv").exists():
+        classify.main(sweep["argv"])
+    before = (sweep["out"] / "results.csv").read_text()
+    with pytest.raises(SystemExit) as e:
         classify.main([*sweep["argv"], "--max-epochs", "3"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1
+    assert "max_epochs" in err and "--overwrite" in err
+    assert (sweep["out"] / "results.csv").read_text() == before  # nothing lost
 
 
 @pytest.mark.filterwarnings("ignore:test label")
@@ -382,7 +394,33 @@ def test_bad_csvs_give_clear_errors(sweep, tmp_path):
         run(ratios="0,1")
     with pytest.raises(SystemExit, match="--patient-column: .* has no 'subject' column"):
         run("--patient-column", "subject")
-    assert not (tmp_path / "out" / "results.csv").exists()
+    assert not (tmp_path / "out").exists()  # a failed start leaves no output folder behind
+
+
+@pytest.mark.filterwarnings("ignore:test label")
+def test_real_only_sweep_without_synthetic(sweep, tmp_path, monkeypatch):
+    """No --synthetic: the real-only regimes (1:0) run; a leftover of a failed start does not block it."""
+    calls = _count_cells(monkeypatch)
+    argv = [a for a in sweep["argv"] if a != str(sweep["root"] / "synthetic" / "synthetic.csv")]
+    argv.remove("--synthetic")
+    argv[argv.index("--ratios"):argv.index("--ratios") + 2] = []  # default without --synthetic: 0 only
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    with pytest.raises(SystemExit):
+        classify.main([*argv, "--real", str(tmp_path / "missing.csv")])  # failed start: nothing written
+    assert not (tmp_path / "out").exists()
+    rows = classify.main([*argv, "--max-epochs", "1"])
+    assert len(calls) == 4 and sorted((r["regime"], r["ratio"]) for r in rows) == [(20, 0.0)] * 2 + [(40, 0.0)] * 2
+    assert all(r["n_synthetic"] == 0 and 0 <= r["mean_auc"] <= 1 for r in rows)
+    assert "1:0" in (tmp_path / "out" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "-1"), ("--folds", "1"), ("--regimes", "10,x"),
+                                         ("--max-epochs", "0"), ("--drop-rate", "1"), ("--test-fraction", "2")])
+def test_bad_flags_one_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        classify.parse_args(["--real", "r.csv", "--out", "o", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and flag in err[-1] and "Traceback" not in "".join(err)
 
 
 # ------------------------------------------------------------------------------------------------ learning
