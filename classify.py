@@ -39,7 +39,6 @@ negative ("U-Zeros", data/readers.py).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import math
@@ -63,14 +62,14 @@ from data.readers import read_image, read_labels_csv
 from data.transforms import augment, preprocess_cxr
 from eval import experiment as ex
 from eval.densenet import DenseLayer, DenseNet121
+from eval.figures import line_plot
 from eval.metrics import roc_auc
-from eval.plot import line_plot
 
 NOT_CONFIG = ("out", "overwrite", "device", "num_workers")  # arguments that do not change the results
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--real", required=True, help="labelled CSV of real images (path + label columns)")
     p.add_argument("--synthetic", help="synthetic.csv from sample.py (path, source, source_b, labels...); "
                    "default: none, only the real-only regimes (ratio 1:0) run")

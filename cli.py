@@ -52,6 +52,13 @@ def fail(message: str):
 # ---------------------------------------------------------------------------------------------- flag types
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`prog: error: argument --x: ...`), not the usage block too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows '(default: ...)' after every flag that has a default (None and switches have none to
     show: their help sentence says what happens without them)."""

@@ -55,62 +55,91 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import cli
 import hub
 import pipeline
 from data.readers import ImageReadError, list_images, read_image
 from data.transforms import preprocess_cxr, preprocess_mask
+from eval import figures
 from eval.segmentation import RULES, block_partition, lung_scores, mask_baselines, overlay
 from generate import encode_images
-from unet.diffseg import AttentionAggregator, diffseg
+from unet.diffseg import AttentionAggregator, auto_threshold, diffseg
 
-SEARCH_KEYS = {"timestep": int, "context": str, "threshold": float, "grid": int, "iterations": int,
-               "upsample": str}
+SEARCH_KEYS = {"timestep": int, "context": str, "threshold": lambda v: v if v == "auto" else float(v),
+               "grid": int, "iterations": int, "upsample": str}
 VALID = {"timestep": (lambda v: v >= 0, ">= 0"), "context": (lambda v: v in ("own", "zeros"), "own or zeros"),
-         "threshold": (lambda v: v > 0, "> 0"), "grid": (lambda v: v >= 2, ">= 2"),
+         "threshold": (lambda v: v == "auto" or v > 0, "auto or > 0"), "grid": (lambda v: v >= 2, ">= 2"),
          "iterations": (lambda v: v >= 1, ">= 1"), "upsample": (lambda v: v in ("bilinear", "nearest"),
                                                                "bilinear or nearest")}
 FORWARD_KEYS = ("timestep", "context")  # a UNet forward per value; the others reuse its attention
 
 
+def threshold_value(text: str):
+    """--threshold: 'auto' (unet.diffseg.auto_threshold) or a number > 0."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text}")
+    return value
+
+
+threshold_value.__name__ = "threshold"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.",
+                                formatter_class=cli.HelpFormatter)
     src = p.add_argument_group("model (either --run, or --unet and --vae for the vanilla-SD baseline)")
-    src.add_argument("--run", metavar="RUN_DIR", help="run directory written by train.py")
-    src.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    src.add_argument("--run", metavar="RUN_DIR", help="run directory written by train.py (default: none, "
+                     "then --unet and --vae)")
+    src.add_argument("--step", type=cli.nonneg_int, help="checkpoint step (default: newest)")
     src.add_argument("--checkpoints", choices=["latest", "all"], default="latest",
-                     help="all: one report per checkpoint of the run + a sweep summary")
+                     help="latest: one report; all: one report per checkpoint of the run + a sweep summary")
     src.add_argument("--no-ema", action="store_true", help="raw UNet weights even when EMA weights exist")
-    src.add_argument("--unet", help="vanilla mode: UNet source (Hub id, diffusers folder or weights file)")
+    src.add_argument("--unet", help="vanilla mode: UNet source (Hub id, diffusers folder or weights file; "
+                     "default: none, use --run)")
     src.add_argument("--unet-subfolder", help="default: 'unet' for a Hub id or a folder that has one")
-    src.add_argument("--vae", help="vanilla mode: VAE source")
+    src.add_argument("--vae", help="vanilla mode: VAE source (default: none, use --run)")
     src.add_argument("--vae-subfolder", help="default: 'vae' for a Hub id or a folder that has one")
     io = p.add_argument_group("data")
     io.add_argument("--images", required=True, metavar="PATH",
                     help="folder of PNG/JPEG/DICOM, or CSV with an image column")
-    io.add_argument("--masks", metavar="DIR", help="lung masks (255 = lung), matched to images by file stem")
+    io.add_argument("--masks", metavar="DIR", help="lung masks (255 = lung), matched to images by file stem "
+                    "(default: none, no Dice)")
     io.add_argument("--image-column", help="CSV image column (default: 'path', else 'image')")
     io.add_argument("--mask-column", help="CSV mask column (default: 'mask' when present and no --masks)")
     io.add_argument("--resize-masks", action="store_true",
                     help="nearest-resize masks whose size differs from their image (default: error)")
-    io.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    io.add_argument("--limit", type=int, help="only the first N images")
+    io.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder: labels/, overlays/, overlays.png, dice.csv, summary.json")
+    io.add_argument("--overwrite", action="store_true",
+                    help="empty an --out that holds outputs of other settings and start clean")
+    io.add_argument("--limit", type=cli.positive_int, help="only the first N images (default: all)")
     ds = p.add_argument_group("DiffSeg")
-    ds.add_argument("--size", type=int, help="image side S (default: the run's image_size; vanilla 512)")
-    ds.add_argument("--timestep", type=int, default=300, help="UNet timestep (paper: 300)")
+    ds.add_argument("--size", type=cli.positive_int,
+                    help="image side S (default: the run's image_size; vanilla 512)")
+    ds.add_argument("--timestep", type=cli.nonneg_int, default=300, help="UNet timestep (paper: 300)")
     ds.add_argument("--context", choices=["own", "zeros"], help="c_GLB of the image (default) or zeros")
-    ds.add_argument("--threshold", type=float, help="KL merge threshold (default 0.05; vanilla 0.5)")
-    ds.add_argument("--grid", type=int, help="anchor grid side M (default 16; vanilla 32)")
-    ds.add_argument("--iterations", type=int, default=3, help="merge iterations (reference: 3)")
+    ds.add_argument("--threshold", type=threshold_value,
+                    help="KL merge threshold: a number, or 'auto' = the median of the image's own pairwise "
+                         "anchor KL distances, which suits any model size (default: auto; vanilla 0.5)")
+    ds.add_argument("--grid", type=cli.number(int, 2), help="anchor grid side M (default 16; vanilla 32)")
+    ds.add_argument("--iterations", type=cli.positive_int, default=3, help="merge iterations (reference: 3)")
     ds.add_argument("--upsample", choices=["bilinear", "nearest"], default="bilinear",
                     help="maps -> image size: bilinear then argmax (reference), or argmax then nearest")
     ds.add_argument("--refine", action="store_true", help="k-means refinement of the object maps")
     ds.add_argument("--search", nargs="+", metavar="KEY=V1,V2",
-                    help='grid search, e.g. "threshold=0.01,0.05 grid=8,16 timestep=100,300"; keys: '
-                         + ", ".join(SEARCH_KEYS))
+                    help='grid search, e.g. "threshold=auto,0.05 grid=8,16 timestep=100,300" (default: none); '
+                         "keys: " + ", ".join(SEARCH_KEYS))
     ds.add_argument("--dice-rule", choices=RULES, default="nms", help="rule behind the `dice` column")
     rt = p.add_argument_group("runtime")
-    rt.add_argument("--batch-size", type=int, default=4, help="images per UNet forward")
-    rt.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="UNet autocast")
+    rt.add_argument("--batch-size", type=cli.positive_int, default=4, help="images per UNet forward")
+    rt.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                    help="UNet autocast dtype (no = float32)")
     rt.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     args = p.parse_args(argv)
     vanilla = args.unet is not None or args.vae is not None
@@ -121,10 +150,8 @@ def parse_args(argv=None):
                 "need --run")
     if args.step is not None and args.checkpoints == "all":
         p.error("--step and --checkpoints all exclude each other")
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--batch-size and --limit must be >= 1")
     args.context = args.context or ("zeros" if vanilla else "own")
-    args.threshold = args.threshold if args.threshold is not None else (0.5 if vanilla else 0.05)
+    args.threshold = args.threshold if args.threshold is not None else (0.5 if vanilla else "auto")
     args.grid = args.grid if args.grid is not None else (32 if vanilla else 16)
     return args
 
@@ -307,6 +334,40 @@ def segment_image(lab, image, gt, stem: str, path, folder: Path, rule: str) -> d
     return {"image": stem, "path": str(path), "dice": scores[f"dice_{rule}"]} | scores
 
 
+def check_grid(combos, res, size):
+    bad = sorted({c["grid"] for c in combos if not 2 <= c["grid"] <= min(res)})
+    if bad:
+        raise SystemExit(f"--grid {bad}: the attention grid at --size {size} is {res[0]}x{res[1]}; "
+                         f"use a grid between 2 and {min(res)} or a larger --size")
+
+
+def output_settings(args) -> dict:
+    """The arguments that determine segment.py's outputs (cli.claim_output compares them)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device", "batch_size")}
+
+
+def warn_if_one_segment(folder: Path, rows: list[dict], threshold):
+    """Loud, when most images end as one segment: blank label maps, Dice of 'every pixel lung' at best."""
+    single = sum(r["num_segments"] == 1 for r in rows)
+    if single * 2 > len(rows):
+        hint = "a smaller --threshold" if threshold == "auto" else "--threshold auto or a smaller value"
+        warnings.warn(f"{folder}: {single} of {len(rows)} images ended as ONE segment (blank label maps) at "
+                      f"--threshold {threshold}, which does not suit this model: try {hint} "
+                      "(--search threshold=... compares several)", stacklevel=2)
+
+
+def overlay_grid(folder: Path, rows: list[dict], images, masks, count: int = 8):
+    """overlays.png: the first `count` images, each above its DiffSeg overlay, captioned."""
+    pick = rows[:count]
+    by_stem = {r["image"]: i for i, r in enumerate(rows)}
+    cxr = [images[by_stem[r["image"]], 0] for r in pick]
+    over = [torch.from_numpy(np.asarray(Image.open(folder / "overlays" / f"{r['image']}.png"))).permute(2, 0, 1)
+            .float() / 255 for r in pick]
+    labels = [f"{r['image']}: {r['num_segments']} seg" + (f", Dice {r['dice']:.2f}" if "dice" in r else "")
+              for r in pick]
+    figures.caption_grid([cxr, over], ["image", "DiffSeg"], labels).save(folder / "overlays.png")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -333,6 +394,10 @@ def main(argv=None):
     if masks is not None and len(masks) >= 2:
         baselines = {k: v.tolist() for k, v in mask_baselines(masks).items()}
     out, sweep = Path(args.out), args.checkpoints == "all"
+    # one image's forward tells the attention grid: --grid is checked, and only then is --out claimed
+    _, res = self_attention(unet, latents[:1], contexts[combos[0]["context"]][:1], combos[0]["timestep"], amp)
+    check_grid(combos, res, size)
+    cli.claim_output(out, output_settings(args), overwrite=args.overwrite)
     summaries = []
     for step, path in ckpts:
         weights = None if path is None else unet_weights(path, not args.no_ema)
@@ -340,39 +405,44 @@ def main(argv=None):
             unet.load_state_dict(hub.load_state_dict_file(weights), strict=True)
         prefix = [f"step_{step:07d}"] if sweep else []
         folders = [out.joinpath(*prefix, "_".join(f"{k}{c[k]}" for k in searched)) for c in combos]
-        for folder, sub in itertools.product(folders, ("labels", "overlays")):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        rows = [[] for _ in combos]
+        rows, used = [[] for _ in combos], [[] for _ in combos]
         forwards = sorted({tuple(c[k] for k in FORWARD_KEYS) for c in combos})
         desc = "segmenting" + (f" step {step}" if step is not None else "")
         for (timestep, ctx), b in tqdm(list(itertools.product(forwards, batches)), desc=desc):
             attn, res = self_attention(unet, latents[b], contexts[ctx][b], timestep, amp)
-            bad = sorted({c["grid"] for c in combos if not 2 <= c["grid"] <= min(res)})
-            if bad:  # checked on the first forward, before anything is written
-                raise SystemExit(f"--grid {bad}: the attention grid at --size {size} is {res[0]}x{res[1]}; "
-                                 f"use a grid between 2 and {min(res)} or a larger --size")
+            for folder, sub in itertools.product(folders, ("labels", "overlays")):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
             for i, c in enumerate(combos):
                 if (c["timestep"], c["context"]) == (timestep, ctx):  # reuse the attention
-                    labels = diffseg(attn, c["grid"], c["threshold"], c["iterations"], (size, size), res,
-                                     c["upsample"], args.refine).cpu()
+                    ts = [auto_threshold(a, res, c["grid"]) if c["threshold"] == "auto" else c["threshold"]
+                          for a in attn]
+                    labels = torch.stack([diffseg(a[None], c["grid"], t, c["iterations"], (size, size), res,
+                                                  c["upsample"], args.refine)[0] for a, t in zip(attn, ts)])
+                    used[i] += ts
                     rows[i] += [segment_image(lab, images[j, 0], None if masks is None else masks[j],
                                               items[j][0], items[j][1], folders[i], args.dice_rule)
-                                for j, lab in zip(range(len(items))[b], labels)]
+                                for j, lab in zip(range(len(items))[b], labels.cpu())]
         for i, c in enumerate(combos):
             settings = c | {"step": step, "refine": args.refine, "size": size}
             for name, scores in baselines.items():
                 for r, d in zip(rows[i], scores):
                     r[f"dice_baseline_{name}"] = d
             meta = {"settings": settings, "step": step, "run": args.run, "unet": args.unet, "vae": args.vae,
-                    "weights": weights and str(weights), "ema": not args.no_ema, "skipped": skipped}
+                    "weights": weights and str(weights), "ema": not args.no_ema, "skipped": skipped,
+                    "mean_threshold_used": float(np.mean(used[i]))}
             summaries.append(s := write_report(folders[i], rows[i], meta, args.dice_rule))
+            overlay_grid(folders[i], rows[i], images, masks)
+            warn_if_one_segment(folders[i], rows[i], c["threshold"])
             if "mean_dice" in s:
                 print(f"{folders[i]}: mean Dice ({args.dice_rule}) {s['mean_dice']:.4f} "
-                      f"+- {s['std_dice']:.4f} over {s['n']} images")
+                      f"+- {s['std_dice']:.4f} over {s['n']} images; image-blind baselines: "
+                      + ", ".join(f"{k.removeprefix('mean_dice_baseline_')} {v:.4f}" for k, v in s.items()
+                                  if k.startswith("mean_dice_baseline_"))
+                      + f"; {s['mean_num_segments']:.1f} segments per image")
     if sweep or searched:
         write_table(out, summaries, (["step"] if sweep else []) + searched)
     return summaries
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

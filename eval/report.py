@@ -28,7 +28,7 @@ from PIL import Image
 
 from data.readers import read_image
 from data.transforms import preprocess_mask
-from eval.plot import line_plot
+from eval.figures import line_plot
 from eval.segmentation import overlay
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 import classify
 from data import LABELS
 from eval import experiment as ex
-from eval.plot import line_plot, nice_ticks
+from eval.figures import line_plot, nice_ticks
 from tests.helpers import help_gaps
 
 
