@@ -54,7 +54,9 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
                  pad: int = 4) -> Image.Image:
     """rows: list of rows, each a list of tiles (None = empty cell); every tile the size of the first.
     row_labels: one per row (left); col_labels: one per column (top); captions: per tile (below it).
-    -> an RGB image: (title,) header, then one band per row of tiles (each with its caption line)."""
+    -> an RGB image: (title,) header, then one band per row of tiles (each with its caption line). Its
+    `.info["boxes"]` maps (row, column) to the tile's (left, top, right, bottom) and `.info["text"]` lists every
+    caption drawn (for tests and for callers that annotate further)."""
     if not rows or not any(rows):
         raise ValueError("caption_grid needs at least one tile")
     n_cols = max(len(r) for r in rows)
@@ -72,6 +74,7 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
     width = max(left + n_cols * (tw + pad), _text_width(title, bold) + 2 * pad)
     grid = Image.new("RGB", (width, top + len(rows) * (th + cap_h + pad)), "white")
     draw = ImageDraw.Draw(grid)
+    boxes, texts = {}, [t for t in [title, *(row_labels or []), *(col_labels or [])] if t]
     if title:
         draw.text((pad, pad), title, fill="black", font=bold)
     for c, label in enumerate(col_labels or []):
@@ -86,10 +89,13 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
             img = _to_rgb(tile)
             if img.size != first.size:
                 raise ValueError(f"caption_grid: tile ({r}, {c}) is {img.size}, the first is {first.size}")
-            grid.paste(img.resize((tw, th), Image.NEAREST), (left + c * (tw + pad), y))
+            x = left + c * (tw + pad)
+            grid.paste(img.resize((tw, th), Image.NEAREST), (x, y))
+            boxes[r, c] = (x, y, x + tw, y + th)
             if captions and captions[r][c]:
-                draw.text((left + c * (tw + pad) + tw / 2, y + th + 1), captions[r][c], fill="black",
-                          font=font, anchor="ma")
+                draw.text((x + tw / 2, y + th + 1), captions[r][c], fill="black", font=font, anchor="ma")
+                texts.append(captions[r][c])
+    grid.info.update(boxes=boxes, text=texts)
     return grid
 
 
