@@ -361,11 +361,12 @@ def overlay_grid(folder: Path, rows: list[dict], images, masks, count: int = 8):
     pick = rows[:count]
     by_stem = {r["image"]: i for i, r in enumerate(rows)}
     cxr = [images[by_stem[r["image"]], 0] for r in pick]
-    over = [torch.from_numpy(np.asarray(Image.open(folder / "overlays" / f"{r['image']}.png"))).permute(2, 0, 1)
+    over = [torch.from_numpy(np.array(Image.open(folder / "overlays" / f"{r['image']}.png"))).permute(2, 0, 1)
             .float() / 255 for r in pick]
-    labels = [f"{r['image']}: {r['num_segments']} seg" + (f", Dice {r['dice']:.2f}" if "dice" in r else "")
-              for r in pick]
-    figures.caption_grid([cxr, over], ["image", "DiffSeg"], labels).save(folder / "overlays.png")
+    info = [f"{r['num_segments']} segments" + (f", Dice {r['dice']:.2f}" if "dice" in r else "") for r in pick]
+    figures.caption_grid([cxr, over], ["image", "DiffSeg"], [r["image"] for r in pick], [[""] * len(pick), info],
+                         title="DiffSeg segments in colour, ground-truth lung contour in yellow").save(
+        folder / "overlays.png")
 
 
 def main(argv=None):

@@ -37,6 +37,13 @@ def _text_width(text: str, font) -> int:
     return int(math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)))
 
 
+def _fit(text: str, font, width: int) -> str:
+    """`text`, shortened with '~' until it is at most `width` px wide (captions never overlap)."""
+    while len(text) > 1 and _text_width(text, font) > width:
+        text = text[:-2] + "~"
+    return text
+
+
 def _to_rgb(tile) -> Image.Image:
     """A tensor / array [H, W], [1, H, W] or [3, H, W] in [0, 1] (or uint8 [H, W(, 3)]) -> RGB image."""
     if isinstance(tile, Image.Image):
@@ -78,7 +85,8 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
     if title:
         draw.text((pad, pad), title, fill="black", font=bold)
     for c, label in enumerate(col_labels or []):
-        draw.text((left + c * (tw + pad) + tw / 2, top - 2), label, fill="black", font=font, anchor="md")
+        draw.text((left + c * (tw + pad) + tw / 2, top - 2), _fit(label, font, tw + pad), fill="black", font=font,
+                  anchor="md")
     for r, tiles in enumerate(rows):
         y = top + r * (th + cap_h + pad)
         if row_labels:
@@ -93,7 +101,8 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
             grid.paste(img.resize((tw, th), Image.NEAREST), (x, y))
             boxes[r, c] = (x, y, x + tw, y + th)
             if captions and captions[r][c]:
-                draw.text((x + tw / 2, y + th + 1), captions[r][c], fill="black", font=font, anchor="ma")
+                draw.text((x + tw / 2, y + th + 1), _fit(captions[r][c], font, tw + pad), fill="black", font=font,
+                          anchor="ma")
                 texts.append(captions[r][c])
     grid.info.update(boxes=boxes, text=texts)
     return grid
