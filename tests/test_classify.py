@@ -3,6 +3,7 @@ phantom CXRs (tiny DenseNet, 64 px, CPU)."""
 
 import csv
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -161,8 +162,32 @@ def test_plot_writes_png(tmp_path):
     assert nice_ticks(0.52, 0.71) == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
     path = line_plot({"N = 50": [0.55, 0.6, math.nan], "N = 100": [0.6, 0.65, 0.7]}, ["1:0", "1:1", "1:5"],
                      tmp_path / "p.png", errors={"N = 50": [0.01, 0.02, math.nan]}, title="t", ylabel="AUC")
+    with Image.open(path) as img:  # matplotlib (when installed) trims the margins: about 900 x 600
+        assert 600 < img.width <= 1000 and 400 < img.height <= 700 and len(img.getcolors(1 << 16)) > 4
+
+
+def test_pillow_plot_fits_its_legend(tmp_path, monkeypatch):
+    """Without matplotlib the Pillow drawing widens for a long legend entry instead of cutting it off."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    name = "FID (random-init XRV DenseNet, held-out patients)"
+    path = line_plot({name: [3.0, 2.0, 1.5]}, ["500", "1000", "1500"], tmp_path / "fid.png", title="FID")
     with Image.open(path) as img:
-        assert img.size == (900, 600) and len(img.getcolors(1 << 16)) > 4
+        arr = np.asarray(img.convert("L"))
+    assert img.width > 900 and arr[:, -6:].min() == 255  # wider, and nothing drawn at the right edge
+
+
+def test_report_grids_show_generated_images_captioned(tmp_path):
+    from eval import report
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for k, (a, b, r) in enumerate([("s0", "t0", 0.25), ("s0", "t0", 0.75), ("s0", "t1", 0.5)]):
+        Image.fromarray(np.full((32, 32), 40 * k, np.uint8)).save(tmp_path / "images" / f"{k}.png")
+        rows.append(dict(path=f"images/{k}.png", source=a, source_b=b, r=str(r), seed=str(k)))
+    _write_csv(tmp_path / "synthetic.csv", rows)
+    report.generated_grid(tmp_path, tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.height > 2 * 96 and img.width > 2 * 96  # 2 pairs (rows), 2 blends in the first
 
 
 # ------------------------------------------------------------------------------------------------ CLI
