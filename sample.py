@@ -61,7 +61,8 @@ def parse_args(argv=None):
                    help="interpolation: comma-separated r values in [0,1] (default: --num values r ~ "
                         "U(--ratio-range) per pair)")
     p.add_argument("--ratio-range", default="0.1,0.9", help="interpolation: range for random r (paper: random)")
-    p.add_argument("--method", choices=["lerp", "slerp"], default="lerp", help="interpolation of c_GLB")
+    p.add_argument("--method", choices=["lerp", "slerp"], default="lerp",
+                   help="how c_GLB is blended: lerp (linear) or slerp (spherical)")
     p.add_argument("--labels", default=None,
                    help="label columns of a labelled CSV (default: the paper labels it has, maybe none)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
