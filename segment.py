@@ -11,8 +11,12 @@ Per image (DiffSeg, Tian et al. 2024; facts in unet/diffseg.py):
    (`unet.diffseg.AttentionAggregator`, N = (S/8)^2), then anchors on a --grid x --grid lattice are merged
    with symmetric KL below --threshold for --iterations rounds (optionally k-means --refine), and every pixel
    takes its nearest object map: a label map [S, S] (--upsample bilinear as the reference, or nearest).
-4. Written: `labels/<stem>.png` (ids 0..K-1; uint8, uint16 past 255 segments) and `overlays/<stem>.png`
-   (segments in colour over the CXR, the ground-truth lung contour in yellow when a mask is given).
+   --threshold auto (the default with --run) is set per image from its own anchor distances
+   (`unet.diffseg.auto_threshold`: a fixed value suits one model only); summary.json records the mean used
+   (`mean_threshold_used`), and a warning names --threshold whenever most images end as one segment.
+4. Written: `labels/<stem>.png` (ids 0..K-1; uint8, uint16 past 255 segments), `overlays/<stem>.png`
+   (segments in colour over the CXR, the ground-truth lung contour in yellow when a mask is given) and
+   `overlays.png` (the first 8 images above their overlays, captioned with segment count and Dice).
 
 Scoring (with masks; `eval.segmentation.lung_scores`): the segments have no names, so a rule picks the lung.
 `dice` (the headline, `--dice-rule`, default `nms`) is the paper's reading "candidate masks evaluated by their
@@ -35,6 +39,10 @@ baseline means, mean_num_segments, settings, step).
 e.g. `timestep300_threshold0.05_grid16/`; the UNet runs once per image, timestep and context, and the
 aggregated attention is reused for every threshold/grid/iterations/upsample) add `summary.csv` and
 `summary.json` at the top: one row per report, sorted by mean Dice (best first).
+
+--out holds one job (`cli.claim_output`): its settings.json records the flags; a rerun with the same flags is
+accepted, other flags are refused in one line unless --overwrite. Inputs, model and --grid are checked first,
+so a failed start leaves no output folder.
 
 Vanilla SD baseline (paper: SD 1.5, threshold 0.5, grid 32): --unet SOURCE --vae SOURCE instead of --run
 (Hub id, diffusers folder or single file); context zeros; defaults threshold 0.5, grid 32, size 512.
@@ -60,7 +68,7 @@ import hub
 import pipeline
 from data.readers import ImageReadError, list_images, read_image
 from data.transforms import preprocess_cxr, preprocess_mask
-from eval import figures
+from eval.segment_report import report, write_table
 from eval.segmentation import RULES, block_partition, lung_scores, mask_baselines, overlay
 from generate import encode_images
 from unet.diffseg import AttentionAggregator, auto_threshold, diffseg
@@ -102,9 +110,11 @@ def parse_args(argv=None):
     src.add_argument("--no-ema", action="store_true", help="raw UNet weights even when EMA weights exist")
     src.add_argument("--unet", help="vanilla mode: UNet source (Hub id, diffusers folder or weights file; "
                      "default: none, use --run)")
-    src.add_argument("--unet-subfolder", help="default: 'unet' for a Hub id or a folder that has one")
+    src.add_argument("--unet-subfolder", help="subfolder of --unet holding the UNet ('' = none; default: 'unet' "
+                     "for a Hub id or a folder that has one)")
     src.add_argument("--vae", help="vanilla mode: VAE source (default: none, use --run)")
-    src.add_argument("--vae-subfolder", help="default: 'vae' for a Hub id or a folder that has one")
+    src.add_argument("--vae-subfolder", help="subfolder of --vae holding the VAE ('' = none; default: 'vae' for "
+                    "a Hub id or a folder that has one)")
     io = p.add_argument_group("data")
     io.add_argument("--images", required=True, metavar="PATH",
                     help="folder of PNG/JPEG/DICOM, or CSV with an image column")
@@ -125,8 +135,9 @@ def parse_args(argv=None):
     ds.add_argument("--timestep", type=cli.nonneg_int, default=300, help="UNet timestep (paper: 300)")
     ds.add_argument("--context", choices=["own", "zeros"], help="c_GLB of the image (default) or zeros")
     ds.add_argument("--threshold", type=threshold_value,
-                    help="KL merge threshold: a number, or 'auto' = the median of the image's own pairwise "
-                         "anchor KL distances, which suits any model size (default: auto; vanilla 0.5)")
+                    help="KL merge threshold: a number, or 'auto' = the 0.1 quantile of the image's own "
+                         "pairwise anchor KL distances, which follows the model's distance scale (rule: "
+                         "unet/diffseg.py) (default: auto; vanilla 0.5, the paper's SD 1.5 value)")
     ds.add_argument("--grid", type=cli.number(int, 2), help="anchor grid side M (default 16; vanilla 32)")
     ds.add_argument("--iterations", type=cli.positive_int, default=3, help="merge iterations (reference: 3)")
     ds.add_argument("--upsample", choices=["bilinear", "nearest"], default="bilinear",
@@ -283,41 +294,6 @@ def self_attention(unet, latents, context, timestep: int, amp) -> tuple[torch.Te
     return agg.result(), agg.resolution
 
 
-def write_report(folder: Path, rows: list[dict], meta: dict, rule: str) -> dict:
-    """dice.csv (with masks) + summary.json in `folder` -> the summary."""
-    summary = {"n": len(rows), "mean_num_segments": float(np.mean([r["num_segments"] for r in rows]))}
-    if "dice" in rows[0]:
-        with open(folder / "dice.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        d = np.array([r["dice"] for r in rows])
-        summary |= {"mean_dice": float(d.mean()), "std_dice": float(d.std()), "dice_rule": rule}
-        summary |= {f"mean_dice_{k}": float(np.mean([r[f"dice_{k}"] for r in rows])) for k in RULES}
-        summary |= {f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if "baseline" in k}
-    summary |= meta
-    hub.write_json_atomic(summary, folder / "summary.json")
-    return summary
-
-
-def write_table(out: Path, summaries: list[dict], columns: list[str]):
-    """The sweep/search summary: one row per report, best mean Dice first."""
-    rows = sorted(summaries, key=lambda s: -s.get("mean_dice", 0.0))
-    keys = columns + [k for k in ("mean_dice", "std_dice", "mean_dice_best_union", "mean_dice_nms",
-                                  "mean_dice_hungarian", "mean_dice_baseline_blocks", "mean_num_segments", "n")
-                      if k in rows[0]]
-    table = [{k: (r["settings"] | r)[k] for k in keys} for r in rows]
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(table)
-    hub.write_json_atomic({"reports": table}, out / "summary.json")
-    widths = [max(8, len(k)) for k in keys]
-    for r in [dict(zip(keys, keys)), *table]:
-        print("  ".join(f"{v:>{w}.4f}" if isinstance(v, float) else f"{v!s:>{w}}"
-                        for v, w in zip(r.values(), widths)))
-
-
 def segment_image(lab, image, gt, stem: str, path, folder: Path, rule: str) -> dict:
     """Save one label map [S, S] and its overlay -> the image's dice.csv row (scores when gt is given)."""
     lab = (torch.bincount(lab.flatten()) > 0).cumsum(0)[lab] - 1  # consecutive ids 0..K-1, order kept
@@ -334,6 +310,14 @@ def segment_image(lab, image, gt, stem: str, path, folder: Path, rule: str) -> d
     return {"image": stem, "path": str(path), "dice": scores[f"dice_{rule}"]} | scores
 
 
+def label_maps(attn, res, c: dict, size: int, refine: bool) -> tuple[torch.Tensor, list[float]]:
+    """DiffSeg with the settings `c` on attention [B, N, N] -> label maps [B, S, S] and the thresholds used."""
+    ts = [auto_threshold(a, res, c["grid"]) if c["threshold"] == "auto" else c["threshold"] for a in attn]
+    labels = [diffseg(a[None], c["grid"], t, c["iterations"], (size, size), res, c["upsample"], refine)[0]
+              for a, t in zip(attn, ts)]
+    return torch.stack(labels), ts
+
+
 def check_grid(combos, res, size):
     bad = sorted({c["grid"] for c in combos if not 2 <= c["grid"] <= min(res)})
     if bad:
@@ -344,29 +328,6 @@ def check_grid(combos, res, size):
 def output_settings(args) -> dict:
     """The arguments that determine segment.py's outputs (cli.claim_output compares them)."""
     return {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device", "batch_size")}
-
-
-def warn_if_one_segment(folder: Path, rows: list[dict], threshold):
-    """Loud, when most images end as one segment: blank label maps, Dice of 'every pixel lung' at best."""
-    single = sum(r["num_segments"] == 1 for r in rows)
-    if single * 2 > len(rows):
-        hint = "a smaller --threshold" if threshold == "auto" else "--threshold auto or a smaller value"
-        warnings.warn(f"{folder}: {single} of {len(rows)} images ended as ONE segment (blank label maps) at "
-                      f"--threshold {threshold}, which does not suit this model: try {hint} "
-                      "(--search threshold=... compares several)", stacklevel=2)
-
-
-def overlay_grid(folder: Path, rows: list[dict], images, masks, count: int = 8):
-    """overlays.png: the first `count` images, each above its DiffSeg overlay, captioned."""
-    pick = rows[:count]
-    by_stem = {r["image"]: i for i, r in enumerate(rows)}
-    cxr = [images[by_stem[r["image"]], 0] for r in pick]
-    over = [torch.from_numpy(np.array(Image.open(folder / "overlays" / f"{r['image']}.png"))).permute(2, 0, 1)
-            .float() / 255 for r in pick]
-    info = [f"{r['num_segments']} segments" + (f", Dice {r['dice']:.2f}" if "dice" in r else "") for r in pick]
-    figures.caption_grid([cxr, over], ["image", "DiffSeg"], [r["image"] for r in pick], [[""] * len(pick), info],
-                         title="DiffSeg segments in colour, ground-truth lung contour in yellow").save(
-        folder / "overlays.png")
 
 
 def main(argv=None):
@@ -415,31 +376,16 @@ def main(argv=None):
                 (folder / sub).mkdir(parents=True, exist_ok=True)
             for i, c in enumerate(combos):
                 if (c["timestep"], c["context"]) == (timestep, ctx):  # reuse the attention
-                    ts = [auto_threshold(a, res, c["grid"]) if c["threshold"] == "auto" else c["threshold"]
-                          for a in attn]
-                    labels = torch.stack([diffseg(a[None], c["grid"], t, c["iterations"], (size, size), res,
-                                                  c["upsample"], args.refine)[0] for a, t in zip(attn, ts)])
+                    labels, ts = label_maps(attn, res, c, size, args.refine)
                     used[i] += ts
                     rows[i] += [segment_image(lab, images[j, 0], None if masks is None else masks[j],
                                               items[j][0], items[j][1], folders[i], args.dice_rule)
                                 for j, lab in zip(range(len(items))[b], labels.cpu())]
         for i, c in enumerate(combos):
-            settings = c | {"step": step, "refine": args.refine, "size": size}
-            for name, scores in baselines.items():
-                for r, d in zip(rows[i], scores):
-                    r[f"dice_baseline_{name}"] = d
-            meta = {"settings": settings, "step": step, "run": args.run, "unet": args.unet, "vae": args.vae,
-                    "weights": weights and str(weights), "ema": not args.no_ema, "skipped": skipped,
-                    "mean_threshold_used": float(np.mean(used[i]))}
-            summaries.append(s := write_report(folders[i], rows[i], meta, args.dice_rule))
-            overlay_grid(folders[i], rows[i], images, masks)
-            warn_if_one_segment(folders[i], rows[i], c["threshold"])
-            if "mean_dice" in s:
-                print(f"{folders[i]}: mean Dice ({args.dice_rule}) {s['mean_dice']:.4f} "
-                      f"+- {s['std_dice']:.4f} over {s['n']} images; image-blind baselines: "
-                      + ", ".join(f"{k.removeprefix('mean_dice_baseline_')} {v:.4f}" for k, v in s.items()
-                                  if k.startswith("mean_dice_baseline_"))
-                      + f"; {s['mean_num_segments']:.1f} segments per image")
+            meta = {"settings": c | {"step": step, "refine": args.refine, "size": size}, "step": step,
+                    "run": args.run, "unet": args.unet, "vae": args.vae, "weights": weights and str(weights),
+                    "ema": not args.no_ema, "skipped": skipped, "mean_threshold_used": float(np.mean(used[i]))}
+            summaries.append(report(folders[i], rows[i], baselines, meta, args.dice_rule, images, masks))
     if sweep or searched:
         write_table(out, summaries, (["step"] if sweep else []) + searched)
     return summaries
