@@ -110,8 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--max-epochs", type=cli.positive_int, default=150,
                    help="most epochs per cell (paper: 150)")
     p.add_argument("--augment", action="store_true", help="the paper's random sharpening + affine")
-    p.add_argument("--num-workers", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
-                   help="image decoding threads")
+    p.add_argument("--num-workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
+                   help="image decoding threads (0 = one)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the test split, folds, subsets and networks")
     return p.parse_args(argv)
