@@ -369,8 +369,10 @@ def main(argv=None):
     fields = ["regime", "ratio", "fold", "n_real", "n_synthetic", "mean_auc", *names, "epochs", "best_epoch",
               "best_val_auc"]
     results_path = out / "results.csv"
-    # every input was checked above: only now is --out claimed (same settings: resume; other: refused)
-    cli.claim_output(out, config, overwrite=args.overwrite)
+    # every input was checked above: only now is --out claimed (same settings: resume; other: refused). A
+    # start that failed before its first result left only the two records: nothing to lose, so it is reused.
+    unused = out.is_dir() and {p.name for p in out.iterdir()} <= {"settings.json", "config.json"}
+    cli.claim_output(out, config, overwrite=args.overwrite or unused)
     hub.write_json_atomic(config, out / "config.json")
     try:
         rows = ex.read_results(results_path, fields)

@@ -433,6 +433,9 @@ def test_real_only_sweep_without_synthetic(sweep, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         classify.main([*argv, "--real", str(tmp_path / "missing.csv")])  # failed start: nothing written
     assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()  # what a start that crashed before its first result leaves: only the records
+    (tmp_path / "out" / "config.json").write_text("{}")
+    (tmp_path / "out" / "settings.json").write_text('{"ratios": ["0", "1"]}')
     rows = classify.main([*argv, "--max-epochs", "1"])
     assert len(calls) == 4 and sorted((r["regime"], r["ratio"]) for r in rows) == [(20, 0.0)] * 2 + [(40, 0.0)] * 2
     assert all(r["n_synthetic"] == 0 and 0 <= r["mean_auc"] <= 1 for r in rows)
