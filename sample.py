@@ -9,6 +9,8 @@ Writes one PNG per sample under OUT/images/, `synthetic.csv` (path, source, sour
 ready for classify.py --synthetic) and `grid.png` (captioned: each real source followed by its generated
 variations; for interpolation one row per pair: real a, the blends with their r, real b). Sample k of a run has
 seed `--seed * 1_000_003 + k`, recorded in the CSV, so any one sample can be regenerated alone.
+--out holds one job (`cli.claim_output`): other settings are refused unless --overwrite; the same settings
+continue where an earlier start stopped (batches whose PNGs all exist are read back, not generated again).
 """
 
 from __future__ import annotations
@@ -110,9 +112,18 @@ def draw_pairs(n_images: int, labels: np.ndarray | None, num_pairs: int, rng: ra
     return pairs
 
 
+def sample_path(k: int, source: str, source_b: str | None) -> Path:
+    """Where sample k goes, relative to --out: images/<k>_<stem of a>[__<stem of b>].png."""
+    stem = Path(source).stem + (f"__{Path(source_b).stem}" if source_b is not None else "")
+    return Path("images") / f"{k:06d}_{stem}.png"
+
+
 def save_png(img: torch.Tensor, path: Path):
+    """[1, H, W] in [0, 1] -> an 8-bit PNG, written atomically (a rerun trusts every PNG it finds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((img[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray((img[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -147,14 +158,18 @@ def main(argv=None):
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=args.mode):
         chunk = jobs[start : start + args.batch_size]
         seeds = [args.seed * 1_000_003 + start + k for k in range(len(chunk))]
-        imgs = generate(run.unet, run.vae, scheduler, torch.stack([j[0] for j in chunk]), seeds=seeds,
-                        height=size, width=size, steps=args.steps, eta=args.eta, guidance=args.guidance,
-                        autocast_dtype=amp)
-        for (_, a, b, r), seed, img in zip(chunk, seeds, to_grayscale(imgs).cpu()):
-            k = len(rows)
-            stem = Path(paths[a]).stem + (f"__{Path(paths[b]).stem}" if b is not None else "")
-            rel = Path("images") / f"{k:06d}_{stem}.png"
-            save_png(img, out / rel)
+        rels = [sample_path(start + k, paths[a], paths[b] if b is not None else None)
+                for k, (_, a, b, _) in enumerate(chunk)]
+        if all((out / rel).is_file() for rel in rels):  # a rerun continues: written by an earlier start
+            imgs = torch.stack([torch.from_numpy(np.array(Image.open(out / rel), np.float32) / 255)[None]
+                                for rel in rels])
+        else:
+            imgs = to_grayscale(generate(run.unet, run.vae, scheduler, torch.stack([j[0] for j in chunk]),
+                                         seeds=seeds, height=size, width=size, steps=args.steps, eta=args.eta,
+                                         guidance=args.guidance, autocast_dtype=amp)).cpu()
+            for img, rel in zip(imgs, rels):
+                save_png(img, out / rel)
+        for (_, a, b, r), seed, img, rel in zip(chunk, seeds, imgs, rels):
             row = {"path": str(rel), "source": paths[a], "source_b": paths[b] if b is not None else "",
                    "r": "" if r is None else f"{r:.4f}", "seed": seed}
             if labels is not None:

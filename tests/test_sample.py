@@ -183,11 +183,17 @@ def test_user_errors_are_one_line(run_dir, phantoms, tmp_path):
     assert not (tmp_path / "out").exists()  # no failed start left an output folder
 
 
-def test_out_of_other_settings_refused(run_dir, phantoms, tmp_path, capsys):
+def test_out_of_other_settings_refused(run_dir, phantoms, tmp_path, capsys, monkeypatch):
     args = ["--run", str(run_dir), "--mode", "reconstruction", "--images", str(phantoms / "images"), "--num", "1",
             "--steps", "1", "--limit", "1", "--out", str(tmp_path / "o")]
     sample.main(args)
-    sample.main(args)  # the same settings again: accepted
+    first = (tmp_path / "o" / "synthetic.csv").read_text()
+    (tmp_path / "o" / "synthetic.csv").unlink()  # as if the first start had stopped before its last step
+    calls = []
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    sample.main(args)  # the same settings again: accepted, and the PNGs already written are reused
+    assert calls == [] and (tmp_path / "o" / "synthetic.csv").read_text() == first
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         sample.main([*args, "--seed", "1"])
