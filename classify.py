@@ -24,9 +24,13 @@ Protocol, as in the paper:
 6. Mean test AUC +- std over folds per (regime, ratio), and a paired t-test over folds against the 1:0
    baseline of the same regime (p < 0.05 marked *).
 
+Without --synthetic only the real-only regimes run (ratio 1:0: the baseline the paper measures first).
+
 Outputs in --out: results.csv (one row per (regime, ratio, fold), appended as each finishes), summary.md,
-auc_vs_ratio.png and config.json. Rerunning with the same arguments skips the finished cells, so an
-interrupted sweep resumes where it stopped; a different configuration is refused.
+auc_vs_ratio.png, config.json and settings.json (cli.claim_output). Every input is checked before --out is
+touched, so a failed start leaves nothing behind. Rerunning with the same arguments skips the finished
+cells, so an interrupted sweep resumes where it stopped; other settings are refused in one line naming
+--overwrite (which empties the folder and starts clean).
 
 Images are preprocessed once (data/transforms.py: border removal, centre square, resize to --image-size)
 and kept in memory as uint8; --num-workers threads decode them. CheXpert's uncertain labels (-1) follow
@@ -37,7 +41,6 @@ that image is left out of the loss and out of the AUC). --path-column and --imag
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import math
@@ -55,64 +58,71 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import cli
+import hub
 from data import LABELS
 from data.readers import path_column_of, read_image, read_labels_csv
 from data.transforms import augment, preprocess_cxr
 from eval import experiment as ex
 from eval.densenet import DenseLayer, DenseNet121
+from eval.figures import line_plot
 from eval.metrics import roc_auc
-from eval.plot import line_plot
 
-NOT_CONFIG = ("out", "device", "num_workers")  # arguments that do not change the results
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show '(default: ...)' only where there is a default to show."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+NOT_CONFIG = ("out", "overwrite", "device", "num_workers")  # arguments that do not change the results
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_Help)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--real", required=True, help="labelled CSV of real images (path + label columns)")
-    p.add_argument("--synthetic", help="synthetic.csv from sample.py (path, source, source_b, labels...)")
+    p.add_argument("--synthetic", help="synthetic.csv from sample.py (path, source, source_b, labels...); "
+                   "default: none, only the real-only regimes (ratio 1:0) run")
     p.add_argument("--test", help="fixed test CSV; default: a held-out split of --real")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of --real (no --test)")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="held-out share of --real (no --test)")
     p.add_argument("--labels", help="comma-separated label columns (default: the 7 paper labels)")
     cli.add_data_flags(p, labels=True)  # --path-column, --image-root (for --real, --test), --uncertain
     p.add_argument("--patient-column", help="column of patient ids for patient-level splits "
                    "(default: 'patient_id' when the CSV has it, else image-level splits)")
-    p.add_argument("--regimes", default="50,100,500,1000,5000", help="real training-set sizes N")
-    p.add_argument("--ratios", default="0,1,5,10,50", help="k of the real:synthetic ratios 1:k")
+    p.add_argument("--regimes", type=cli.comma_list(cli.positive_int), default="50,100,500,1000,5000",
+                   help="comma-separated real training-set sizes N")
+    p.add_argument("--ratios", type=cli.comma_list(ex.parse_ratio), default=None,
+                   help="comma-separated k of the real:synthetic ratios 1:k (default: 0,1,5,10,50 with "
+                        "--synthetic, else 0)")
     p.add_argument("--fully-synthetic", action="store_true", help="add the synthetic-only setting ('inf')")
     p.add_argument("--synthetic-shortfall", choices=("cap", "replace"), default="cap",
                    help="too few eligible synthetic images: use them all (cap) or repeat them (replace)")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds per regime")
+    p.add_argument("--folds", type=_folds, default=5, help="cross-validation folds per regime")
     p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, plot)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty an --out that holds results of other settings and start clean")
     p.add_argument("--model", choices=("densenet121", "tiny"), default="densenet121",
                    help="tiny: a ~30k-parameter DenseNet for CPU runs")
-    p.add_argument("--weights", help="DenseNet-121 state dict to start from (torchvision ImageNet or XRV)")
-    p.add_argument("--in-channels", type=int, help="input channels (default: the weights', else 1)")
+    p.add_argument("--weights", help="DenseNet-121 state dict to start from (torchvision ImageNet or XRV; "
+                   "default: random init)")
+    p.add_argument("--in-channels", type=cli.positive_int, help="input channels (default: the weights', else 1)")
     p.add_argument("--normalize", choices=("auto", "unit", "imagenet", "xrv"), default="auto",
                    help="input scaling: unit = 2x-1; auto = imagenet for 3-channel weights, xrv for "
                    "1-channel weights, unit without weights")
-    p.add_argument("--drop-rate", type=float, default=0.0, help="dropout after each dense layer")
-    p.add_argument("--image-size", type=int, default=224, help="square input size")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")
-    p.add_argument("--patience", type=int, default=10, help="ReduceLROnPlateau patience (epochs)")
-    p.add_argument("--lr-factor", type=float, default=0.1, help="ReduceLROnPlateau factor (torch default)")
-    p.add_argument("--early-stop", type=int, default=25, help="stop after this many epochs without a "
-                   "validation mean-AUC gain")
-    p.add_argument("--max-epochs", type=int, default=150)
+    p.add_argument("--drop-rate", type=_dropout, default=0.0, help="dropout probability after each dense layer")
+    p.add_argument("--image-size", type=cli.positive_int, default=224, help="square input size in pixels")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="training images per step (paper: 64)")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=cli.nonneg_float, default=1e-5, help="AdamW weight decay")
+    p.add_argument("--patience", type=cli.nonneg_int, default=10, help="ReduceLROnPlateau patience (epochs)")
+    p.add_argument("--lr-factor", type=_fraction, default=0.1, help="ReduceLROnPlateau factor (torch default)")
+    p.add_argument("--early-stop", type=cli.positive_int, default=25, help="stop after this many epochs "
+                   "without a validation mean-AUC gain")
+    p.add_argument("--max-epochs", type=cli.positive_int, default=150,
+                   help="most epochs per cell (paper: 150)")
     p.add_argument("--augment", action="store_true", help="the paper's random sharpening + affine")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="image decoding threads")
+    p.add_argument("--num-workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
+                   help="image decoding threads (0 = one)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the test split, folds, subsets and networks")
     return p.parse_args(argv)
+
+
+_fraction = cli.number(float, 0.0, 1.0, lo_open=True, hi_open=True)  # in (0, 1)
+_dropout = cli.number(float, 0.0, 1.0, hi_open=True)  # in [0, 1)
+_folds = cli.number(int, 2)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -331,8 +341,8 @@ def main(argv=None):
     out = Path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = [s.strip() for s in args.labels.split(",")] if args.labels else list(LABELS)
-    regimes = sorted({int(n) for n in args.regimes.split(",")})
-    ratios = sorted({ex.parse_ratio(k) for k in args.ratios.split(",")})
+    regimes = sorted(set(args.regimes))
+    ratios = sorted(set(args.ratios or ([0.0, 1.0, 5.0, 10.0, 50.0] if args.synthetic else [0.0])))
     ratios += [math.inf] if args.fully_synthetic and math.inf not in ratios else []
     largest = max((k for k in ratios if not math.isinf(k)), default=0.0)
     if any(k > 0 for k in ratios) and not args.synthetic:
@@ -366,15 +376,19 @@ def main(argv=None):
     labels = np.concatenate([pool.labels, syn.labels, test.labels]).astype(np.float32)
     test_ids = np.arange(off_test, off_test + len(test.paths))
 
-    out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG} | {"labels": names}
+    config |= {"regimes": regimes, "ratios": [ex.format_ratio(k) for k in ratios]}
     for k in ("real", "synthetic", "test", "weights", "image_root"):
         config[k] = str(Path(config[k]).resolve()) if config[k] else None
     fields = ["regime", "ratio", "fold", "n_real", "n_synthetic", "mean_auc", *names, "epochs", "best_epoch",
               "best_val_auc"]
     results_path = out / "results.csv"
+    # every input was checked above: only now is --out claimed (same settings: resume; other: refused). A
+    # start that failed before its first result left only the two records: nothing to lose, so it is reused.
+    unused = out.is_dir() and {p.name for p in out.iterdir()} <= {"settings.json", "config.json"}
+    cli.claim_output(out, config, overwrite=args.overwrite or unused)
+    hub.write_json_atomic(config, out / "config.json")
     try:
-        ex.check_config(out, config)
         rows = ex.read_results(results_path, fields)
     except ValueError as e:
         raise SystemExit(f"classify.py: {e}") from e
@@ -429,4 +443,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

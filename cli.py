@@ -51,15 +51,39 @@ def fail(message: str):
 # ---------------------------------------------------------------------------------------------- flag types
 
 
-def _number(kind, lo=None, hi=None, lo_open=False):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`prog: error: argument --x: ...`), not the usage block too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows '(default: ...)' after every flag that has a default (None and switches have none to
+    show: their help sentence says what happens without them)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+
+def number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: `kind(text)` within [lo, hi] (an open end with lo_open / hi_open)."""
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if v != v or (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-            bound = f"> {lo}" if lo_open else f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        low = lo is not None and (v < lo or (lo_open and v == lo))
+        high = hi is not None and (v > hi or (hi_open and v == hi))
+        if v != v or low or high:
+            if hi is None:
+                bound = f"> {lo}" if lo_open else f">= {lo}"
+            else:
+                bound = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return v
 
@@ -67,11 +91,26 @@ def _number(kind, lo=None, hi=None, lo_open=False):
     return parse
 
 
-positive_int = _number(int, 1)
-nonneg_int = _number(int, 0)
-positive_float = _number(float, 0.0, lo_open=True)
-nonneg_float = _number(float, 0.0)
-probability = _number(float, 0.0, 1.0)
+def comma_list(item):
+    """An argparse type: comma-separated values, each parsed by `item` (a type such as positive_int)."""
+    def parse(text: str) -> list:
+        parts = [t.strip() for t in str(text).split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
+        try:
+            return [item(t) for t in parts]
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+    parse.__name__ = "list"
+    return parse
+
+
+positive_int = number(int, 1)
+nonneg_int = number(int, 0)
+positive_float = number(float, 0.0, lo_open=True)
+nonneg_float = number(float, 0.0)
+probability = number(float, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

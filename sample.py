@@ -6,14 +6,17 @@ interpolation:  pairs (a, b) of images (from `--pairs`, or drawn so that both sh
                 inherits the labels of the nearer source (a when r <= 0.5, else b).
 
 Writes one PNG per sample under OUT/images/, `synthetic.csv` (path, source, source_b, r, seed, labels...;
-ready for classify.py --synthetic) and `grid.png` (each source next to its variations). Sample k of a run has
+ready for classify.py --synthetic) and `grid.png` (captioned: each real source followed by its generated
+variations; for interpolation one row per pair: real a, the blends with their r, real b). Sample k of a run has
 seed `--seed * 1_000_003 + k`, recorded in the CSV, so any one sample can be regenerated alone.
+--out holds one job (`cli.claim_output`): other settings are refused unless --overwrite; the same settings
+continue where an earlier start stopped (batches whose PNGs all exist are read back, not generated again).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import os
 import random
 from pathlib import Path
 
@@ -25,46 +28,72 @@ from tqdm.auto import tqdm
 import cli
 import pipeline
 from data.datasets import open_dataset
+from eval import figures
 from generate import generate, interpolate, to_grayscale
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--run", required=True, help="run directory written by train.py")
-    p.add_argument("--mode", choices=["reconstruction", "interpolation"], required=True)
+    p.add_argument("--mode", choices=["reconstruction", "interpolation"], required=True,
+                   help="reconstruction: variations of each image; interpolation: blends of image pairs")
     p.add_argument("--images", required=True, help="folder of images, or CSV with a path column (+ labels)")
-    p.add_argument("--num", type=int, default=4, help="samples per source image (reconstruction) or per pair")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (paper: DDIM 50)")
-    p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic DDIM)")
-    p.add_argument("--guidance", type=float, default=1.0,
+    p.add_argument("--num", type=cli.positive_int, default=4,
+                   help="samples per source image (reconstruction) or per pair without --ratios")
+    p.add_argument("--out", required=True, help="output folder: images/, synthetic.csv, grid.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty an --out that holds samples of other settings and start clean")
+    p.add_argument("--steps", type=cli.positive_int, default=50, help="sampling steps (paper: DDIM 50)")
+    p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim",
+                   help="sampler: DDIM (paper) or ancestral DDPM")
+    p.add_argument("--eta", type=cli.nonneg_float, default=0.0, help="DDIM eta (0 = deterministic DDIM)")
+    p.add_argument("--guidance", type=cli.positive_float, default=1.0,
                    help="classifier-free guidance scale; 1 = paper (>1 needs a model trained with --cond-dropout)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N source images")
-    p.add_argument("--pairs", default=None, help="interpolation: CSV with columns a,b (paths as in --images)")
-    p.add_argument("--num-pairs", type=int, default=8, help="interpolation: pairs to draw when --pairs is not given")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0,
+                   help="seed of the pairs, random ratios and noise: sample k has seed SEED * 1000003 + k")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8,
+                   help="samples per sampling batch (the outputs do not depend on it)")
+    p.add_argument("--limit", type=cli.positive_int, default=None,
+                   help="use only the first N source images (default: all)")
+    p.add_argument("--pairs", default=None,
+                   help="interpolation: CSV with columns a,b (paths as in --images; default: drawn at random)")
+    p.add_argument("--num-pairs", type=cli.positive_int, default=8,
+                   help="interpolation: pairs to draw when --pairs is not given")
     p.add_argument("--ratios", default=None,
-                   help="interpolation: comma-separated r values in [0,1]; default r ~ U(--ratio-range)")
+                   help="interpolation: comma-separated r values in [0,1] (default: --num values r ~ "
+                        "U(--ratio-range) per pair)")
     p.add_argument("--ratio-range", default="0.1,0.9", help="interpolation: range for random r (paper: random)")
-    p.add_argument("--method", choices=["lerp", "slerp"], default="lerp", help="interpolation of c_GLB")
+    p.add_argument("--method", choices=["lerp", "slerp"], default="lerp",
+                   help="how c_GLB is blended: lerp (linear) or slerp (spherical)")
     p.add_argument("--labels", default=None,
                    help="label columns of a labelled CSV (default: the paper labels it has, maybe none)")
     cli.add_data_flags(p, labels=True)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="UNet autocast (GPU)")
+    p.add_argument("--step", type=cli.nonneg_int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="UNet autocast dtype on a GPU (no = float32)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.ratio_values, args.ratio_bounds = parse_ratios(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def parse_ratios(args) -> tuple[list[float] | None, tuple[float, float]]:
-    ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
-    lo, hi = (float(v) for v in args.ratio_range.split(","))
-    for r in (ratios or []) + [lo, hi]:
+    """--ratios and --ratio-range -> (the fixed ratios or None, (lo, hi)); ValueError names the flag."""
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
+        lo, hi = (float(v) for v in args.ratio_range.split(","))
+    except ValueError:
+        raise ValueError(f"--ratios {args.ratios} / --ratio-range {args.ratio_range}: expected comma-separated "
+                         "numbers (--ratio-range: two)") from None
+    for flag, r in [("--ratios", r) for r in ratios or []] + [("--ratio-range", lo), ("--ratio-range", hi)]:
         if not 0.0 <= r <= 1.0:
-            raise SystemExit(f"interpolation ratio {r} is outside [0, 1]")
+            raise ValueError(f"{flag}: interpolation ratio {r} is outside [0, 1]")
+    if lo > hi:
+        raise ValueError(f"--ratio-range {args.ratio_range}: low end above high end")
     return ratios, (lo, hi)
 
 
@@ -84,21 +113,34 @@ def draw_pairs(n_images: int, labels: np.ndarray | None, num_pairs: int, rng: ra
     return pairs
 
 
+def sample_path(k: int, source: str, source_b: str | None) -> Path:
+    """Where sample k goes, relative to --out: images/<k>_<stem of a>[__<stem of b>].png."""
+    stem = Path(source).stem + (f"__{Path(source_b).stem}" if source_b is not None else "")
+    return Path("images") / f"{k:06d}_{stem}.png"
+
+
 def save_png(img: torch.Tensor, path: Path):
+    """[1, H, W] in [0, 1] -> an 8-bit PNG, written atomically (a rerun trusts every PNG it finds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((img[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray((img[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not Path(args.run, "config.json").is_file():
+        raise SystemExit(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
     run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
     size = run.config["image_size"]
     wanted = args.labels.split(",") if args.labels else None  # None: the paper's labels the CSV has (maybe none)
     dataset = open_dataset(args.images, size, labels=wanted if str(args.images).endswith(".csv") else None,
                            uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column,
                            image_root=args.image_root)
+    if len(dataset) == 0:
+        raise SystemExit(f"--images {args.images}: no images")
     label_names = getattr(dataset, "label_names", None) or []
     n = min(len(dataset), args.limit or len(dataset))
     items = [dataset[i] for i in range(n)]
@@ -109,40 +151,28 @@ def main(argv=None):
     amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     conds = torch.cat([pipeline.condition(run.dino, sources[i : i + args.batch_size].to(device))
                        for i in range(0, n, args.batch_size)])
-
-    # one job per sample: (condition, source index a, source index b or None, r)
-    rng = random.Random(args.seed)
-    jobs = []
-    if args.mode == "reconstruction":
-        jobs = [(conds[i], i, None, None) for i in range(n) for _ in range(args.num)]
-    else:
-        ratios, (lo, hi) = parse_ratios(args)
-        if args.pairs:
-            index = {p: i for i, p in enumerate(paths)} | {Path(p).name: i for i, p in enumerate(paths)}
-            with open(args.pairs, newline="") as f:
-                rows = list(csv.DictReader(f))
-            try:
-                pairs = [(index[r["a"]], index[r["b"]]) for r in rows]
-            except KeyError as e:
-                raise SystemExit(f"--pairs {args.pairs}: image {e} not found in --images") from e
-        else:
-            pairs = draw_pairs(n, labels, args.num_pairs, rng)
-        for a, b in pairs:
-            for r in ratios or [rng.uniform(lo, hi) for _ in range(args.num)]:
-                jobs.append((interpolate(conds[a], conds[b], r, args.method), a, b, float(r)))
+    jobs, pairs = make_jobs(args, conds, paths, labels)
+    # every input was checked: only now is --out claimed (same settings: accepted; other: refused)
+    cli.claim_output(out, {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device",
+                                                                              "batch_size")},
+                     overwrite=args.overwrite)
 
     rows, results = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=args.mode):
         chunk = jobs[start : start + args.batch_size]
         seeds = [args.seed * 1_000_003 + start + k for k in range(len(chunk))]
-        imgs = generate(run.unet, run.vae, scheduler, torch.stack([j[0] for j in chunk]), seeds=seeds,
-                        height=size, width=size, steps=args.steps, eta=args.eta, guidance=args.guidance,
-                        autocast_dtype=amp)
-        for (_, a, b, r), seed, img in zip(chunk, seeds, to_grayscale(imgs).cpu()):
-            k = len(rows)
-            stem = Path(paths[a]).stem + (f"__{Path(paths[b]).stem}" if b is not None else "")
-            rel = Path("images") / f"{k:06d}_{stem}.png"
-            save_png(img, out / rel)
+        rels = [sample_path(start + k, paths[a], paths[b] if b is not None else None)
+                for k, (_, a, b, _) in enumerate(chunk)]
+        if all((out / rel).is_file() for rel in rels):  # a rerun continues: written by an earlier start
+            imgs = torch.stack([torch.from_numpy(np.array(Image.open(out / rel), np.float32) / 255)[None]
+                                for rel in rels])
+        else:
+            imgs = to_grayscale(generate(run.unet, run.vae, scheduler, torch.stack([j[0] for j in chunk]),
+                                         seeds=seeds, height=size, width=size, steps=args.steps, eta=args.eta,
+                                         guidance=args.guidance, autocast_dtype=amp)).cpu()
+            for img, rel in zip(imgs, rels):
+                save_png(img, out / rel)
+        for (_, a, b, r), seed, img, rel in zip(chunk, seeds, imgs, rels):
             row = {"path": str(rel), "source": paths[a], "source_b": paths[b] if b is not None else "",
                    "r": "" if r is None else f"{r:.4f}", "seed": seed}
             if labels is not None:
@@ -150,27 +180,81 @@ def main(argv=None):
                 # an ignored label (nan) is written back as uncertain (-1): classify.py --uncertain decides
                 row |= {name: -1 if np.isnan(v) else int(v) for name, v in zip(label_names, labels[nearer])}
             rows.append(row)
-            results.append((a, img))
-    with open(out / "synthetic.csv", "w", newline="") as f:
+            results.append((a, b, r, img))
+    grid = (reconstruction_grid(sources, results, paths, args.num) if args.mode == "reconstruction"
+            else interpolation_grid(sources, results, pairs))
+    grid.save(out / "grid.png")
+    with open(out / ".synthetic.csv.tmp", "w", newline="") as f:  # written last: the mark of a finished job
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    write_grid(sources, results, out / "grid.png", per_row=args.num)
-    print(f"wrote {len(rows)} samples to {out} (synthetic.csv, grid.png)")
+    os.replace(out / ".synthetic.csv.tmp", out / "synthetic.csv")
+    print(f"wrote {len(rows)} samples to {out} (synthetic.csv, grid.png: {grid_note(args.mode)})")
 
 
-def write_grid(sources: torch.Tensor, results, path: Path, per_row: int, max_rows: int = 8):
-    """One row per source image: the source, then its first `per_row` samples."""
+def make_jobs(args, conds, paths, labels):
+    """-> one job per sample (condition, source index a, source index b or None, r) and the pairs (or None)."""
+    rng = random.Random(args.seed)
+    if args.mode == "reconstruction":
+        return [(conds[i], i, None, None) for i in range(len(paths)) for _ in range(args.num)], None
+    ratios, (lo, hi) = args.ratio_values, args.ratio_bounds
+    if args.pairs:
+        index = {p: i for i, p in enumerate(paths)} | {Path(p).name: i for i, p in enumerate(paths)}
+        with open(args.pairs, newline="") as f:
+            rows = list(csv.DictReader(f))
+        try:
+            pairs = [(index[r["a"]], index[r["b"]]) for r in rows]
+        except KeyError as e:
+            raise SystemExit(f"--pairs {args.pairs}: image or column {e} not found (columns a,b; paths as in "
+                             "--images)") from e
+        if not pairs:
+            raise SystemExit(f"--pairs {args.pairs}: no pairs")
+    else:
+        pairs = draw_pairs(len(paths), labels, args.num_pairs, rng)
+    jobs = []
+    for a, b in pairs:
+        for r in ratios or [rng.uniform(lo, hi) for _ in range(args.num)]:
+            jobs.append((interpolate(conds[a], conds[b], r, args.method), a, b, float(r)))
+    return jobs, pairs
+
+
+def grid_note(mode: str) -> str:
+    return ("each row a real source image, then its generated variations" if mode == "reconstruction" else
+            "each row a pair: real image a, generated blends at r, real image b")
+
+
+def _short(path, width: int = 18) -> str:
+    stem = Path(path).stem
+    return stem if len(stem) <= width else stem[: width - 1] + "~"
+
+
+def reconstruction_grid(sources, results, paths, per_row: int, max_rows: int = 8):
+    """One row per source image (at most `max_rows`): the real source, then its first `per_row` samples."""
     by_source: dict[int, list] = {}
-    for a, img in results:
+    for a, _, _, img in results:
         by_source.setdefault(a, []).append(img)
-    rows = []
-    for a, imgs in list(by_source.items())[:max_rows]:
-        cells = [sources[a].cpu()] + imgs[:per_row]
-        cells += [torch.zeros_like(cells[0])] * (per_row + 1 - len(cells))
-        rows.append(torch.cat(cells, dim=2))
-    save_png(torch.cat(rows, dim=1), path)
+    chosen = list(by_source.items())[:max_rows]
+    cells = [[sources[a].cpu()] + imgs[:per_row] for a, imgs in chosen]
+    cols = ["real source"] + [f"generated {k + 1}" for k in range(per_row)]
+    return figures.caption_grid(cells, [_short(paths[a]) for a, _ in chosen], cols,
+                                title="Reconstruction: a real image's c_GLB, new noise per variation")
+
+
+def interpolation_grid(sources, results, pairs, max_rows: int = 8):
+    """One row per pair (at most `max_rows`): real a, every blend of that pair with its r, real b."""
+    by_pair: dict[int, list] = {}
+    per_pair = len(results) // len(pairs)
+    for k, (_, _, r, img) in enumerate(results):
+        by_pair.setdefault(k // per_pair, []).append((r, img))
+    cells, captions = [], []
+    for p, blends in list(by_pair.items())[:max_rows]:
+        a, b = pairs[p]
+        cells.append([sources[a].cpu()] + [img for _, img in blends] + [sources[b].cpu()])
+        captions.append(["a"] + [f"r={r:.2f}" for r, _ in blends] + ["b"])
+    cols = ["real a"] + ["generated"] * per_pair + ["real b"]
+    return figures.caption_grid(cells, [f"pair {p + 1}" for p in range(len(cells))], cols, captions,
+                                title="Interpolation: c = blend(c_GLB(a), c_GLB(b), r); r = 0 is a, r = 1 is b")
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

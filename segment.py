@@ -11,8 +11,12 @@ Per image (DiffSeg, Tian et al. 2024; facts in unet/diffseg.py):
    (`unet.diffseg.AttentionAggregator`, N = (S/8)^2), then anchors on a --grid x --grid lattice are merged
    with symmetric KL below --threshold for --iterations rounds (optionally k-means --refine), and every pixel
    takes its nearest object map: a label map [S, S] (--upsample bilinear as the reference, or nearest).
-4. Written: `labels/<stem>.png` (ids 0..K-1; uint8, uint16 past 255 segments) and `overlays/<stem>.png`
-   (segments in colour over the CXR, the ground-truth lung contour in yellow when a mask is given).
+   --threshold auto (the default with --run) is set per image from its own anchor distances
+   (`unet.diffseg.auto_threshold`: a fixed value suits one model only); summary.json records the mean used
+   (`mean_threshold_used`), and a warning names --threshold whenever most images end as one segment.
+4. Written: `labels/<stem>.png` (ids 0..K-1; uint8, uint16 past 255 segments), `overlays/<stem>.png`
+   (segments in colour over the CXR, the ground-truth lung contour in yellow when a mask is given) and
+   `overlays.png` (the first 8 images above their overlays, captioned with segment count and Dice).
 
 Scoring (with masks; `eval.segmentation.lung_scores`): the segments have no names, so a rule picks the lung.
 `dice` (the headline, `--dice-rule`, default `nms`) is the paper's reading "candidate masks evaluated by their
@@ -35,6 +39,10 @@ baseline means, mean_num_segments, settings, step).
 e.g. `timestep300_threshold0.05_grid16/`; the UNet runs once per image, timestep and context, and the
 aggregated attention is reused for every threshold/grid/iterations/upsample) add `summary.csv` and
 `summary.json` at the top: one row per report, sorted by mean Dice (best first).
+
+--out holds one job (`cli.claim_output`): its settings.json records the flags; a rerun with the same flags is
+accepted, other flags are refused in one line unless --overwrite. Inputs, model and --grid are checked first,
+so a failed start leaves no output folder.
 
 Vanilla SD baseline (paper: SD 1.5, threshold 0.5, grid 32): --unet SOURCE --vae SOURCE instead of --run
 (Hub id, diffusers folder or single file); context zeros; defaults threshold 0.5, grid 32, size 512.
@@ -60,59 +68,90 @@ import hub
 import pipeline
 from data.readers import ImageReadError, list_images, path_column_of, read_image, resolve_path
 from data.transforms import preprocess_cxr, preprocess_mask
+from eval.segment_report import report, write_table
 from eval.segmentation import RULES, block_partition, lung_scores, mask_baselines, overlay
 from generate import encode_images
-from unet.diffseg import AttentionAggregator, diffseg
+from unet.diffseg import AttentionAggregator, auto_threshold, diffseg
 
-SEARCH_KEYS = {"timestep": int, "context": str, "threshold": float, "grid": int, "iterations": int,
-               "upsample": str}
+SEARCH_KEYS = {"timestep": int, "context": str, "threshold": lambda v: v if v == "auto" else float(v),
+               "grid": int, "iterations": int, "upsample": str}
 VALID = {"timestep": (lambda v: v >= 0, ">= 0"), "context": (lambda v: v in ("own", "zeros"), "own or zeros"),
-         "threshold": (lambda v: v > 0, "> 0"), "grid": (lambda v: v >= 2, ">= 2"),
+         "threshold": (lambda v: v == "auto" or v > 0, "auto or > 0"), "grid": (lambda v: v >= 2, ">= 2"),
          "iterations": (lambda v: v >= 1, ">= 1"), "upsample": (lambda v: v in ("bilinear", "nearest"),
                                                                "bilinear or nearest")}
 FORWARD_KEYS = ("timestep", "context")  # a UNet forward per value; the others reuse its attention
 
 
+def threshold_value(text: str):
+    """--threshold: 'auto' (unet.diffseg.auto_threshold) or a number > 0."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text}")
+    return value
+
+
+threshold_value.__name__ = "threshold"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.",
+                                formatter_class=cli.HelpFormatter)
     src = p.add_argument_group("model (either --run, or --unet and --vae for the vanilla-SD baseline)")
-    src.add_argument("--run", metavar="RUN_DIR", help="run directory written by train.py")
-    src.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    src.add_argument("--run", metavar="RUN_DIR", help="run directory written by train.py (default: none, "
+                     "then --unet and --vae)")
+    src.add_argument("--step", type=cli.nonneg_int, help="checkpoint step (default: newest)")
     src.add_argument("--checkpoints", choices=["latest", "all"], default="latest",
-                     help="all: one report per checkpoint of the run + a sweep summary")
+                     help="latest: one report; all: one report per checkpoint of the run + a sweep summary")
     src.add_argument("--no-ema", action="store_true", help="raw UNet weights even when EMA weights exist")
-    src.add_argument("--unet", help="vanilla mode: UNet source (Hub id, diffusers folder or weights file)")
-    src.add_argument("--unet-subfolder", help="default: 'unet' for a Hub id or a folder that has one")
-    src.add_argument("--vae", help="vanilla mode: VAE source")
-    src.add_argument("--vae-subfolder", help="default: 'vae' for a Hub id or a folder that has one")
+    src.add_argument("--unet", help="vanilla mode: UNet source (Hub id, diffusers folder or weights file; "
+                     "default: none, use --run)")
+    src.add_argument("--unet-subfolder", help="subfolder of --unet holding the UNet ('' = none; default: 'unet' "
+                     "for a Hub id or a folder that has one)")
+    src.add_argument("--vae", help="vanilla mode: VAE source (default: none, use --run)")
+    src.add_argument("--vae-subfolder", help="subfolder of --vae holding the VAE ('' = none; default: 'vae' for "
+                    "a Hub id or a folder that has one)")
     io = p.add_argument_group("data")
     io.add_argument("--images", required=True, metavar="PATH",
                     help="folder of PNG/JPEG/DICOM, or CSV with an image column")
-    io.add_argument("--masks", metavar="DIR", help="lung masks (255 = lung), matched to images by file stem")
+    io.add_argument("--masks", metavar="DIR", help="lung masks (255 = lung), matched to images by file stem "
+                    "(default: none, no Dice)")
     io.add_argument("--image-column", help="CSV image column (default: 'path', else 'image')")
     cli.add_data_flags(io, labels=False)  # --path-column (as --image-column), --image-root
     io.add_argument("--mask-column", help="CSV mask column (default: 'mask' when present and no --masks)")
     io.add_argument("--resize-masks", action="store_true",
                     help="nearest-resize masks whose size differs from their image (default: error)")
-    io.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    io.add_argument("--limit", type=int, help="only the first N images")
+    io.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder: labels/, overlays/, overlays.png, dice.csv, summary.json")
+    io.add_argument("--overwrite", action="store_true",
+                    help="empty an --out that holds outputs of other settings and start clean")
+    io.add_argument("--limit", type=cli.positive_int, help="only the first N images (default: all)")
     ds = p.add_argument_group("DiffSeg")
-    ds.add_argument("--size", type=int, help="image side S (default: the run's image_size; vanilla 512)")
-    ds.add_argument("--timestep", type=int, default=300, help="UNet timestep (paper: 300)")
+    ds.add_argument("--size", type=cli.positive_int,
+                    help="image side S (default: the run's image_size; vanilla 512)")
+    ds.add_argument("--timestep", type=cli.nonneg_int, default=300, help="UNet timestep (paper: 300)")
     ds.add_argument("--context", choices=["own", "zeros"], help="c_GLB of the image (default) or zeros")
-    ds.add_argument("--threshold", type=float, help="KL merge threshold (default 0.05; vanilla 0.5)")
-    ds.add_argument("--grid", type=int, help="anchor grid side M (default 16; vanilla 32)")
-    ds.add_argument("--iterations", type=int, default=3, help="merge iterations (reference: 3)")
+    ds.add_argument("--threshold", type=threshold_value,
+                    help="KL merge threshold: a number, or 'auto' = the 0.1 quantile of the image's own "
+                         "pairwise anchor KL distances, which follows the model's distance scale (rule: "
+                         "unet/diffseg.py) (default: auto; vanilla 0.5, the paper's SD 1.5 value)")
+    ds.add_argument("--grid", type=cli.number(int, 2), help="anchor grid side M (default 16; vanilla 32)")
+    ds.add_argument("--iterations", type=cli.positive_int, default=3, help="merge iterations (reference: 3)")
     ds.add_argument("--upsample", choices=["bilinear", "nearest"], default="bilinear",
                     help="maps -> image size: bilinear then argmax (reference), or argmax then nearest")
     ds.add_argument("--refine", action="store_true", help="k-means refinement of the object maps")
     ds.add_argument("--search", nargs="+", metavar="KEY=V1,V2",
-                    help='grid search, e.g. "threshold=0.01,0.05 grid=8,16 timestep=100,300"; keys: '
-                         + ", ".join(SEARCH_KEYS))
+                    help='grid search, e.g. "threshold=auto,0.05 grid=8,16 timestep=100,300" (default: none); '
+                         "keys: " + ", ".join(SEARCH_KEYS))
     ds.add_argument("--dice-rule", choices=RULES, default="nms", help="rule behind the `dice` column")
     rt = p.add_argument_group("runtime")
-    rt.add_argument("--batch-size", type=int, default=4, help="images per UNet forward")
-    rt.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="UNet autocast")
+    rt.add_argument("--batch-size", type=cli.positive_int, default=4, help="images per UNet forward")
+    rt.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                    help="UNet autocast dtype (no = float32)")
     rt.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     args = p.parse_args(argv)
     vanilla = args.unet is not None or args.vae is not None
@@ -123,10 +162,8 @@ def parse_args(argv=None):
                 "need --run")
     if args.step is not None and args.checkpoints == "all":
         p.error("--step and --checkpoints all exclude each other")
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--batch-size and --limit must be >= 1")
     args.context = args.context or ("zeros" if vanilla else "own")
-    args.threshold = args.threshold if args.threshold is not None else (0.5 if vanilla else 0.05)
+    args.threshold = args.threshold if args.threshold is not None else (0.5 if vanilla else "auto")
     args.grid = args.grid if args.grid is not None else (32 if vanilla else 16)
     return args
 
@@ -262,41 +299,6 @@ def self_attention(unet, latents, context, timestep: int, amp) -> tuple[torch.Te
     return agg.result(), agg.resolution
 
 
-def write_report(folder: Path, rows: list[dict], meta: dict, rule: str) -> dict:
-    """dice.csv (with masks) + summary.json in `folder` -> the summary."""
-    summary = {"n": len(rows), "mean_num_segments": float(np.mean([r["num_segments"] for r in rows]))}
-    if "dice" in rows[0]:
-        with open(folder / "dice.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        d = np.array([r["dice"] for r in rows])
-        summary |= {"mean_dice": float(d.mean()), "std_dice": float(d.std()), "dice_rule": rule}
-        summary |= {f"mean_dice_{k}": float(np.mean([r[f"dice_{k}"] for r in rows])) for k in RULES}
-        summary |= {f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if "baseline" in k}
-    summary |= meta
-    hub.write_json_atomic(summary, folder / "summary.json")
-    return summary
-
-
-def write_table(out: Path, summaries: list[dict], columns: list[str]):
-    """The sweep/search summary: one row per report, best mean Dice first."""
-    rows = sorted(summaries, key=lambda s: -s.get("mean_dice", 0.0))
-    keys = columns + [k for k in ("mean_dice", "std_dice", "mean_dice_best_union", "mean_dice_nms",
-                                  "mean_dice_hungarian", "mean_dice_baseline_blocks", "mean_num_segments", "n")
-                      if k in rows[0]]
-    table = [{k: (r["settings"] | r)[k] for k in keys} for r in rows]
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(table)
-    hub.write_json_atomic({"reports": table}, out / "summary.json")
-    widths = [max(8, len(k)) for k in keys]
-    for r in [dict(zip(keys, keys)), *table]:
-        print("  ".join(f"{v:>{w}.4f}" if isinstance(v, float) else f"{v!s:>{w}}"
-                        for v, w in zip(r.values(), widths)))
-
-
 def segment_image(lab, image, gt, stem: str, path, folder: Path, rule: str) -> dict:
     """Save one label map [S, S] and its overlay -> the image's dice.csv row (scores when gt is given)."""
     lab = (torch.bincount(lab.flatten()) > 0).cumsum(0)[lab] - 1  # consecutive ids 0..K-1, order kept
@@ -311,6 +313,26 @@ def segment_image(lab, image, gt, stem: str, path, folder: Path, rule: str) -> d
         blocks = block_partition(scores["num_segments"], *lab.shape)  # image-blind, same segment count
         scores["dice_baseline_blocks"] = RULES[rule](blocks, gt).dice
     return {"image": stem, "path": str(path), "dice": scores[f"dice_{rule}"]} | scores
+
+
+def label_maps(attn, res, c: dict, size: int, refine: bool) -> tuple[torch.Tensor, list[float]]:
+    """DiffSeg with the settings `c` on attention [B, N, N] -> label maps [B, S, S] and the thresholds used."""
+    ts = [auto_threshold(a, res, c["grid"]) if c["threshold"] == "auto" else c["threshold"] for a in attn]
+    labels = [diffseg(a[None], c["grid"], t, c["iterations"], (size, size), res, c["upsample"], refine)[0]
+              for a, t in zip(attn, ts)]
+    return torch.stack(labels), ts
+
+
+def check_grid(combos, res, size):
+    bad = sorted({c["grid"] for c in combos if not 2 <= c["grid"] <= min(res)})
+    if bad:
+        raise SystemExit(f"--grid {bad}: the attention grid at --size {size} is {res[0]}x{res[1]}; "
+                         f"use a grid between 2 and {min(res)} or a larger --size")
+
+
+def output_settings(args) -> dict:
+    """The arguments that determine segment.py's outputs (cli.claim_output compares them)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device", "batch_size")}
 
 
 def main(argv=None):
@@ -339,6 +361,10 @@ def main(argv=None):
     if masks is not None and len(masks) >= 2:
         baselines = {k: v.tolist() for k, v in mask_baselines(masks).items()}
     out, sweep = Path(args.out), args.checkpoints == "all"
+    # one image's forward tells the attention grid: --grid is checked, and only then is --out claimed
+    _, res = self_attention(unet, latents[:1], contexts[combos[0]["context"]][:1], combos[0]["timestep"], amp)
+    check_grid(combos, res, size)
+    cli.claim_output(out, output_settings(args), overwrite=args.overwrite)
     summaries = []
     for step, path in ckpts:
         weights = None if path is None else unet_weights(path, not args.no_ema)
@@ -346,39 +372,29 @@ def main(argv=None):
             unet.load_state_dict(hub.load_state_dict_file(weights), strict=True)
         prefix = [f"step_{step:07d}"] if sweep else []
         folders = [out.joinpath(*prefix, "_".join(f"{k}{c[k]}" for k in searched)) for c in combos]
-        for folder, sub in itertools.product(folders, ("labels", "overlays")):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        rows = [[] for _ in combos]
+        rows, used = [[] for _ in combos], [[] for _ in combos]
         forwards = sorted({tuple(c[k] for k in FORWARD_KEYS) for c in combos})
         desc = "segmenting" + (f" step {step}" if step is not None else "")
         for (timestep, ctx), b in tqdm(list(itertools.product(forwards, batches)), desc=desc):
             attn, res = self_attention(unet, latents[b], contexts[ctx][b], timestep, amp)
-            bad = sorted({c["grid"] for c in combos if not 2 <= c["grid"] <= min(res)})
-            if bad:  # checked on the first forward, before anything is written
-                raise SystemExit(f"--grid {bad}: the attention grid at --size {size} is {res[0]}x{res[1]}; "
-                                 f"use a grid between 2 and {min(res)} or a larger --size")
+            for folder, sub in itertools.product(folders, ("labels", "overlays")):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
             for i, c in enumerate(combos):
                 if (c["timestep"], c["context"]) == (timestep, ctx):  # reuse the attention
-                    labels = diffseg(attn, c["grid"], c["threshold"], c["iterations"], (size, size), res,
-                                     c["upsample"], args.refine).cpu()
+                    labels, ts = label_maps(attn, res, c, size, args.refine)
+                    used[i] += ts
                     rows[i] += [segment_image(lab, images[j, 0], None if masks is None else masks[j],
                                               items[j][0], items[j][1], folders[i], args.dice_rule)
-                                for j, lab in zip(range(len(items))[b], labels)]
+                                for j, lab in zip(range(len(items))[b], labels.cpu())]
         for i, c in enumerate(combos):
-            settings = c | {"step": step, "refine": args.refine, "size": size}
-            for name, scores in baselines.items():
-                for r, d in zip(rows[i], scores):
-                    r[f"dice_baseline_{name}"] = d
-            meta = {"settings": settings, "step": step, "run": args.run, "unet": args.unet, "vae": args.vae,
-                    "weights": weights and str(weights), "ema": not args.no_ema, "skipped": skipped}
-            summaries.append(s := write_report(folders[i], rows[i], meta, args.dice_rule))
-            if "mean_dice" in s:
-                print(f"{folders[i]}: mean Dice ({args.dice_rule}) {s['mean_dice']:.4f} "
-                      f"+- {s['std_dice']:.4f} over {s['n']} images")
+            meta = {"settings": c | {"step": step, "refine": args.refine, "size": size}, "step": step,
+                    "run": args.run, "unet": args.unet, "vae": args.vae, "weights": weights and str(weights),
+                    "ema": not args.no_ema, "skipped": skipped, "mean_threshold_used": float(np.mean(used[i]))}
+            summaries.append(report(folders[i], rows[i], baselines, meta, args.dice_rule, images, masks))
     if sweep or searched:
         write_table(out, summaries, (["step"] if sweep else []) + searched)
     return summaries
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

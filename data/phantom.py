@@ -41,7 +41,6 @@ CLI: python -m data.phantom --out DIR -n 100 [--size 256] [--seed 0] [--grid PAT
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from pathlib import Path
@@ -357,16 +356,18 @@ def phantom_grid(n: int = 4, size: int = 256, seed: int = 0) -> np.ndarray:
 def main(argv=None):
     from tqdm import tqdm
 
-    ap = argparse.ArgumentParser(prog="python -m data.phantom",
-                                 description="Write procedural phantom chest X-rays, lung masks and labels.")
+    import cli
+
+    ap = cli.ArgumentParser(prog="python -m data.phantom", formatter_class=cli.HelpFormatter,
+                            description="Write procedural phantom chest X-rays, lung masks and labels.")
     ap.add_argument("--out", required=True, help="output folder (images/, masks/, labels.csv)")
-    ap.add_argument("-n", type=int, default=100, help="number of phantoms (default 100)")
-    ap.add_argument("--size", type=int, default=256, help="side in pixels (default 256)")
-    ap.add_argument("--seed", type=int, default=0, help="phantom i uses seed + i (default 0)")
-    ap.add_argument("--grid", help="also write a 4x4 example mosaic PNG to this path")
+    ap.add_argument("-n", type=cli.nonneg_int, default=100, help="number of phantoms")
+    ap.add_argument("--size", type=cli.number(int, 32, 4096), default=256, help="side in pixels, 32 to 4096")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0,
+                    help="phantom i uses seed + i. train.py's phantoms are seeds 0 .. phantom_count-1 (train) and "
+                         "10000000 + i (held out); e.g. 5000000 gives phantoms no run trained on")
+    ap.add_argument("--grid", help="also write a 4x4 example mosaic PNG to this path (default: none)")
     args = ap.parse_args(argv)
-    if not 32 <= args.size <= 4096 or args.n < 0:
-        ap.error(f"--size must be in [32, 4096] and -n >= 0 (got --size {args.size}, -n {args.n})")
     out = Path(args.out)
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -385,4 +386,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import main_guard
+
+    main_guard(main)

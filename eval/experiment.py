@@ -21,15 +21,15 @@ so every rule of the protocol (DiNO-Diffusion Sec. 2.5 / 3.2) can be tested in m
   image, or from an image outside the regime, is ever trained on. Eligible rows are interleaved round-robin
   over their source images (in seeded random order), so the synthetic set spreads evenly over sources and
   the set for 1:1 is inside the one for 1:5, and so on.
-- `check_config`, `read_results`, `append_result`: out/config.json and out/results.csv, which make an
-  interrupted sweep resumable (one fsync'ed row per finished cell; a torn last row is dropped).
+- `read_results`, `append_result`: out/results.csv, which makes an interrupted sweep resumable (one fsync'ed
+  row per finished cell; a torn last row is dropped). classify.py claims --out with `cli.claim_output`, so a
+  folder holds the rows of one configuration.
 - `summarize`: mean +- std over folds per (regime, ratio) and a paired t-test against the 1:0 baseline.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections import defaultdict
@@ -181,8 +181,7 @@ def synthetic_order(row_sources: np.ndarray, allowed: np.ndarray, seed: int) -> 
     column 1 = `source_b`), allowed: bool [n_real] (the fold's real training images). A row is eligible
     when it has a source and all its sources are allowed. Returns int64 row indices.
     """
-    src = np.asarray(row_sources, np.int64)
-    src = src if src.ndim == 2 else src.reshape(len(src), 1)  # [M] -> [M, 1]; [0, 2] (no --synthetic) as is
+    src = np.asarray(row_sources, np.int64).reshape(len(row_sources), -1 if len(row_sources) else 2)
     has = src >= 0
     ok = has.any(1) & np.all(~has | allowed[np.where(has, src, 0)], 1) & has[:, 0]
     rng = np.random.default_rng(seed)
@@ -213,21 +212,6 @@ def synthetic_rows(ratio: float, largest: float, order: np.ndarray, n_real_train
 
 
 # ------------------------------------------------------------------------------------------------ results
-def check_config(out: Path, config: dict):
-    """Write out/config.json, or check that the run already there had the same configuration."""
-    path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in config.keys() | old.keys() if old.get(k) != config.get(k))
-        if diff:
-            raise ValueError(f"{out} holds a run with another configuration (differs in {diff}); use a new "
-                             f"--out or delete {path} and results.csv")
-    else:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2))
-        os.replace(tmp, path)
-
-
 def read_results(path: Path, fields: list[str]) -> list[dict]:
     """Finished rows of results.csv, parsed. A torn last line (a write cut short: no final newline, or
     missing fields) is dropped and the file rewritten without it."""

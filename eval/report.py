@@ -2,23 +2,21 @@
 
 Reads, under --runs (each part is optional; missing ones are listed and skipped):
     small-real/metrics.jsonl, small-real/samples/     training loss, FID every K steps, sample grids
-    small-real-reconstruction/grid.png                 held-out source | 4 reconstructions (sample.py)
-    small-real-interpolation/grid.png                  source a | slerp r = 0, 0.25, 0.5, 0.75, 1 (sample.py)
+    small-real-reconstruction/synthetic.csv, images/   4 reconstructions per held-out source (sample.py)
+    small-real-interpolation/synthetic.csv, images/    slerp r = 0, 0.25, 0.5, 0.75, 1 per pair (sample.py)
     small-real-segment/summary.json, labels/           DiffSeg Dice + the image-blind baselines (segment.py)
     small-real-segment-search/summary.csv              the timestep / threshold / grid search
     classify/summary.md, auc_vs_ratio.png              test AUC per (regime, ratio) (classify.py)
-Writes to --out: fid.png, loss.png, eval_samples.png, reconstruction.png and interpolation.png (generated
-images only: the real source column/row is cropped off, as ../shared/data is not redistributed),
+Writes to --out: fid.png, loss.png, eval_samples.png, reconstruction.png and interpolation.png (captioned
+grids of the generated images only, rebuilt from synthetic.csv, as ../shared/data is not redistributed),
 segment_maps.png (label maps with the ground-truth lung contour), auc_vs_ratio.png, and tables.md (markdown
 tables with every number quoted in docs/results.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -26,9 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+import cli
 from data.readers import read_image
 from data.transforms import preprocess_mask
-from eval.plot import line_plot
+from eval import figures
+from eval.figures import line_plot
 from eval.segmentation import overlay
 
 
@@ -64,12 +64,22 @@ def curves(run: Path, out: Path, bins: int = 15) -> list[str]:
     return lines
 
 
-def montage(tiles: list[np.ndarray], path: Path, cols: int = 4):
-    h, w = tiles[0].shape[:2]
-    canvas = np.zeros((math.ceil(len(tiles) / cols) * h, cols * w, 3), np.uint8)
-    for i, t in enumerate(tiles):
-        canvas[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = t[:h, :w]
-    Image.fromarray(canvas).save(path)
+def generated_grid(folder: Path, path: Path, max_rows: int = 8):
+    """A captioned grid of sample.py's generated images only, rebuilt from its synthetic.csv (the real source
+    images stay out of the figure: ../shared/data is not redistributed here). One row per source image
+    (reconstruction) or per pair (interpolation, each blend captioned with its r)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in read_csv_rows(folder / "synthetic.csv"):
+        groups.setdefault((r["source"], r["source_b"]), []).append(r)
+    chosen = list(groups.items())[:max_rows]
+    pairs = any(b for (_, b), _ in chosen)
+    tiles = [[read_image(folder / r["path"]) for r in rows] for _, rows in chosen]
+    captions = [[f"r={float(r['r']):.2f}" if r["r"] else f"variation {k + 1}" for k, r in enumerate(rows)]
+                for _, rows in chosen]
+    labels = [f"{'pair' if pairs else 'source'} {i + 1}" for i in range(len(chosen))]
+    title = ("Interpolation: generated blends of pairs (a, b); r = 0 is a" if pairs else
+             "Reconstruction: generated variations of one real image each") + " (real images not shown)"
+    figures.caption_grid(tiles, labels, None, captions, title=title).save(path)
 
 
 def segment_maps(seg: Path, masks: Path, out: Path, count: int = 8):
@@ -85,7 +95,11 @@ def segment_maps(seg: Path, masks: Path, out: Path, count: int = 8):
             gt = preprocess_mask(read_image(masks / f"{r['image']}.png"), read_image(r["path"]), size)[0].bool()
         tiles.append(np.asarray(overlay(torch.full(labels.shape, 0.6), labels, gt)))
     if tiles:
-        montage(tiles, out / "segment_maps.png")
+        captions = [f"{r['num_segments']} segments, Dice {float(r['dice']):.2f}" for r in rows]
+        figures.caption_grid([tiles[i:i + 4] for i in range(0, len(tiles), 4)], None, None,
+                             [captions[i:i + 4] for i in range(0, len(tiles), 4)],
+                             title="DiffSeg segments (colours), ground-truth lung contour (yellow)").save(
+            out / "segment_maps.png")
 
 
 def read_csv_rows(path: Path) -> list[dict]:
@@ -130,7 +144,7 @@ def classification(summary: Path) -> list[str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--runs", default="runs", help="folder holding the recipe's outputs (docs/small_real.sh OUT)")
     p.add_argument("--out", default="runs/report", help="folder for the figures and tables.md")
     p.add_argument("--data", default="../shared/data", help="the data folder (lung masks for segment_maps.png)")
@@ -142,14 +156,11 @@ def main(argv=None):
         text += ["## Training and FID", "", *curves(runs / "small-real", out), ""]
     else:
         missing.append("small-real/metrics.jsonl")
-    size = json.loads((runs / "small-real" / "config.json").read_text())["image_size"] \
-        if (runs / "small-real" / "config.json").is_file() else 128
     for name in ("small-real-reconstruction", "small-real-interpolation"):
-        if (runs / name / "grid.png").is_file():  # drop column 0, the real source images
-            grid = Image.open(runs / name / "grid.png")
-            grid.crop((size, 0, grid.width, grid.height)).save(out / f"{name.removeprefix('small-real-')}.png")
+        if (runs / name / "synthetic.csv").is_file():
+            generated_grid(runs / name, out / f"{name.removeprefix('small-real-')}.png")
         else:
-            missing.append(f"{name}/grid.png")
+            missing.append(f"{name}/synthetic.csv")
     seg = segmentation(runs / "small-real-segment", runs / "small-real-segment-search",
                        Path(args.data) / "cxr-lungs" / "masks", out)
     text += ["## Lung segmentation (DiffSeg)", "", *seg, ""] if seg else []
@@ -168,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

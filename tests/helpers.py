@@ -162,3 +162,42 @@ def unet_to_ldm(state: dict, config) -> dict:
                 break
         out[key] = value
     return out
+
+
+class _Parsed(Exception):
+    pass
+
+
+def parser_of(parse_args):
+    """The argparse parser a script's `parse_args(argv)` builds (stopped before it parses anything)."""
+    import argparse
+    from unittest import mock
+
+    seen = {}
+
+    def grab(self, *args, **kwargs):
+        seen["parser"] = self
+        raise _Parsed
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", grab):
+        try:
+            parse_args([])
+        except _Parsed:
+            pass
+    return seen["parser"]
+
+
+def help_gaps(parse_args) -> list[str]:
+    """Flags whose --help entry lacks a real sentence, or (unless required or a switch) its default."""
+    parser = parser_of(parse_args)
+    gaps = []
+    for action in parser._actions:
+        if "-h" in action.option_strings or not action.option_strings:
+            continue
+        flag = action.option_strings[-1]
+        text = parser._get_formatter()._expand_help(action) if action.help else ""
+        if len(text.split()) < 3:
+            gaps.append(f"{flag}: no help sentence")
+        elif action.nargs != 0 and not action.required and "default" not in text:
+            gaps.append(f"{flag}: help does not show the default")
+    return gaps

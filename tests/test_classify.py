@@ -3,6 +3,7 @@ phantom CXRs (tiny DenseNet, 64 px, CPU)."""
 
 import csv
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from PIL import Image
 import classify
 from data import LABELS
 from eval import experiment as ex
-from eval.plot import line_plot, nice_ticks
+from eval.figures import line_plot, nice_ticks
+from tests.helpers import help_gaps
 
 
 @pytest.fixture(autouse=True)
@@ -160,8 +162,32 @@ def test_plot_writes_png(tmp_path):
     assert nice_ticks(0.52, 0.71) == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
     path = line_plot({"N = 50": [0.55, 0.6, math.nan], "N = 100": [0.6, 0.65, 0.7]}, ["1:0", "1:1", "1:5"],
                      tmp_path / "p.png", errors={"N = 50": [0.01, 0.02, math.nan]}, title="t", ylabel="AUC")
+    with Image.open(path) as img:  # matplotlib (when installed) trims the margins: about 900 x 600
+        assert 600 < img.width <= 1000 and 400 < img.height <= 700 and len(img.getcolors(1 << 16)) > 4
+
+
+def test_pillow_plot_fits_its_legend(tmp_path, monkeypatch):
+    """Without matplotlib the Pillow drawing widens for a long legend entry instead of cutting it off."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    name = "FID (random-init XRV DenseNet, held-out patients)"
+    path = line_plot({name: [3.0, 2.0, 1.5]}, ["500", "1000", "1500"], tmp_path / "fid.png", title="FID")
     with Image.open(path) as img:
-        assert img.size == (900, 600) and len(img.getcolors(1 << 16)) > 4
+        arr = np.asarray(img.convert("L"))
+    assert img.width > 900 and arr[:, -6:].min() == 255  # wider, and nothing drawn at the right edge
+
+
+def test_report_grids_show_generated_images_captioned(tmp_path):
+    from eval import report
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for k, (a, b, r) in enumerate([("s0", "t0", 0.25), ("s0", "t0", 0.75), ("s0", "t1", 0.5)]):
+        Image.fromarray(np.full((32, 32), 40 * k, np.uint8)).save(tmp_path / "images" / f"{k}.png")
+        rows.append(dict(path=f"images/{k}.png", source=a, source_b=b, r=str(r), seed=str(k)))
+    _write_csv(tmp_path / "synthetic.csv", rows)
+    report.generated_grid(tmp_path, tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.height > 2 * 96 and img.width > 2 * 96  # 2 pairs (rows), 2 blends in the first
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -175,6 +201,7 @@ def test_help_lists_every_flag(capsys):
                  "--in-channels", "--image-size", "--batch-size", "--lr", "--weight-decay", "--patience",
                  "--early-stop", "--num-workers", "--device", "--augment"):
         assert flag in text
+    assert help_gaps(classify.parse_args) == []
     args = classify.parse_args(["--real", "r.csv", "--out", "o"])
     assert (args.batch_size, args.lr, args.weight_decay, args.patience, args.early_stop, args.max_epochs,
             args.image_size, args.folds) == (64, 1e-4, 1e-5, 10, 25, 150, 224, 5)
@@ -292,8 +319,18 @@ def test_resume_skips_finished_cells(sweep, monkeypatch):
     assert len(calls) == 2
     assert sorted(results.read_text().splitlines()) == sorted(before.splitlines())  # same numbers again
 
-    with pytest.raises(SystemExit, match="another configuration.*max_epochs"):
+
+
+def test_other_settings_refused_in_one_line(sweep, capsys):
+    if not (sweep["out"] / "results.csv").exists():
+        classify.main(sweep["argv"])
+    before = (sweep["out"] / "results.csv").read_text()
+    with pytest.raises(SystemExit) as e:
         classify.main([*sweep["argv"], "--max-epochs", "3"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1
+    assert "max_epochs" in err and "--overwrite" in err
+    assert (sweep["out"] / "results.csv").read_text() == before  # nothing lost
 
 
 @pytest.mark.filterwarnings("ignore:test label")
@@ -382,7 +419,36 @@ def test_bad_csvs_give_clear_errors(sweep, tmp_path):
         run(ratios="0,1")
     with pytest.raises(SystemExit, match="--patient-column: .* has no 'subject' column"):
         run("--patient-column", "subject")
-    assert not (tmp_path / "out" / "results.csv").exists()
+    assert not (tmp_path / "out").exists()  # a failed start leaves no output folder behind
+
+
+@pytest.mark.filterwarnings("ignore:test label")
+def test_real_only_sweep_without_synthetic(sweep, tmp_path, monkeypatch):
+    """No --synthetic: the real-only regimes (1:0) run; a leftover of a failed start does not block it."""
+    calls = _count_cells(monkeypatch)
+    argv = [a for a in sweep["argv"] if a != str(sweep["root"] / "synthetic" / "synthetic.csv")]
+    argv.remove("--synthetic")
+    argv[argv.index("--ratios"):argv.index("--ratios") + 2] = []  # default without --synthetic: 0 only
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    with pytest.raises(SystemExit):
+        classify.main([*argv, "--real", str(tmp_path / "missing.csv")])  # failed start: nothing written
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()  # what a start that crashed before its first result leaves: only the records
+    (tmp_path / "out" / "config.json").write_text("{}")
+    (tmp_path / "out" / "settings.json").write_text('{"ratios": ["0", "1"]}')
+    rows = classify.main([*argv, "--max-epochs", "1"])
+    assert len(calls) == 4 and sorted((r["regime"], r["ratio"]) for r in rows) == [(20, 0.0)] * 2 + [(40, 0.0)] * 2
+    assert all(r["n_synthetic"] == 0 and 0 <= r["mean_auc"] <= 1 for r in rows)
+    assert "1:0" in (tmp_path / "out" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "-1"), ("--folds", "1"), ("--regimes", "10,x"),
+                                         ("--max-epochs", "0"), ("--drop-rate", "1"), ("--test-fraction", "2")])
+def test_bad_flags_one_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        classify.parse_args(["--real", "r.csv", "--out", "o", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and flag in err[0]
 
 
 # ------------------------------------------------------------------------------------------------ learning

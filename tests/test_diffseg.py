@@ -13,6 +13,7 @@ from eval.segmentation import best_union_dice, hungarian_dice, linear_sum_assign
 from unet.diffseg import (
     AttentionAggregator,
     anchor_grid,
+    auto_threshold,
     diffseg,
     diffseg_from_maps,
     kmeans_refine,
@@ -180,6 +181,21 @@ def test_diffseg_recovers_partition():
     # k-means refinement started at a correct solution keeps it
     refined = diffseg_from_maps(maps, grid=8, threshold=0.5, refine=True)
     assert region_dice(refined[0], truth).min() > 0.95
+
+
+def test_auto_threshold_follows_the_models_distance_scale():
+    """threshold="auto" (a quantile of the anchor-anchor KL) finds the 4 regions on sharp maps and on maps
+    150x smoother (tempered: p^0.1), where the fixed 0.5 that suits the sharp ones merges everything."""
+    truth, maps = synthetic()
+    attn = AttentionAggregator().extend(maps).result()
+    smooth = attn ** 0.1
+    smooth /= smooth.sum(-1, keepdim=True)
+    for a, min_dice in ((attn, 0.95), (smooth, 0.85)):
+        labels = diffseg(a, grid=8, threshold="auto")[0]
+        assert labels.unique().numel() == 4 and region_dice(labels, truth).min() > min_dice
+    assert auto_threshold(smooth[0], (32, 32), 8) < auto_threshold(attn[0], (32, 32), 8) / 100
+    assert diffseg(smooth, grid=8, threshold=0.5)[0].unique().numel() == 1  # the fixed value: one segment
+    assert auto_threshold(torch.ones(16, 16) / 16, 4, 2) > 0  # equal rows: the floor, still > 0
 
 
 def test_merge_iterations_reduce_proposals():

@@ -76,3 +76,19 @@ def test_cli_writes_images_masks_and_csv(tmp_path):
         assert {k: int(row[k]) for k in LABELS} == ref_labels
     assert Image.open(tmp_path / "g.png").size == (128, 128)
     assert phantom_grid(2, 32).shape == (64, 64)
+
+
+@pytest.mark.parametrize("args, needle", [(["-n", "-1"], "-n"), (["--size", "8"], "--size"),
+                                          (["--seed", "x"], "--seed"), (["-n", "1", "--out", "/dev/null/x"], "/dev/null/x")])
+def test_cli_errors_are_one_line(tmp_path, args, needle):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    argv = ["--out", str(tmp_path / "out"), *args] if "--out" not in args else args
+    env = {k: v for k, v in os.environ.items() if k != "DINO_DEBUG"}
+    res = subprocess.run([sys.executable, "-m", "data.phantom", *argv], cwd=REPO, capture_output=True, text=True, env=env)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(err) == 1 and needle in err[0], res.stderr

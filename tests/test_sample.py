@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import generate
 import pipeline
 import sample
 from ddpm import DDIMScheduler
-from tests.helpers import REPO, patch_torchvision
+from tests.helpers import REPO, help_gaps, patch_torchvision
 from tests.test_unet import TINY as UNET_TINY
 from tests.test_unet import make_pair as make_unet_pair
 from tests.test_vae import make_ref as make_vae_ref
@@ -156,12 +157,13 @@ def test_unlabelled_csv_and_label_subset(run_dir, phantoms, tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(run_dir, phantoms, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a run directory"):
+    with pytest.raises(SystemExit, match="not a run directory"):
         sample.main(["--run", str(tmp_path / "nope"), "--mode", "reconstruction", "--images",
                      str(phantoms / "images"), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="outside"):
+    with pytest.raises(SystemExit) as e:
         sample.main(["--run", str(run_dir), "--mode", "interpolation", "--images", str(phantoms / "images"),
                      "--ratios", "0.5,1.5", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_text("not an image")
@@ -173,3 +175,84 @@ def test_bad_inputs_give_clear_errors(run_dir, phantoms, tmp_path):
 def test_run_config_is_json(run_dir):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["image_size"] == 32
+
+
+def script(*args):
+    """sample.py as a user runs it -> (exit code, stderr lines other than progress bars and warnings)."""
+    env = {k: v for k, v in os.environ.items() if k != "DINO_DEBUG"} | {"PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], capture_output=True,
+                         text=True, env=env)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.returncode, [line for line in res.stderr.replace("\r", "\n").splitlines()
+                            if line.strip() and "it/s" not in line]
+
+
+def test_user_errors_are_one_line(run_dir, phantoms, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not an image")
+    (tmp_path / "junk" / "x.png").write_text("not an image either")
+    (tmp_path / "nopath.csv").write_text("file,Edema\nx.png,1\n")
+    base = ["--mode", "reconstruction", "--out", tmp_path / "out", "--steps", "1"]
+    images = phantoms / "images"
+    cases = [(["--run", "/nonexistent", "--images", images], "/nonexistent"),
+             (["--run", run_dir, "--images", images, "--batch-size", "-1"], "--batch-size"),
+             (["--run", run_dir, "--images", images, "--num", "0"], "--num"),
+             (["--run", run_dir, "--images", tmp_path / "empty"], "empty"),
+             (["--run", run_dir, "--images", tmp_path / "junk"], "junk"),
+             (["--run", run_dir, "--images", tmp_path / "nopath.csv"], "nopath.csv"),
+             (["--run", run_dir, "--images", images, "--ratio-range", "0.9,0.1"], "--ratio-range")]
+    for extra, needle in cases:
+        code, err = script(*base, *extra)
+        assert code != 0 and len(err) == 1 and needle in err[0], (extra, err)
+        assert "has 1 images" not in err[0]
+    assert not (tmp_path / "out").exists()  # no failed start left an output folder
+
+
+def test_out_of_other_settings_refused(run_dir, phantoms, tmp_path, capsys, monkeypatch):
+    args = ["--run", str(run_dir), "--mode", "reconstruction", "--images", str(phantoms / "images"), "--num", "1",
+            "--steps", "1", "--limit", "1", "--out", str(tmp_path / "o")]
+    sample.main(args)
+    first = (tmp_path / "o" / "synthetic.csv").read_text()
+    (tmp_path / "o" / "synthetic.csv").unlink()  # as if the first start had stopped before its last step
+    calls = []
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    sample.main(args)  # the same settings again: accepted, and the PNGs already written are reused
+    assert calls == [] and (tmp_path / "o" / "synthetic.csv").read_text() == first
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample.main([*args, "--seed", "1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and "--overwrite" in err[-1] and "seed" in err[-1]
+    sample.main([*args, "--seed", "1", "--overwrite"])
+
+
+def test_interpolation_grid_shows_every_pair_and_both_ends():
+    """8 pairs (several sharing image a) -> 8 rows of: real a, 3 blends captioned r=..., real b."""
+    sources = torch.stack([torch.full((1, 32, 32), i / 10) for i in range(10)])
+    pairs = [(0, 1), (0, 2), (3, 4), (0, 5), (6, 7), (8, 9), (3, 9), (2, 6)]
+    results = [(a, b, r, torch.full((1, 32, 32), 0.95)) for a, b in pairs for r in (0.25, 0.5, 0.75)]
+    grid = sample.interpolation_grid(sources, results, pairs)
+    boxes = grid.info["boxes"]
+    assert {r for r, _ in boxes} == set(range(8)) and {c for _, c in boxes} == set(range(5))
+    arr = np.asarray(grid.convert("L"), dtype=float) / 255
+    for row, (a, b) in enumerate(pairs):
+        for col, want in ((0, a / 10), (4, b / 10), (2, 0.95)):
+            x0, y0, x1, y1 = boxes[row, col]
+            assert abs(arr[y0:y1, x0:x1].mean() - want) < 0.01, (row, col)
+    assert {"real a", "real b", "r=0.25", "r=0.75", "pair 8"} <= set(grid.info["text"])
+    x0, y0, x1, y1 = boxes[0, 0]
+    assert x1 - x0 >= 96 and grid.height >= 8 * (y1 - y0)  # small tiles enlarged so captions fit
+
+
+def test_reconstruction_grid_is_captioned():
+    sources = torch.rand(3, 1, 32, 32)
+    results = [(a, None, None, torch.rand(1, 32, 32)) for a in range(3) for _ in range(2)]
+    grid = sample.reconstruction_grid(sources, results, ["x/a.png", "x/b.png", "x/c.png"], per_row=2)
+    assert len({r for r, _ in grid.info["boxes"]}) == 3 and len(grid.info["boxes"]) == 9
+    assert {"real source", "generated 1", "generated 2", "a"} <= set(grid.info["text"])
+
+
+def test_help_shows_every_default():
+    assert help_gaps(sample.parse_args) == []

@@ -5,6 +5,10 @@ Random tiny models, so Dice values are meaningless here; accuracy is the paper's
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -16,6 +20,7 @@ import hub
 import pipeline
 import segment
 from data.phantom import make_phantom
+from tests.helpers import REPO, help_gaps
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 from vit_dino import DinoConfig, DinoViT
@@ -149,7 +154,8 @@ def test_search_one_report_per_combination(run_dir, phantoms, tmp_path, monkeypa
     out = tmp_path / "out"
     summaries = seg("--images", images, "--masks", masks, "--out", out, "--batch-size", 2,
                     "--search", "threshold=0.01,0.5", "grid=2,4", "timestep=100,300", run=run_dir)
-    assert sorted(calls) == [100, 300]  # one forward per (batch, timestep), reused by 4 threshold/grid pairs
+    assert sorted(calls) == [100, 100, 300]  # a 1-image probe (checks --grid), then one forward per
+    # (batch, timestep), reused by 4 threshold/grid pairs
     table = read_csv(out / "summary.csv")
     assert len(table) == len(summaries) == 8
     assert list(table[0])[:3] == ["timestep", "threshold", "grid"]  # searched keys in segment.SEARCH_KEYS order
@@ -229,8 +235,66 @@ def test_bad_inputs(run_dir, phantoms, tmp_path):
         seg("--images", mixed / "notes.txt", "--out", tmp_path / "c", run=run_dir)
     with pytest.raises(SystemExit, match="--upsample cubic: expected bilinear or nearest"):
         seg("--images", images, "--out", tmp_path / "c", "--search", "upsample=nearest,cubic", run=run_dir)
-    with pytest.raises(SystemExit, match="--threshold 0.0: expected > 0"):
-        seg("--images", images, "--out", tmp_path / "c", "--threshold", 0, run=run_dir)
+    with pytest.raises(SystemExit, match="--threshold 0.0: expected auto or > 0"):
+        seg("--images", images, "--out", tmp_path / "c", "--search", "threshold=auto,0", run=run_dir)
+    assert not (tmp_path / "c").exists()  # no failed start left an output folder behind
+
+
+def script(*args, name="segment.py"):
+    """Run a script as a user does -> (exit code, stderr lines other than progress bars and warnings)."""
+    env = {k: v for k, v in os.environ.items() if k != "DINO_DEBUG"} | {"PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, str(REPO / name), *map(str, args)], capture_output=True, text=True,
+                         env=env)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.returncode, [line for line in res.stderr.replace("\r", "\n").splitlines()
+                            if line.strip() and "it/s]" not in line and "?it/s" not in line]
+
+
+def test_user_errors_are_one_line(run_dir, phantoms, tmp_path):
+    images, _ = phantoms
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_text("not an image")
+    (tmp_path / "nopath.csv").write_text("file\nx.png\n")
+    cases = [(["--batch-size", "-1", "--images", images], "--batch-size"),
+             (["--threshold", "big", "--images", images], "--threshold"),
+             (["--images", tmp_path / "empty"], "no images"),
+             (["--images", tmp_path / "junk"], "a.png"),
+             (["--images", tmp_path / "nopath.csv"], "nopath.csv"),
+             (["--images", images, "--run-missing"], "--run-missing")]
+    for extra, needle in cases:
+        code, err = script("--run", run_dir, "--out", tmp_path / "out", *extra)
+        assert code != 0 and len(err) == 1 and needle in err[0], (extra, err)
+    code, err = script("--run", tmp_path / "nowhere", "--images", images, "--out", tmp_path / "out")
+    assert code != 0 and len(err) == 1 and "nowhere" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_of_other_settings_refused_unless_overwrite(run_dir, phantoms, tmp_path, capsys):
+    images, masks = phantoms
+    out = tmp_path / "out"
+    seg("--images", images, "--masks", masks, "--out", out, "--threshold", 0.001, run=run_dir)
+    seg("--images", images, "--masks", masks, "--out", out, "--threshold", 0.001, run=run_dir)  # same: accepted
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        seg("--images", images, "--masks", masks, "--out", out, "--threshold", 0.002, run=run_dir)
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line]
+    assert e.value.code == 1 and "--overwrite" in err[-1] and "threshold" in err[-1]
+    seg("--images", images, "--masks", masks, "--out", out, "--threshold", 0.002, "--overwrite", run=run_dir)
+    assert json.loads((out / "summary.json").read_text())["settings"]["threshold"] == 0.002
+
+
+def test_one_segment_warns_and_auto_is_the_default(run_dir, phantoms, tmp_path):
+    images, masks = phantoms
+    with pytest.warns(UserWarning, match=r"2 of 2 images ended as ONE segment .*--threshold 1000"):
+        seg("--images", images, "--masks", masks, "--out", tmp_path / "a", "--threshold", 1000, run=run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: auto may give one segment here too
+        [summary] = seg("--images", images, "--masks", masks, "--out", tmp_path / "b", run=run_dir)
+    assert summary["settings"]["threshold"] == "auto" and summary["mean_threshold_used"] > 0
+    assert {"mean_dice", "mean_dice_baseline_all_foreground", "mean_num_segments"} <= set(summary)
+    with Image.open(tmp_path / "b" / "overlays.png") as grid:  # captioned: image row over DiffSeg row
+        assert grid.width > 2 * 96 and grid.height > 2 * 96
 
 
 def test_help_lists_flags(capsys):
@@ -241,5 +305,6 @@ def test_help_lists_flags(capsys):
     for flag in ("--run", "--images", "--masks", "--out", "--timestep", "--threshold", "--grid", "--context",
                  "--iterations", "--upsample", "--refine", "--size", "--step", "--checkpoints", "--search",
                  "--no-ema", "--device", "--limit", "--unet", "--unet-subfolder", "--vae", "--vae-subfolder",
-                 "--image-column", "--mask-column", "--resize-masks"):
+                 "--image-column", "--mask-column", "--resize-masks", "--overwrite"):
         assert flag in text
+    assert help_gaps(segment.parse_args) == []

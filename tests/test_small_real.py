@@ -67,7 +67,7 @@ def test_small_real_recipe(tmp_path, shared_data):
                                   for k in ("dice", "dice_baseline_all_foreground", "dice_baseline_prior"))
     summary = json.loads((out / "small-real-segment" / "summary.json").read_text())
     assert summary["n"] == 4 and summary["settings"]["timestep"] == 300
-    assert len(read_csv(out / "small-real-segment-search" / "summary.csv")) == 3 * 5 * 2
+    assert len(read_csv(out / "small-real-segment-search" / "summary.csv")) == 3 * 6 * 2  # auto + 5 thresholds
 
     results = read_csv(out / "classify" / "results.csv")
     assert len(results) == 2 * 3 * 2 and {float(r["ratio"]) for r in results} == {0, 1, 3}

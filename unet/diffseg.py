@@ -22,6 +22,18 @@ at. Queries on one object look at the same places, so their rows are close; Diff
    instead takes the argmax on the attention grid and repeats it (the variant of our notes, diffseg.md).
 Optional (`refine=True`, the reference's `refine`): k-means over the N rows, initialised at the object maps.
 
+Threshold (`threshold="auto"`, `auto_threshold`). A fixed KL threshold suits one model only: the distances
+scale with how sharp its attention is and with log N. SD-size models merge well at 0.05-1.1 (DiNO-Diffusion;
+the DiffSeg reference uses 1.1 for SD 2.1), but the attention of the small models of this repository is so
+smooth that their anchor distances are ~0.001-0.01: at 0.05 every anchor merges into one segment (measured:
+tiny preset and small-real, docs/results.md). "auto" measures the scale on the image itself: the threshold is
+the AUTO_QUANTILE = 0.1 quantile of the symmetric KL distances between all pairs of its M x M anchors. The
+rule reads "two places are one object when they are as close as the closest 10 % of anchor pairs": with K
+objects of similar size about 1/K of the pairs lie on one object, so 0.1 keeps objects down to about a tenth
+of the image apart, whatever the model's distance scale (a relative rule: it is invariant to rescaling every
+distance). Measured on the tiny preset's held-out phantoms (README): quantile 0.1 gives ~4-5 segments
+(lungs, body, background), 0.05 ~10, 0.3 mostly one.
+
 Precision: float32 throughout (the reference uses float16 for iteration 0 and float64 after).
 """
 
@@ -36,6 +48,8 @@ import torch.nn.functional as F
 # left untouched, so distances equal the unclamped math wherever that is finite (the reference has no clamp);
 # log(KL_EPS) = -87.3 keeps every product finite, so a map with mass where another has none is just far.
 KL_EPS = torch.finfo(torch.float32).tiny
+AUTO_QUANTILE = 0.1  # threshold="auto": this quantile of the anchor-anchor distances (module docstring)
+AUTO_FLOOR = 1e-6  # the rounding of float32 KL of equal rows (merge_attention): smaller cannot be resolved
 CHUNK_ROWS = 1024  # rows per chunk: 1024 x 4096 float32 = 16 MiB of temporaries at the 64x64 grid
 
 
@@ -197,15 +211,34 @@ def _thresholds(threshold, iterations: int) -> list[float]:
     return ts
 
 
+def auto_threshold(attn: torch.Tensor, resolution, grid: int = 16, quantile: float = AUTO_QUANTILE) -> float:
+    """The "auto" merge threshold of ONE image attn [N, N]: the `quantile` of the symmetric KL distances
+    between its M x M anchors' attention rows, all pairs i != j (module docstring, "Threshold").
+
+    float64 (M*M rows only): the float32 expansion in `symmetric_kl` rounds by ~1e-6, which is the whole
+    scale of very smooth maps. Never below AUTO_FLOOR, so that the threshold stays > 0.
+    """
+    anchors = anchor_grid(resolution, grid, device=attn.device)
+    rows = attn[anchors].double()
+    log = rows.clamp_min(KL_EPS).log()
+    h = (rows * log).sum(1)
+    d = 0.5 * (h[:, None] + h[None, :] - rows @ log.T - log @ rows.T)  # [M*M, M*M]
+    off = d[~torch.eye(len(rows), dtype=torch.bool, device=d.device)]
+    return max(float(torch.quantile(off, quantile)), AUTO_FLOOR)
+
+
 def merge_attention(attn: torch.Tensor, resolution, grid: int = 16, threshold=0.05,
                     iterations: int = 3) -> torch.Tensor:
     """Steps 2-3 for ONE image: attn [N, N] (rows = queries) -> object maps [K, N] (rows sum to 1).
 
-    threshold: one value or one per iteration (the reference takes a list). A map is always within the
-    threshold of itself (the expanded KL of equal rows may round to ~1e-6 instead of 0).
+    threshold: one value, one per iteration (the reference takes a list), or "auto" (`auto_threshold`, the
+    same value for every iteration). A map is always within the threshold of itself (the expanded KL of
+    equal rows may round to ~1e-6 instead of 0).
     """
-    ts = _thresholds(threshold, iterations)
     attn = attn.float()
+    if threshold == "auto":
+        threshold = auto_threshold(attn, resolution, grid)
+    ts = _thresholds(threshold, iterations)
     anchors = anchor_grid(resolution, grid, device=attn.device)
     close = symmetric_kl(attn[anchors], attn) < ts[0]  # [M*M, N]
     close[torch.arange(len(anchors), device=attn.device), anchors] = True
