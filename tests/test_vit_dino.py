@@ -458,3 +458,45 @@ def test_real_sizes_both_families(tmp_path, hf_cache):
                 glb = dino.global_tokens(x)
             assert diff <= TOL, (hw, diff)
             assert glb.shape == (1, 5, 768) and max_abs_diff(glb, want[:, :5]) <= TOL
+
+
+# microsoft/rad-dino's config.json fields (a Dinov2Config, ViT-B/14, 518 px: facebook/dinov2-base's architecture);
+# facebook/dinov2-with-registers-base adds model_type dinov2_with_registers and num_register_tokens 4.
+RAD_DINO_CONFIG = {
+    "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "mlp_ratio": 4, "hidden_act": "gelu", "image_size": 518, "patch_size": 14,
+    "layer_norm_eps": 1e-06, "layerscale_value": 1.0, "num_channels": 3, "qkv_bias": True, "use_swiglu_ffn": False,
+    "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0, "drop_path_rate": 0.0,
+    "initializer_range": 0.02,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repo,registers", [("microsoft/rad-dino", 0), ("facebook/dinov2-with-registers-base", 4)])
+def test_real_size_transformers_dinov2(tmp_path, hf_cache, repo, registers):
+    """ViT-B/14 at full width/depth in the Dinov2 Hub layouts: native 518 px and the interpolated 224 px."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    with heavy_lock():
+        if registers:
+            d = {**RAD_DINO_CONFIG, "model_type": "dinov2_with_registers", "num_register_tokens": registers,
+                 "architectures": ["Dinov2WithRegistersModel"]}
+            ref = randomize(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**d)))
+        else:
+            ref = randomize(Dinov2Model(Dinov2Config(**RAD_DINO_CONFIG)))
+        ref.save_pretrained(tmp_path / "m")
+        (tmp_path / "m" / "preprocessor_config.json").write_text(
+            json.dumps(RAD_DINO_PROCESSOR if not registers else DINOV2_BASE_PROCESSOR))
+        hf_cache.add_folder(repo, tmp_path / "m")
+        dino = DinoViT.from_pretrained(repo)
+        c = dino.config
+        assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.grid_size) == (768, 12, 3072, 37)
+        assert dino.preprocess(torch.rand(1, 1, 600, 600)).shape[-1] == (518 if not registers else 224)
+        for hw in [(518, 518), (224, 224)]:
+            x = torch.randn(1, 3, *hw)
+            with torch.inference_mode():
+                want = ref(x).last_hidden_state
+                got, glb = dino(x), dino.global_tokens(x)
+            diffs = max_abs_diff(got, want), max_abs_diff(glb, want[:, : 1 + registers])
+            print(f"{repo} real size {hw}: last_hidden_state {diffs[0]:.2e}, c_GLB {diffs[1]:.2e}")
+            assert glb.shape == (1, 1 + registers, 768) and max(diffs) <= TOL, (hw, diffs)
