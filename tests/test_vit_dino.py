@@ -1,4 +1,6 @@
-"""vit_dino: parity with transformers ViTModel (DINO v1) and timm DINOv2-reg4, Hub loading, preprocess."""
+"""vit_dino: parity with transformers ViTModel (DINO v1), transformers Dinov2Model / Dinov2WithRegistersModel
+(facebook/dinov2-base, microsoft/rad-dino, facebook/dinov2-with-registers-base) and timm DINOv2-reg4, Hub
+loading, preprocess (ImageNet defaults, or the checkpoint's preprocessor_config.json)."""
 
 import dataclasses
 import json
@@ -29,6 +31,22 @@ TIMM_HUB_CONFIG = {
 }
 
 
+TINY_DINOV2 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14,
+                   layerscale_value=0.5)
+# preprocessor_config.json of microsoft/rad-dino (BitImageProcessor; its own CXR mean/std, 518 px shorter side
+# and crop) and of facebook/dinov2-base / -with-registers-base (shorter side 256, crop 224, ImageNet mean/std).
+RAD_DINO_PROCESSOR = {
+    "crop_size": {"height": 518, "width": 518}, "do_center_crop": True, "do_convert_rgb": True,
+    "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5307, 0.5307, 0.5307],
+    "image_processor_type": "BitImageProcessor", "image_std": [0.2583, 0.2583, 0.2583], "resample": 3,
+    "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 518},
+}
+DINOV2_BASE_PROCESSOR = {
+    **RAD_DINO_PROCESSOR, "crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256},
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+}
+
+
 def randomize(model):
     """Perturb every parameter (LayerNorm gains, LayerScale, biases too) so a swapped weight shows."""
     with torch.no_grad():
@@ -48,6 +66,16 @@ def timm_vit(arch="vit_base_patch14_reg4_dinov2", **overrides):
 
     kw = {**TINY_TIMM, **overrides}
     return randomize(timm.create_model(arch, pretrained=False, dynamic_img_size=True, **kw))
+
+
+def hf_dinov2(registers=0, **overrides):
+    """transformers Dinov2Model (registers=0) or Dinov2WithRegistersModel, tiny, random weights."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    kw = {**TINY_DINOV2, **overrides}
+    if registers:
+        return randomize(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw)))
+    return randomize(Dinov2Model(Dinov2Config(**kw)))
 
 
 def ours_from(ref, config, layout):
@@ -96,6 +124,24 @@ def test_parity_timm_dinov2(arch, regs):
         assert max_abs_diff(glb, want[:, : 1 + regs]) <= TOL  # c_GLB = [CLS, registers]
 
 
+@pytest.mark.parametrize("registers,swiglu", [(0, False), (0, True), (4, False), (4, True)])
+def test_parity_transformers_dinov2(registers, swiglu):
+    """In-memory (transformers >= 5 names: q_proj, gate_proj/up_proj) Dinov2[WithRegisters]Model."""
+    ref = hf_dinov2(registers, use_swiglu_ffn=swiglu)
+    config, layout = convert.config_from_json(ref.config.to_dict())
+    ours = ours_from(ref, config, layout)
+    assert ours.config.num_global_tokens == 1 + registers and not ours.config.has_pooler
+    for hw in [(56, 56), (84, 84), (42, 70)]:  # native, interpolated, non-square
+        x = torch.randn(2, 3, *hw)
+        with torch.inference_mode():
+            want = ref(x)
+            got, glb = ours(x), ours.global_tokens(x)
+        assert got.shape == want.last_hidden_state.shape == (2, 1 + registers + hw[0] * hw[1] // 196, 64)
+        assert max_abs_diff(got, want.last_hidden_state) <= TOL, hw
+        assert max_abs_diff(glb, want.last_hidden_state[:, : 1 + registers]) <= TOL  # [CLS, registers]
+        assert torch.equal(want.pooler_output, want.last_hidden_state[:, 0])  # the pooler IS the CLS token
+
+
 def test_documented_timm_architectures_match_timm_on_meta():
     import timm
 
@@ -133,6 +179,87 @@ def test_from_pretrained_transformers_hub_layout(tmp_path, hf_cache):
         with torch.inference_mode():
             assert max_abs_diff(dino(x), ref(x).last_hidden_state) <= TOL
             assert dino.global_tokens(x).shape == (1, 1 + pooler, 64)
+
+
+DINOV2_HUB = [  # (repo id, registers, SwiGLU, preprocessor_config.json or None)
+    ("microsoft/rad-dino", 0, False, RAD_DINO_PROCESSOR),
+    ("facebook/dinov2-base", 0, False, DINOV2_BASE_PROCESSOR),
+    ("facebook/dinov2-with-registers-base", 4, False, DINOV2_BASE_PROCESSOR),
+    ("facebook/dinov2-with-registers-giant", 4, True, None),
+]
+
+
+@pytest.mark.parametrize("repo,registers,swiglu,processor", DINOV2_HUB, ids=[r[0] for r in DINOV2_HUB])
+def test_from_pretrained_dinov2_hub_layout(tmp_path, hf_cache, repo, registers, swiglu, processor):
+    """transformers' own save_pretrained (legacy Hub key names) -> offline cache -> DinoViT.from_pretrained."""
+    ref = hf_dinov2(registers, use_swiglu_ffn=swiglu)
+    ref.save_pretrained(tmp_path / repo)
+    saved = hub.load_state_dict_file(tmp_path / repo / "model.safetensors")
+    mlp = "mlp.weights_in.weight" if swiglu else "mlp.fc1.weight"
+    for key in ("encoder.layer.0.attention.attention.query.weight", "encoder.layer.0.layer_scale1.lambda1",
+                f"encoder.layer.0.{mlp}", "embeddings.mask_token"):
+        assert key in saved, key
+    assert ("embeddings.register_tokens" in saved) == bool(registers)
+    if processor:
+        (tmp_path / repo / "preprocessor_config.json").write_text(json.dumps(processor))
+    hf_cache.add_folder(repo, tmp_path / repo)
+    dino = DinoViT.from_pretrained(repo)
+    c = dino.config
+    assert (c.image_size, c.patch_size, c.num_register_tokens, c.layerscale_init) == (56, 14, registers, 0.5)
+    assert not c.has_pooler and c.pos_embed_antialias == bool(registers) and dino.pos_embed.shape[1] == 1 + 16
+    for hw in [(56, 56), (84, 84), (42, 70)]:  # native, interpolated, non-square
+        x = torch.randn(2, 3, *hw)
+        with torch.inference_mode():
+            want = ref(x)
+            got, glb = dino(x), dino.global_tokens(x)
+        diffs = max_abs_diff(got, want.last_hidden_state), max_abs_diff(glb, want.last_hidden_state[:, : 1 + registers])
+        print(f"{repo} {hw}: last_hidden_state {diffs[0]:.2e}, c_GLB {diffs[1]:.2e}")
+        assert glb.shape == (2, 1 + registers, 64) and max(diffs) <= TOL, (hw, diffs)
+
+
+def test_preprocess_follows_the_checkpoints_preprocessor_config(tmp_path, hf_cache):
+    """rad-dino's own mean/std/518 px; dinov2-base's resize 256 -> crop 224; ImageNet at image_size without one."""
+    from transformers import BitImageProcessor
+
+    for repo, processor in [("microsoft/rad-dino", RAD_DINO_PROCESSOR), ("facebook/dinov2-base", DINOV2_BASE_PROCESSOR),
+                            ("org/dinov2-no-processor", None)]:
+        hf_dinov2().save_pretrained(tmp_path / repo)
+        if processor:
+            (tmp_path / repo / "preprocessor_config.json").write_text(json.dumps(processor))
+        hf_cache.add_folder(repo, tmp_path / repo)
+    rad = DinoViT.from_pretrained("microsoft/rad-dino")
+    c = rad.config
+    assert (c.image_mean, c.image_std, c.input_size, c.crop_pct) == ((0.5307,) * 3, (0.2583,) * 3, 518, 1.0)
+    flat = rad.preprocess(torch.full((1, 1, 600, 600), 0.5))
+    assert flat.shape == (1, 3, 518, 518) and torch.allclose(flat, torch.tensor((0.5 - 0.5307) / 0.2583))
+    img = Image.fromarray(smooth_rgb(300, 300))
+    for dino, cfg in [(rad, RAD_DINO_PROCESSOR), (DinoViT.from_pretrained("facebook/dinov2-base"), DINOV2_BASE_PROCESSOR)]:
+        want = BitImageProcessor(**cfg)(img, return_tensors="pt")["pixel_values"]
+        got = dino.preprocess(img)
+        assert got.shape == want.shape and max_abs_diff(got, want) < 0.03, (cfg["size"], max_abs_diff(got, want))
+    base = DinoViT.from_pretrained("facebook/dinov2-base").config
+    assert (base.input_size, base.crop_pct, base.image_size) == (224, 224 / 256, 56)
+    plain = DinoViT.from_pretrained("org/dinov2-no-processor")
+    assert plain.config.image_mean == (0.485, 0.456, 0.406) and plain.config.input_size is None
+    assert plain.preprocess(img).shape == (1, 3, 56, 56)
+    with torch.inference_mode():  # the 518 px crop runs through the interpolated 4x4 grid
+        assert rad.global_tokens(rad.preprocess(img)).shape == (1, 1, 64)
+
+
+def test_image_processor_config_variants_and_errors():
+    from vit_dino.preprocess import fields_from_image_processor as fields
+
+    vit = {"do_normalize": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+           "image_std": [0.229, 0.224, 0.225], "resample": 2, "size": 224}  # ViTImageProcessor (no crop)
+    assert fields(vit) == dict(image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), input_size=224,
+                               crop_pct=1.0)
+    assert fields({**vit, "size": {"height": 224, "width": 224}})["input_size"] == 224
+    assert fields({**RAD_DINO_PROCESSOR, "do_center_crop": False})["input_size"] == 518
+    for bad, match in [({"do_resize": False}, "do_resize"), ({"size": {"height": 224, "width": 160}}, "size"),
+                       ({"rescale_factor": 1.0}, "rescale_factor"), ({"image_mean": [0.5, 0.5]}, "image_mean"),
+                       ({"crop_size": {"height": 600, "width": 600}}, "larger")]:
+        with pytest.raises(hub.CheckpointError, match=match):
+            fields({**RAD_DINO_PROCESSOR, **bad}, source="x/preprocessor_config.json")
 
 
 def test_from_pretrained_timm_hub_layout(tmp_path, hf_cache):
@@ -331,3 +458,45 @@ def test_real_sizes_both_families(tmp_path, hf_cache):
                 glb = dino.global_tokens(x)
             assert diff <= TOL, (hw, diff)
             assert glb.shape == (1, 5, 768) and max_abs_diff(glb, want[:, :5]) <= TOL
+
+
+# microsoft/rad-dino's config.json fields (a Dinov2Config, ViT-B/14, 518 px: facebook/dinov2-base's architecture);
+# facebook/dinov2-with-registers-base adds model_type dinov2_with_registers and num_register_tokens 4.
+RAD_DINO_CONFIG = {
+    "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "mlp_ratio": 4, "hidden_act": "gelu", "image_size": 518, "patch_size": 14,
+    "layer_norm_eps": 1e-06, "layerscale_value": 1.0, "num_channels": 3, "qkv_bias": True, "use_swiglu_ffn": False,
+    "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0, "drop_path_rate": 0.0,
+    "initializer_range": 0.02,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repo,registers", [("microsoft/rad-dino", 0), ("facebook/dinov2-with-registers-base", 4)])
+def test_real_size_transformers_dinov2(tmp_path, hf_cache, repo, registers):
+    """ViT-B/14 at full width/depth in the Dinov2 Hub layouts: native 518 px and the interpolated 224 px."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    with heavy_lock():
+        if registers:
+            d = {**RAD_DINO_CONFIG, "model_type": "dinov2_with_registers", "num_register_tokens": registers,
+                 "architectures": ["Dinov2WithRegistersModel"]}
+            ref = randomize(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**d)))
+        else:
+            ref = randomize(Dinov2Model(Dinov2Config(**RAD_DINO_CONFIG)))
+        ref.save_pretrained(tmp_path / "m")
+        (tmp_path / "m" / "preprocessor_config.json").write_text(
+            json.dumps(RAD_DINO_PROCESSOR if not registers else DINOV2_BASE_PROCESSOR))
+        hf_cache.add_folder(repo, tmp_path / "m")
+        dino = DinoViT.from_pretrained(repo)
+        c = dino.config
+        assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.grid_size) == (768, 12, 3072, 37)
+        assert dino.preprocess(torch.rand(1, 1, 600, 600)).shape[-1] == (518 if not registers else 224)
+        for hw in [(518, 518), (224, 224)]:
+            x = torch.randn(1, 3, *hw)
+            with torch.inference_mode():
+                want = ref(x).last_hidden_state
+                got, glb = dino(x), dino.global_tokens(x)
+            diffs = max_abs_diff(got, want), max_abs_diff(glb, want[:, : 1 + registers])
+            print(f"{repo} real size {hw}: last_hidden_state {diffs[0]:.2e}, c_GLB {diffs[1]:.2e}")
+            assert glb.shape == (1, 1 + registers, 768) and max(diffs) <= TOL, (hw, diffs)

@@ -3,24 +3,33 @@
 The two families share the architecture (pre-norm ViT: patch conv -> [CLS, registers, patches] + position
 embeddings -> N x (attention, MLP) -> LayerNorm) and differ only in a handful of switches:
 
-| field                  | DINO v1 `facebook/dino-vitb16` (transformers) | DINOv2-reg4 (timm)            |
-|------------------------|-----------------------------------------------|-------------------------------|
-| image_size, patch_size | 224, 16                                       | 518, 14                       |
-| layer_norm_eps         | 1e-12 (its config.json = ViTConfig default)   | 1e-6 (timm LayerNorm default) |
-| num_register_tokens    | 0                                             | 4                             |
-| layerscale_init        | None (no LayerScale)                          | 1e-5 (x + gamma * f(x))       |
-| pos_embed_has_class    | True: pos_embed [1, 1+L, D], added to CLS too | False: [1, L, D], patches only|
-| pos_embed_antialias    | False: bicubic, align_corners=False           | True: bicubic, antialias=True |
+| field               | DINO v1 (transformers ViT) | DINOv2-reg4 (timm)   | Dinov2[WithRegisters]Model (transformers) |
+|---------------------|----------------------------|----------------------|-------------------------------------------|
+| image_size, patch   | 224, 16                    | 518, 14              | config.json (518, 14 for the -base repos)  |
+| layer_norm_eps      | 1e-12 (ViTConfig default)  | 1e-6                 | 1e-6                                      |
+| num_register_tokens | 0                          | 4                    | 0 / 4                                     |
+| layerscale_init     | None (no LayerScale)       | 1e-5                 | layerscale_value (always present)         |
+| pos_embed_has_class | True: [1, 1+L, D]          | False: [1, L, D]     | True: [1, 1+L, D] (CLS + patches)          |
+| register_pos_embed  | (no registers)             | (no class entry)     | False: registers inserted after pos_embed |
+| pos_embed_antialias | False                      | True                 | False / True (WithRegisters)              |
 
 The checkpoints we document: DINO v1 ViT-S/16 and ViT-B/16 (`facebook/dino-vit{s,b}16`, whose transformers
-config.json holds every field) and DINOv2 with 4 registers ViT-S/B/L/g (`timm/vit_{small,base,large,giant}_
-patch14_reg4_dinov2.lvd142m`, whose timm config.json names its `architecture`: `TIMM_ARCHITECTURES`). ViT-g
-replaces the GELU MLP by a SwiGLU one (`use_swiglu_ffn`; timm SwiGLUPacked).
+config.json holds every field), DINOv2 with 4 registers ViT-S/B/L/g (`timm/vit_{small,base,large,giant}_
+patch14_reg4_dinov2.lvd142m`, whose timm config.json names its `architecture`: `TIMM_ARCHITECTURES`), and the
+transformers Dinov2Model / Dinov2WithRegistersModel layouts (`facebook/dinov2-base`, the chest-X-ray
+`microsoft/rad-dino`, `facebook/dinov2-with-registers-base`). ViT-g replaces the GELU MLP by a SwiGLU one
+(`use_swiglu_ffn`; timm SwiGLUPacked, transformers Dinov2SwiGLUFFN).
+
+Preprocessing: `image_mean`/`image_std`, `input_size` (the crop S) and `crop_pct` (S / resized shorter side)
+come from the checkpoint's `preprocessor_config.json` when it ships one (rad-dino: its own CXR mean/std, 518 px;
+see `preprocess.fields_from_image_processor`), else from timm's pretrained cfg, else ImageNet at image_size.
 
 Sources: transformers `ViTConfig` defaults and `ViTEmbeddings.interpolate_pos_encoding`; timm
 `vit_*_patch14_reg4_dinov2` model args (`init_values=1e-5, reg_tokens=4, no_embed_class=True`),
 `resample_abs_pos_embed` (antialias=True) and the `.lvd142m` pretrained cfg (518 px, ImageNet mean/std);
-timm `vit_giant_patch14_reg4_dinov2` (embed_dim 1536, depth 40, 24 heads, mlp_ratio 2.66667 * 2, SwiGLUPacked).
+timm `vit_giant_patch14_reg4_dinov2` (embed_dim 1536, depth 40, 24 heads, mlp_ratio 2.66667 * 2, SwiGLUPacked);
+transformers `Dinov2Embeddings` / `Dinov2WithRegistersEmbeddings.interpolate_pos_encoding` (transformers 5.x:
+bicubic to an explicit size, float32; antialias only with registers) and `Dinov2SwiGLUFFN` (hidden width).
 """
 
 from __future__ import annotations
@@ -51,9 +60,12 @@ class DinoConfig:
     layerscale_init: float | None = None  # None: no LayerScale; else gamma init (1e-5 in DINOv2)
     pos_embed_has_class: bool = True  # timm `no_embed_class` is the negation
     pos_embed_antialias: bool = False  # position-embedding resampling: transformers False, timm True
+    register_pos_embed: bool = True  # with pos_embed_has_class: registers have entries too (False: Dinov2WithRegisters)
     has_pooler: bool = False  # pooler.dense + tanh on CLS; only when the checkpoint ships one
     image_mean: tuple[float, ...] = IMAGENET_MEAN
     image_std: tuple[float, ...] = IMAGENET_STD
+    input_size: int | None = None  # preprocess crop size S (preprocessor_config.json crop_size); None: image_size
+    crop_pct: float = 1.0  # S / shorter side after resize (timm crop_pct; 224/256 for facebook/dinov2-base)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -63,6 +75,10 @@ class DinoConfig:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
+        if self.input_size is not None and self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.use_swiglu_ffn and self.intermediate_size % 2:
             raise ValueError(f"use_swiglu_ffn needs an even intermediate_size, got {self.intermediate_size}")
 
@@ -70,6 +86,13 @@ class DinoConfig:
     def grid_size(self) -> int:
         """Side of the native (square) patch grid the position embeddings were trained on."""
         return self.image_size // self.patch_size
+
+    @property
+    def num_pos_prefix(self) -> int:
+        """Entries of pos_embed before the patch grid: 0 (timm no_embed_class), 1 (CLS) or 1+R."""
+        if not self.pos_embed_has_class:
+            return 0
+        return 1 + (self.num_register_tokens if self.register_pos_embed else 0)
 
     @property
     def num_global_tokens(self) -> int:

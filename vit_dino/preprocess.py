@@ -1,9 +1,12 @@
-"""Image -> DINO input: resize the shorter side to S, centre-crop S x S, ImageNet-normalize.
+"""Image -> DINO input: resize the shorter side to S / crop_pct, centre-crop S x S, normalize (mean, std).
 
-This is timm's eval transform for the DINO checkpoints (`crop_pct=1.0`: `Resize(S)` bicubic with antialias,
+This is timm's eval transform for the DINO checkpoints (`Resize(S / crop_pct)` bicubic with antialias,
 `CenterCrop(S)`, `Normalize(mean, std)`), done on tensors (the whole batch at once, on the model's device).
-For square images (chest X-rays usually are) it equals resizing straight to S x S, which is what
-`facebook/dino-vitb16`'s ViTImageProcessor does.
+With crop_pct 1 and square images (chest X-rays usually are) it equals resizing straight to S x S, which is
+what `facebook/dino-vitb16`'s ViTImageProcessor does. S, crop_pct, mean and std are the checkpoint's: from its
+`preprocessor_config.json` when it has one (`fields_from_image_processor`: transformers' BitImageProcessor of
+Dinov2 / rad-dino, "resize the shorter side to `size`, centre-crop `crop_size`"), else ImageNet mean/std, S =
+the native image_size and crop_pct 1.
 
 Accepted inputs (pixel values are rescaled to [0, 1] first):
 - a PIL image (L, RGB; I;16 and I read as 16-bit; other modes converted to L or RGB) or a list of them;
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+import hub
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
 
@@ -73,28 +78,77 @@ def _to_batch(images, device) -> torch.Tensor:
     return x
 
 
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C, size, size]: shorter side to `size` (bicubic, antialias), then centre crop.
+def resize_center_crop(x: torch.Tensor, size: int, resize: int | None = None) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, size, size]: shorter side to `resize` (default `size`; bicubic, antialias), then
+    centre crop.
 
-    Output sizes and crop offsets follow torchvision `Resize(size)` + `CenterCrop(size)`.
+    Output sizes and crop offsets follow torchvision `Resize(resize)` + `CenterCrop(size)`.
     """
+    resize = resize or size
+    if resize < size:
+        raise ValueError(f"preprocess: resize={resize} is smaller than the crop size {size}")
     h, w = x.shape[-2:]
     short, long = min(h, w), max(h, w)
-    new_long = int(size * long / short)
-    new_h, new_w = (size, new_long) if h <= w else (new_long, size)
+    new_long = int(resize * long / short)
+    new_h, new_w = (resize, new_long) if h <= w else (new_long, resize)
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # torchvision CenterCrop
     return x[..., top : top + size, left : left + size]
 
 
-def preprocess(images, size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None) -> torch.Tensor:
-    """Images -> normalized float32 [B, 3, size, size] on `device` (see the module docstring for inputs)."""
+def preprocess(images, size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize: int | None = None,
+               device=None) -> torch.Tensor:
+    """Images -> normalized float32 [B, 3, size, size] on `device` (see the module docstring for inputs);
+    `resize`: the shorter side before the centre crop (default `size`)."""
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:
         raise ValueError("preprocess: got an empty list of images")
-    out = [resize_center_crop(_to_batch(item, device), size).expand(-1, 3, -1, -1) for item in items]
+    out = [resize_center_crop(_to_batch(item, device), size, resize).expand(-1, 3, -1, -1) for item in items]
     x = torch.cat(out) if len(out) > 1 else out[0]
     mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+# ------------------------------------------------------------------------------- preprocessor_config.json
+
+
+def _side(value, what: str, source) -> int:
+    """A transformers size entry (int, {"shortest_edge": n}, {"height": h, "width": w}) -> one side."""
+    if isinstance(value, dict):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        if value.get("height") is not None and value.get("height") == value.get("width"):
+            return int(value["height"])
+    elif isinstance(value, (int, float)):
+        return int(value)
+    raise hub.CheckpointError(f"{source}: {what}={value!r} is not supported (expected a square size or "
+                          "shortest_edge)")
+
+
+def fields_from_image_processor(d: dict, *, source="preprocessor_config.json") -> dict:
+    """DinoConfig preprocessing fields (image_mean, image_std, input_size, crop_pct) from a transformers image
+    processor config (BitImageProcessor for Dinov2 / rad-dino: resize the shorter side to `size`, centre-crop
+    `crop_size`; ViTImageProcessor: resize to `size`). Resampling is always bicubic with antialias here (the
+    Dinov2 processors' resample=3 is bicubic too). Settings this preprocessing cannot follow raise."""
+    if not d.get("do_resize", True):
+        raise hub.CheckpointError(f"{source}: do_resize=false is not supported (DinoViT inputs are resized)")
+    if not d.get("do_rescale", True) or abs(d.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
+        raise hub.CheckpointError(f"{source}: only do_rescale with rescale_factor 1/255 is supported")
+    fields = {}
+    if d.get("do_normalize", True):
+        for key in ("image_mean", "image_std"):
+            value = d.get(key, IMAGENET_MEAN if key == "image_mean" else IMAGENET_STD)
+            value = [value] * 3 if isinstance(value, (int, float)) else value
+            if len(value) != 3:
+                raise hub.CheckpointError(f"{source}: {key}={value!r} should have 3 entries (RGB)")
+            fields[key] = tuple(float(v) for v in value)
+    else:
+        fields.update(image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
+    resize = _side(d.get("size", 224), "size", source)
+    cropped = d.get("do_center_crop", "crop_size" in d) and "crop_size" in d  # BitImageProcessor default: crop
+    crop = _side(d["crop_size"], "crop_size", source) if cropped else resize
+    if crop > resize:
+        raise hub.CheckpointError(f"{source}: crop_size {crop} is larger than the resize {resize}")
+    return dict(fields, input_size=crop, crop_pct=crop / resize)

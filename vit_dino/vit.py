@@ -12,12 +12,13 @@ followed by a final LayerNorm. Token order is [CLS, reg_1..reg_R, patch_1..patch
 DiNO-Diffusion (Jimenez-Perez et al. 2024, Sec. 3) conditions the UNet on the *global* tokens only:
 c_GLB = [CLS, pooler (if the checkpoint has one), registers] -> [B, G, D]; patch tokens are excluded.
 The pooler of a transformers ViTModel is tanh(dense(CLS)); it exists only if the checkpoint ships
-`pooler.dense` (never invented).
+`pooler.dense` (never invented). A transformers Dinov2Model's `pooler_output` is just the normed CLS, so
+c_GLB = [CLS, registers] there (no duplicate).
 
 Position embeddings are learned on a square grid (224/16 = 14 for DINO v1, 518/14 = 37 for DINOv2); other
 input sizes (any multiple of the patch size, non-square too) resample the grid bicubically, exactly as the
 reference does for that family (see `DinoConfig`). Module names follow timm (`blocks.{i}.attn.qkv`, ...);
-`convert.py` maps the transformers ViTModel layout onto them.
+`convert.py` maps the transformers ViTModel and Dinov2[WithRegisters]Model layouts onto them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import hub
 
 from . import convert
 from .config import DinoConfig
+from .preprocess import fields_from_image_processor
 from .preprocess import preprocess as _preprocess
 
 
@@ -138,7 +140,7 @@ class DinoViT(nn.Module):
         super().__init__()
         self.config = config = config or DinoConfig()
         d, r = config.hidden_size, config.num_register_tokens
-        num_pos = config.grid_size**2 + (1 + r if config.pos_embed_has_class else 0)
+        num_pos = config.num_pos_prefix + config.grid_size**2  # [1+R | 1 | 0 prefix entries, patch grid]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.reg_token = nn.Parameter(torch.zeros(1, r, d)) if r else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, d))
@@ -193,11 +195,11 @@ class DinoViT(nn.Module):
         grid_h, grid_w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2)  # [B, L = h*w, D]
         pos = self.interpolate_pos_embed(grid_h, grid_w)
-        num_prefix = pos.shape[1] - grid_h * grid_w  # 1+R (DINO v1 / transformers) or 0 (timm no_embed_class)
-        patches = patches + pos[:, num_prefix:]
+        n = pos.shape[1] - grid_h * grid_w  # 1+R (ViT), 1 (Dinov2WithRegisters: not the registers), 0 (timm)
+        patches = patches + pos[:, n:]
         prefix = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], 1)
-        if num_prefix:
-            prefix = prefix + pos[:, :num_prefix]
+        if n:
+            prefix = torch.cat([prefix[:, :n] + pos[:, :n], prefix[:, n:]], dim=1)
         return torch.cat([prefix.expand(b, -1, -1), patches], dim=1)
 
     # ---------------------------------------------------------------------------------------- forward
@@ -226,11 +228,14 @@ class DinoViT(nn.Module):
 
     def preprocess(self, images, size: int | None = None) -> torch.Tensor:
         """Images (PIL / uint8 / float in [0, 1], gray or RGB) -> normalized float32 [B, 3, S, S] on the
-        model's device; S = `size` or the native `config.image_size`. See `vit_dino.preprocess.preprocess`."""
-        size = size or self.config.image_size
-        if size % self.config.patch_size:
-            raise ValueError(f"size={size} is not a multiple of the patch size {self.config.patch_size}")
-        return _preprocess(images, size, mean=self.config.image_mean, std=self.config.image_std,
+        model's device; S = `size`, else the checkpoint's crop size (`config.input_size`, from its
+        preprocessor_config.json), else the native `config.image_size`. The shorter side is first resized to
+        round(S / config.crop_pct). See `vit_dino.preprocess.preprocess`."""
+        c = self.config
+        size = size or c.input_size or c.image_size
+        if size % c.patch_size:
+            raise ValueError(f"size={size} is not a multiple of the patch size {c.patch_size}")
+        return _preprocess(images, size, mean=c.image_mean, std=c.image_std, resize=round(size / c.crop_pct),
                            device=self.device)
 
     # ---------------------------------------------------------------------------------------- loading
@@ -240,9 +245,12 @@ class DinoViT(nn.Module):
         """Load a DINO checkpoint: a Hub repo id, a local folder in the Hub layout, or a weights file with a
         config.json beside it.
 
-        The family is read from config.json: a transformers ViT config (`facebook/dino-vitb16`), a timm
-        config naming its `architecture` (`timm/vit_base_patch14_reg4_dinov2.lvd142m`), or one written by
-        `save_pretrained`. Weights: model.safetensors, else pytorch_model.bin (weights_only).
+        The family is read from config.json: a transformers ViT config (`facebook/dino-vitb16`), a transformers
+        Dinov2 / Dinov2WithRegisters config (`microsoft/rad-dino`, `facebook/dinov2-base`,
+        `facebook/dinov2-with-registers-base`), a timm config naming its `architecture`
+        (`timm/vit_base_patch14_reg4_dinov2.lvd142m`), or one written by `save_pretrained`. Weights:
+        model.safetensors, else pytorch_model.bin (weights_only). A `preprocessor_config.json` beside them,
+        when present, sets `preprocess`'s mean/std/size (`preprocess.fields_from_image_processor`).
         """
         kw = dict(revision=revision, cache_dir=cache_dir)
         path = Path(str(name_or_path)).expanduser()
@@ -252,6 +260,11 @@ class DinoViT(nn.Module):
             config_path = hub.resolve_file(name_or_path, ["config.json"], **kw)
             weights = hub.resolve_file(name_or_path, ["model.safetensors", "pytorch_model.bin"], **kw)
         config, layout = convert.config_from_json(hub.read_json(config_path), source=config_path)
+        folder = path.parent if path.is_file() else name_or_path
+        processor = hub.resolve_file(folder, ["preprocessor_config.json"], required=False, **kw)
+        if processor is not None:  # the checkpoint's own preprocessing (rad-dino: CXR mean/std, 518 px)
+            fields = fields_from_image_processor(hub.read_json(processor), source=processor)
+            config = dataclasses.replace(config, **fields)
         state = convert.convert_state_dict(hub.load_state_dict_file(weights), layout, source=weights)
         config = dataclasses.replace(config, has_pooler="pooler.dense.weight" in state)
         return hub.load_model(cls, config, state, source=weights, dtype=dtype, device=device)
