@@ -37,9 +37,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data.readers import list_images, read_image, read_labels_csv
+import cli
+import hub
+from data import list_images, read_image
+from data.readers import read_labels_csv
 from data.transforms import preprocess_cxr
-from eval.memorization import image_grid, write_json
+from eval.memorization import image_grid
 from eval.msssim import SMALL_MODES, diversity_report
 
 
@@ -50,16 +53,18 @@ def parse_args(argv=None):
     p.add_argument("--sources-root", default=None,
                    help="folder to resolve relative `source` paths against when they exist neither as "
                         "given (from the current folder) nor relative to the CSV's folder")
-    p.add_argument("--size", type=int, default=None, help="image side; default: the first synthetic image's")
-    p.add_argument("--max-pairs", type=int, default=1000,
+    p.add_argument("--size", type=cli.positive_int, default=None,
+                   help="image side; default: the first synthetic image's")
+    p.add_argument("--max-pairs", type=cli.positive_int, default=1000,
                    help="random pairs scored, of synthetic images and of sources (default 1000)")
-    p.add_argument("--max-pairs-per-source", type=int, default=45,
+    p.add_argument("--max-pairs-per-source", type=cli.positive_int, default=45,
                    help="pairs among the variations of one source (default 45 = all pairs of 10)")
     p.add_argument("--small", choices=SMALL_MODES, default="scales",
                    help="images of 160 px or less: fewer scales (default), a smaller window, or an error")
-    p.add_argument("--grid", type=int, default=8, help="rows in least_diverse.png (default 8)")
-    p.add_argument("--batch-size", type=int, default=32, help="image pairs per MS-SSIM batch (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random pairs (default 0)")
+    p.add_argument("--grid", type=cli.nonneg_int, default=8, help="rows in least_diverse.png (default 8)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32,
+                   help="image pairs per MS-SSIM batch (default 32)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the random pairs (default 0)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     return p.parse_args(argv)
 
@@ -69,12 +74,41 @@ def load_images(paths, size: int, desc: str) -> torch.Tensor:
     return torch.stack([preprocess_cxr(read_image(p), size) for p in tqdm(paths, desc=desc, unit="img")])
 
 
-def resolve(source: str, csv_dir: Path, root: Path | None) -> Path | None:
-    """A `source` path from synthetic.csv: as given, relative to the CSV's folder, or under `root`."""
-    candidates = [Path(source), csv_dir / source]
-    if root is not None:
-        candidates += [root / source, root / Path(source).name]
-    return next((c for c in candidates if c.is_file()), None)
+def read_synthetic(source: Path) -> tuple[list[str], list[tuple[str, str]], list[int] | None]:
+    """(image paths, (source, source_b) per image, group per image or None) of a synthetic.csv or folder.
+    One group per (source, source_b); a row without a source is a group of its own."""
+    if source.suffix.lower() == ".csv":
+        paths, _, extras = read_labels_csv(source, labels=[])
+        keys = list(zip(extras.get("source", [""] * len(paths)), extras.get("source_b", [""] * len(paths))))
+    elif source.is_dir():
+        paths = [str(p) for p in list_images(source)]
+        keys = [("", "")] * len(paths)
+    else:
+        cli.fail(f"--synthetic {source}: expected a folder of images or sample.py's synthetic.csv")
+    if len(paths) < 2:
+        cli.fail(f"--synthetic {source}: need at least 2 images, found {len(paths)}")
+    if not any(a for a, _ in keys):
+        return paths, keys, None
+    ids = {k: i for i, k in enumerate(dict.fromkeys(k for k in keys if k[0]))}
+    return paths, keys, [ids[k] if k[0] else len(ids) + i for i, k in enumerate(keys)]
+
+
+def load_sources(keys, csv_dir: Path, root: Path | None, size: int):
+    """(source images [M, 1, S, S], source_index [N], -1: none) of the reconstructions (rows without
+    source_b), found as given, relative to the CSV's folder or under `root`; (None, None) if none is found."""
+    wanted = list(dict.fromkeys(a for a, b in keys if a and not b))
+    candidates = lambda s: [Path(s), csv_dir / s] + ([root / s, root / Path(s).name] if root else [])
+    found = {s: next((c for c in candidates(s) if c.is_file()), None) for s in wanted}
+    missing = [s for s, f in found.items() if f is None]
+    if missing:
+        warnings.warn(f"{len(missing)} source image(s) not found (e.g. {missing[:3]}); their variations get "
+                      "no to_source value (see --sources-root)", stacklevel=1)
+    kept = [s for s in wanted if found[s] is not None]
+    if not kept:
+        return None, None
+    where = {s: i for i, s in enumerate(kept)}
+    return load_images([found[s] for s in kept], size, "sources"), [where.get(a, -1) if not b else -1
+                                                                     for a, b in keys]
 
 
 def _fmt(values: torch.Tensor | None, i: int, digits: int = 6) -> str:
@@ -88,59 +122,26 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = Path(args.synthetic)
-    sources = source_index = groups = None
-    rows: list[dict] = []
-    if source.suffix.lower() == ".csv":
-        paths, _, extras = read_labels_csv(source, labels=[])
-        src_a = extras.get("source", [""] * len(paths))
-        src_b = extras.get("source_b", [""] * len(paths))
-        keys = list(zip(src_a, src_b))
-        if any(a for a in src_a):  # one group per (source, source_b); a row without a source is alone
-            ids = {k: i for i, k in enumerate(dict.fromkeys(k for k in keys if k[0]))}
-            groups = [ids[k] if k[0] else len(ids) + i for i, k in enumerate(keys)]
-        rows = [{"path": p, "source": a, "source_b": b} for p, a, b in zip(paths, src_a, src_b)]
-    elif source.is_dir():
-        paths = [str(p) for p in list_images(source)]
-        rows = [{"path": p, "source": "", "source_b": ""} for p in paths]
-    else:
-        raise SystemExit(f"--synthetic {source}: expected a folder of images or sample.py's synthetic.csv")
-    if len(paths) < 2:
-        raise SystemExit(f"--synthetic {source}: need at least 2 images, found {len(paths)}")
-    size = args.size
-    if size is None:
-        size = min(read_image(paths[0]).shape)
+    paths, keys, groups = read_synthetic(source)
+    size = args.size or min(read_image(paths[0]).shape)
     synthetic = load_images(paths, size, "synthetic")
-
+    sources = source_index = None
     if groups is not None:  # reconstructions (no source_b) are compared with their source image
         root = Path(args.sources_root) if args.sources_root else None
-        wanted = list(dict.fromkeys(a for a, b in keys if a and not b))
-        found = {s: resolve(s, source.parent, root) for s in wanted}
-        missing = [s for s, f in found.items() if f is None]
-        if missing:
-            warnings.warn(f"{len(missing)} source image(s) of {source} not found (e.g. {missing[:3]}); "
-                          "their variations get no to_source value (see --sources-root)", stacklevel=1)
-        kept = [s for s in wanted if found[s] is not None]
-        if kept:
-            sources = load_images([found[s] for s in kept], size, "sources")
-            where = {s: i for i, s in enumerate(kept)}
-            source_index = [where.get(a, -1) if not b else -1 for a, b in keys]
+        sources, source_index = load_sources(keys, source.parent, root, size)
 
     report = diversity_report(synthetic, groups, sources, source_index, max_pairs=args.max_pairs,
                               max_pairs_per_group=args.max_pairs_per_source,
                               generator=torch.Generator().manual_seed(args.seed), small=args.small,
                               batch_size=args.batch_size, device=device)
     summary = {"synthetic": str(source)} | report.summary
-    write_json(summary, out / "diversity.json")
-
+    hub.write_json_atomic(summary, out / "diversity.json")
     with open(out / "diversity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "source", "source_b", "msssim_to_source",
-                                          "msssim_within_source"])
-        w.writeheader()
-        for i, row in enumerate(rows):
-            w.writerow(row | {"msssim_to_source": _fmt(report.to_source, i),
-                              "msssim_within_source": _fmt(report.within_source, i)})
+        w = csv.writer(f)
+        w.writerow(["path", "source", "source_b", "msssim_to_source", "msssim_within_source"])
+        for i, (p, (a, b)) in enumerate(zip(paths, keys)):
+            w.writerow([p, a, b, _fmt(report.to_source, i), _fmt(report.within_source, i)])
     write_grid(report, synthetic, groups, sources, source_index, out / "least_diverse.png", args.grid)
-
     for name in ("within_source", "random_pairs", "source_pairs", "to_source"):
         if name in summary and summary[name]["n"]:
             print(f"{name:>14}: MS-SSIM {summary[name]['mean']:.4f} +- {summary[name]['std']:.4f} "
@@ -176,4 +177,4 @@ def write_grid(report, synthetic, groups, sources, source_index, path: Path, max
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)
