@@ -1,39 +1,31 @@
 """Memorisation check: is any synthetic image a copy of a training image?
 
-For every synthetic image we find its nearest training image by cosine similarity in a feature space and
-ask whether it is closer than genuinely new real images get to the training set:
+Each synthetic image's nearest training image, by cosine similarity in a feature space, is compared with
+how close genuinely new real images get to the training set:
 
-1. Features. `pixel` (always computed): the image downsampled to 32 x 32 (antialiased bilinear, no
-   registration), minus its mean, divided by its norm, so that cosine similarity is the normalised
-   cross-correlation (Pearson r over pixels): blind to brightness/contrast changes and noise, tolerant of
-   sub-pixel shifts at 32 px (about 1 % of the image), not of larger ones (that is what DINO is for).
-   `dino` (default): the CLS token of a DINO ViT, the embedding used for replication detection in diffusion
-   models by Somepalli et al. (CVPR 2023, "Diffusion Art or Digital Forgery?"); `--dino-tokens glb` instead
-   concatenates the L2-normalised tokens of c_GLB = [CLS, pooler, registers] (what DiNO-Diffusion is
-   conditioned on), so its cosine is the mean of the per-token cosines. `xrv`: torchxrayvision's CXR
-   DenseNet-121 pooled features (`eval.fid.XRVDenseNetFeatures`, needs `--xrv-weights`). Without `--dino` the
-   CLI uses a random-init `DinoViT(DinoConfig.tiny())` (seed 0) so that it runs offline; the summary says
-   so, and such numbers only exercise the pipeline.
-   Centring: every space's features are shifted by the mean training feature before the cosine, which
-   removes what all chest X-rays share (the average anatomy; the near-constant part of network features)
-   and leaves what is specific to each image. Copies still score 1; different patients score much lower
-   than uncentred (phantoms at 32 px: ~0.65 instead of ~0.93), so the scale is easier to read.
-2. Nearest neighbours. `nearest_neighbors` normalises the features and takes top-k of query @ reference^T
-   over blocks of at most chunk_size x chunk_size, merging the running top-k, so 100k x 100k comparisons need
-   memory for the features plus one block.
-3. Threshold. Real images of new patients also have a nearest training image; the q-quantile (default 0.99)
-   of their nearest-train similarities is the threshold, and a synthetic image is flagged when its
-   similarity exceeds it: "closer to a training image than 99 % of genuinely new real images are". With a
-   set of n held-out images the quantile is only resolved to ~1/n (n < 100 makes it close to their maximum).
-   The held-out images come from `--heldout` (use a patient-disjoint split of real data) or, by default, a
-   random 10 % of `--train`: those are compared with the other 90 %, while synthetic images are compared
-   with all of `--train` (slightly more candidates, so this errs on the side of flagging). Several images of
-   one patient on both sides of the split raise the threshold and hide copies: prefer a patient-level split.
+1. Features. `pixel` (always computed): the image at 32 x 32 (antialiased), minus its mean, over its norm,
+   so that cosine similarity is the normalised cross-correlation (Pearson r over pixels): blind to
+   brightness/contrast and noise, tolerant of sub-pixel shifts, not of larger ones (that is what DINO is
+   for). `dino` (default): the CLS token of a DINO ViT, the embedding Somepalli et al. (CVPR 2023,
+   "Diffusion Art or Digital Forgery?") use for replication detection; `--dino-tokens glb` concatenates the
+   L2-normalised tokens of c_GLB (what DiNO-Diffusion is conditioned on), so its cosine is the mean of the
+   per-token cosines. `xrv`: the pooled features of torchxrayvision's CXR DenseNet-121 (`--xrv-weights`).
+   Without `--dino` a random-init `DinoViT(DinoConfig.tiny())` (seed 0) keeps the CLI offline; the summary
+   says so. Features are centred on the mean training feature first, which removes what all chest X-rays
+   share (the average anatomy): copies still score 1, different patients much lower than uncentred
+   (phantoms at 32 px: ~0.65 instead of ~0.93).
+2. Nearest neighbours (`nearest_neighbors`): top-k of query @ reference^T over blocks of at most
+   chunk_size x chunk_size, merging the running top-k, so 100k x 100k needs memory for one block.
+3. Threshold: the q-quantile (default 0.99) of the nearest-train similarities of real images of new
+   patients; a synthetic image above it is flagged: "closer to a training image than 99 % of genuinely new
+   real images are" (n held-out images resolve the quantile to ~1/n). They come from `--heldout` (use a
+   patient-disjoint split) or, by default, a random 10 % of `--train` compared with the other 90 %
+   (synthetic images see all of `--train`, so this errs on the side of flagging). One patient on both sides
+   of the split raises the threshold and hides copies: prefer a patient-level split.
 
-The CLI writes `memorization.csv` (per synthetic image and space: nearest training image, similarity,
-flagged), `memorization.json` (per space: threshold, flagged fraction, quantiles and a histogram of the
-synthetic and held-out similarities) and `closest_<space>.png` (the closest pairs, synthetic | nearest
-training image, with their similarity) for a person to look at.
+Outputs: `memorization.csv` (per synthetic image and space: nearest training image, similarity, flagged),
+`memorization.json` (per space: threshold, flagged fraction, quantiles and histograms of the synthetic and
+held-out similarities) and `closest_<space>.png` (synthetic | nearest training image).
 
     python -m eval.memorization --train DIR --synthetic DIR_or_synthetic.csv --out DIR [--heldout DIR]
         [--features dino|xrv|pixel] [--dino SOURCE] [--threshold-quantile 0.99] [--size S]
@@ -60,8 +52,6 @@ from eval.plot import _font
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
-# ---------------------------------------------------------------------------------------------- features
-
 
 def pixel_features(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     """Images [B, C, H, W] -> [B, C * size * size]: downsampled, zero mean, unit norm (cosine = NCC)."""
@@ -86,9 +76,8 @@ def random_dino(seed: int = 0):
         return DinoViT(DinoConfig.tiny()).eval().requires_grad_(False)
 
 
-def _loader(dataset, args):
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                       collate_fn=collate)
+def _loader(dataset, args):  # the same batches for extract_features and images_at
+    return torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.workers, collate_fn=collate)
 
 
 @torch.no_grad()
@@ -118,9 +107,6 @@ def images_at(dataset, positions, args) -> dict[int, torch.Tensor]:
     return found
 
 
-# ---------------------------------------------------------------------------------------------- search
-
-
 def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, chunk_size: int = 4096,
                       device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity of each query [Q, D] to its k nearest references [R, D] -> (sims, indices) [Q, k].
@@ -131,8 +117,6 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, 
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
         raise ValueError(f"features must be [Q, D] and [R, D], got {list(query.shape)} and "
                          f"{list(reference.shape)}")
-    if len(reference) == 0:
-        raise ValueError("nearest_neighbors: the reference set is empty")
     device = query.device if device is None else torch.device(device)
     k = min(k, len(reference))
     ref = F.normalize(reference.float(), dim=1).to(device)
@@ -174,7 +158,6 @@ class MemorizationResult(NamedTuple):
     nearest: torch.Tensor  # [N] index of that training image
     flagged: torch.Tensor  # [N] bool: similarity > threshold
     threshold: float
-    heldout_similarity: torch.Tensor  # [H] the same for the held-out real images (calibration)
     summary: dict  # JSON-ready
 
 
@@ -216,23 +199,17 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
         "synthetic_similarity": _quantiles(sim), "heldout_similarity": _quantiles(held),
         "histogram": histogram({"synthetic": sim, "heldout": held}),
     }
-    return MemorizationResult(sim, nearest, flagged, threshold, held, summary)
-
-
-# ---------------------------------------------------------------------------------------------- images
+    return MemorizationResult(sim, nearest, flagged, threshold, summary)
 
 
 def image_grid(rows: list[list[tuple[torch.Tensor, str]]], path, cell: int = 128, title: str = "") -> Path:
     """A PNG of rows of captioned images (each (image [C, H, W] in [0, 1], caption)); returns the path."""
-    font, title_font, caption_h, pad = _font(12), _font(14), 16, 4
-    cols = max((len(r) for r in rows), default=1)
-    top = 22 if title else 0
-    width = max(cols * (cell + pad) + pad, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(
-        title, font=title_font)) + 2 * pad)
+    font, title_font, caption_h, pad, top = _font(12), _font(14), 16, 4, 22 if title else 0
+    width = max(max((len(r) for r in rows), default=1) * (cell + pad) + pad,
+                int(title_font.getlength(title)) + 2 * pad)
     grid = Image.new("RGB", (width, top + len(rows) * (cell + caption_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((pad, 4), title, fill="black", font=title_font)
+    draw.text((pad, 4), title, fill="black", font=title_font)
     for r, row in enumerate(rows):
         for c, (img, caption) in enumerate(row):
             x, y = pad + c * (cell + pad), top + pad + r * (cell + caption_h + pad)
@@ -246,48 +223,35 @@ def image_grid(rows: list[list[tuple[torch.Tensor, str]]], path, cell: int = 128
     return path
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--train", required=True, help="training images: folder, CSV with a path column, shards")
     p.add_argument("--synthetic", required=True, help="synthetic images: folder or sample.py's synthetic.csv")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--heldout", default=None, help="real images not used for training (patient-disjoint); "
-                   "default: split off --heldout-fraction of --train")
-    p.add_argument("--heldout-fraction", type=cli.probability, default=0.1,
-                   help="fraction of --train held out when --heldout is not given (default 0.1)")
-    p.add_argument("--features", choices=["dino", "xrv", "pixel"], default="dino",
-                   help="feature space (default dino; pixel space is always computed too)")
-    p.add_argument("--dino", default=None, help="DINO checkpoint (Hub id or folder, e.g. facebook/dino-vitb16); "
-                   "default: random-init DinoViT(DinoConfig.tiny()), a smoke test only")
+    p.add_argument("--heldout", default=None, help="real images never trained on (patient-disjoint)")
+    p.add_argument("--heldout-fraction", type=cli.probability, default=0.1, help="else held out of --train")
+    p.add_argument("--features", choices=["dino", "xrv", "pixel"], default="dino", help="(+ pixel, always)")
+    p.add_argument("--dino", default=None, help="DINO Hub id or folder (None: random-init, a smoke test)")
     p.add_argument("--dino-tokens", choices=["cls", "glb"], default="cls",
-                   help="cls (default): the CLS token; glb: all of c_GLB, per-token normalised")
-    p.add_argument("--xrv-weights", default=None, help="torchxrayvision densenet121-res224-all state dict "
-                   "(needed by --features xrv; see eval/densenet.py)")
+                   help="cls: the CLS token; glb: all of c_GLB, per-token normalised")
+    p.add_argument("--xrv-weights", default=None, help="XRV densenet121-res224-all state dict (eval/densenet.py)")
     p.add_argument("--threshold-quantile", type=cli.probability, default=0.99,
-                   help="flag synthetic images closer to the training set than this quantile of the "
-                        "held-out real images (default 0.99)")
-    p.add_argument("--size", type=cli.positive_int, default=None, help="images are loaded at this size; "
-                   "default: the extractor's input size (DINO config.image_size, XRV 224, pixel 64)")
-    p.add_argument("--pixel-size", type=cli.positive_int, default=32,
-                   help="side of the pixel-space features (default 32)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per batch (default 64)")
-    p.add_argument("--chunk-size", type=cli.positive_int, default=4096,
-                   help="side of the similarity blocks; memory ~ chunk_size^2 floats (default 4096)")
+                   help="flag images closer to the training set than this quantile of the held-out ones")
+    p.add_argument("--size", type=cli.positive_int, default=None, help="image size (None: the extractor's)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per batch")
+    p.add_argument("--chunk-size", type=cli.positive_int, default=4096, help="similarity block side")
     p.add_argument("--grid", type=cli.nonneg_int, default=16, help="closest pairs per closest_<space>.png")
-    p.add_argument("--workers", type=cli.nonneg_int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--workers", type=cli.nonneg_int, default=0, help="DataLoader workers")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="held-out split and random-init DINO")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda / cpu (None: cuda when available)")
     return p.parse_args(argv)
 
 
 def build_extractors(args, device) -> tuple[dict, dict[str, str], int]:
     """({space: features fn}, {space: description}, default image size) for the CLI arguments."""
-    extractors = {"pixel": lambda x: pixel_features(x, args.pixel_size)}
-    described = {"pixel": f"pixel: {args.pixel_size}x{args.pixel_size} downsampled, zero-mean, unit-norm "
-                          "(cosine = normalised cross-correlation)"}
+    extractors = {"pixel": pixel_features}
+    described = {"pixel": "pixel: 32x32 downsampled, zero-mean, unit-norm (cosine = normalised cross-correlation)"}
     if args.features == "pixel":
         return extractors, described, 64
     if args.features == "xrv":
@@ -334,8 +298,7 @@ def closest_grid(res: MemorizationResult, synth_ds, train_ds, args, space: str, 
     pairs = [[(syn_img[i], f"syn {res.similarity[i]:.3f}" + (" !" if res.flagged[i] else "")),
               (train_img[int(res.nearest[i])], "nearest train")] for i in order]
     image_grid([sum(pairs[r : r + 4], []) for r in range(0, len(pairs), 4)], path,
-               title=f"{space}: closest pairs (synthetic | nearest train); ! = above threshold "
-                     f"{res.threshold:.3f}")
+               title=f"{space}: closest pairs (synthetic | nearest train); ! = above {res.threshold:.3f}")
 
 
 def main(argv=None):
