@@ -33,6 +33,7 @@ import csv
 import math
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -43,7 +44,106 @@ from data import list_images, read_image
 from data.readers import read_labels_csv
 from data.transforms import preprocess_cxr
 from eval.memorization import image_grid
-from eval.msssim import SMALL_MODES, diversity_report
+from eval.msssim import SMALL_MODES, ms_ssim, ms_ssim_settings
+
+
+def random_pairs(n: int, count: int, generator: torch.Generator | None = None,
+                 groups: torch.Tensor | None = None) -> torch.Tensor:
+    """`count` distinct unordered pairs (i < j) of n items, uniformly drawn: [<= count, 2]. With `groups`
+    [n], only pairs whose members are in different groups; all qualifying pairs when there are <= count."""
+    if n * (n - 1) // 2 <= (4 * count if groups is not None else count):  # few: enumerate, then subsample
+        pairs = torch.triu_indices(n, n, offset=1).T
+        if groups is not None:
+            pairs = pairs[groups[pairs[:, 0]] != groups[pairs[:, 1]]]
+        return pairs if len(pairs) <= count else pairs[torch.randperm(len(pairs), generator=generator)[:count]]
+    found: dict[tuple[int, int], None] = {}  # rejection sampling keeps the draw uniform; dict keeps order
+    for _ in range(100):
+        cand = torch.randint(n, (2 * count, 2), generator=generator).sort(1).values
+        ok = cand[:, 0] != cand[:, 1]
+        if groups is not None:
+            ok &= groups[cand[:, 0]] != groups[cand[:, 1]]
+        for i, j in cand[ok].tolist():
+            found.setdefault((i, j))
+            if len(found) == count:
+                return torch.tensor(list(found))
+    return torch.tensor(list(found), dtype=torch.long).view(-1, 2)
+
+
+def pairwise_msssim(images: torch.Tensor, pairs: torch.Tensor, other: torch.Tensor | None = None, *,
+                    data_range: float = 1.0, small: str = "error", batch_size: int = 64, device=None
+                    ) -> torch.Tensor:
+    """MS-SSIM [P] of index pairs [P, 2] into `images` [N, C, H, W] (into `images` and `other` when given),
+    `batch_size` pairs at a time on `device` (default: where the images are)."""
+    second = images if other is None else other
+    device = images.device if device is None else torch.device(device)
+    values = [ms_ssim(images[p[:, 0]].to(device), second[p[:, 1]].to(device), data_range, small=small).cpu()
+              for p in pairs.split(batch_size)]
+    return torch.cat(values) if values else torch.zeros(0)
+
+
+def summarize(values: torch.Tensor) -> dict:
+    """mean, std, quantiles and count of a set of similarities (JSON-ready floats; NaN ignored)."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    v = v[~v.isnan()]
+    if v.numel() == 0:
+        return {"n": 0, "mean": None, "std": None}
+    q = torch.quantile(v, torch.tensor([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0], dtype=torch.float64))
+    out = {"n": v.numel(), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
+    return out | dict(zip(("min", "p05", "p25", "median", "p75", "p95", "max"), q.tolist()))
+
+
+class DiversityReport(NamedTuple):
+    summary: dict  # JSON-ready: settings and one `summarize` block per comparison
+    to_source: torch.Tensor | None  # [N] MS-SSIM of each synthetic image to its source (nan: no source)
+    within_source: torch.Tensor | None  # [N] mean MS-SSIM of each image to its siblings (nan: none)
+    random_pairs: torch.Tensor  # [P, 2] the random pairs of synthetic images that were scored
+    random_values: torch.Tensor  # [P] their MS-SSIM
+
+
+def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor | None = None,
+                     source_index=None, *, max_pairs: int = 1000, max_pairs_per_group: int = 45,
+                     generator: torch.Generator | None = None, data_range: float = 1.0, small: str = "error",
+                     batch_size: int = 64, device=None) -> DiversityReport:
+    """Diversity of synthetic images [N, C, H, W] by MS-SSIM (lower = more diverse; module docstring).
+
+    groups: [N] ints, e.g. the source image each variation was generated from: "within_source" scores all
+        pairs (up to `max_pairs_per_group`) inside each group, "random_pairs" then pairs across groups.
+    sources [M, C, H, W] with source_index [N] (-1: none): "to_source" scores each image against its
+        source, "source_pairs" `max_pairs` random pairs of sources (genuinely different real images).
+    """
+    n = len(synthetic)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    score = lambda imgs, pairs, other=None: pairwise_msssim(imgs, pairs, other, data_range=data_range, small=small,
+                                                            batch_size=batch_size, device=device)
+    groups = None if groups is None else torch.as_tensor(groups, dtype=torch.long)
+    if groups is not None and groups.shape != (n,):
+        raise ValueError(f"groups must have one entry per synthetic image ({n}), got {list(groups.shape)}")
+    weights, win, sigma = ms_ssim_settings(min(synthetic.shape[-2:]), small=small)
+    summary = {"n_synthetic": n, "image_size": list(synthetic.shape[-2:]), "data_range": data_range,
+               "ms_ssim": {"weights": list(weights), "win_size": win, "sigma": sigma, "small": small}}
+    rand_pairs = random_pairs(n, max_pairs, gen, groups)
+    rand_vals = score(synthetic, rand_pairs)
+    summary["random_pairs"] = summarize(rand_vals)
+
+    within = None
+    if groups is not None:
+        members = [(groups == g).nonzero().flatten() for g in groups.unique()]
+        pairs = torch.cat([m[random_pairs(len(m), max_pairs_per_group, gen)] for m in members])
+        vals = score(synthetic, pairs).double()
+        summary["within_source"], summary["n_groups"] = summarize(vals), len(members)
+        total = torch.zeros(n, dtype=torch.float64).index_add_(0, pairs.flatten(), vals.repeat(2))
+        count = torch.zeros(n, dtype=torch.float64).index_add_(0, pairs.flatten(), torch.ones_like(vals).repeat(2))
+        within = total / count  # nan (0 / 0) for an image without siblings
+
+    to_source = None
+    if sources is not None:
+        idx = torch.as_tensor(source_index, dtype=torch.long)
+        has = (idx >= 0).nonzero().flatten()
+        to_source = torch.full((n,), float("nan"), dtype=torch.float64)
+        to_source[has] = score(synthetic, torch.stack([has, idx[has]], 1), sources).double()
+        summary["to_source"] = summarize(to_source)
+        summary["source_pairs"] = summarize(score(sources, random_pairs(len(sources), max_pairs, gen)))
+    return DiversityReport(summary, to_source, within, rand_pairs, rand_vals)
 
 
 def parse_args(argv=None):
