@@ -46,13 +46,6 @@ def gaussian_window(win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g / g.sum()
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor):
-    if x.shape != y.shape:
-        raise ValueError(f"images must have the same shape, got {list(x.shape)} and {list(y.shape)}")
-    if x.ndim != 4:
-        raise ValueError(f"images must be [B, C, H, W], got shape {list(x.shape)}")
-
-
 def _ssim_cs(x, y, data_range: float, win: torch.Tensor, K) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (ssim, cs) [B, C] at one scale. The five local moments go through one grouped conv."""
     b, c, h, w = x.shape
@@ -68,17 +61,6 @@ def _ssim_cs(x, y, data_range: float, win: torch.Tensor, K) -> tuple[torch.Tenso
     cs_map = (2 * (xy - mu_xy) + c2) / ((xx - mu_xx) + (yy - mu_yy) + c2)
     ssim_map = (2 * mu_xy + c1) / (mu_xx + mu_yy + c1) * cs_map
     return ssim_map.flatten(2).mean(-1), cs_map.flatten(2).mean(-1)
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.5,
-         K=(0.01, 0.03)) -> torch.Tensor:
-    """SSIM of image pairs x, y [B, C, H, W] -> [B] (mean over the map and channels; may be negative).
-
-    = `pytorch_msssim.ssim(x, y, data_range, size_average=False, win_size, win_sigma=sigma, K=K)`, except
-    that images smaller than the window raise instead of being left unsmoothed along that side.
-    """
-    _check_pair(x, y)
-    return _ssim_cs(x, y, data_range, gaussian_window(win_size, sigma), K)[0].mean(1)
 
 
 def ms_ssim_settings(side: int, weights=MS_SSIM_WEIGHTS, win_size: int = 11, sigma: float = 1.5,
@@ -112,7 +94,8 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, weights=M
     = `pytorch_msssim.ms_ssim(x, y, data_range, size_average=False, win_size, win_sigma=sigma, weights, K)`
     for images larger than (win_size - 1) * 2^4; `small` handles smaller ones (module docstring).
     """
-    _check_pair(x, y)
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"images must be two [B, C, H, W] of the same shape, got {list(x.shape)} and {list(y.shape)}")
     weights, win_size, sigma = ms_ssim_settings(min(x.shape[-2:]), weights, win_size, sigma, small)
     win = gaussian_window(win_size, sigma)
     w = torch.tensor(weights, dtype=x.dtype, device=x.device)

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from eval.diversity import diversity_report, pairwise_msssim, random_pairs
-from eval.msssim import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_settings, ssim
+from eval.msssim import MS_SSIM_WEIGHTS, _ssim_cs, gaussian_window, ms_ssim, ms_ssim_settings
 
 pm = pytest.importorskip("pytorch_msssim")
+
+
+def ssim(x, y, data_range=1.0, win_size=11, sigma=1.5, K=(0.01, 0.03)):
+    """Single-scale SSIM [B] from eval.msssim's per-scale statistics (= `pytorch_msssim.ssim(...,
+    size_average=False)`); test-only, no script reports plain SSIM."""
+    return _ssim_cs(x, y, data_range, gaussian_window(win_size, sigma), K)[0].mean(1)
 
 
 def reference_without_size_assert():
