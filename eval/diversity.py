@@ -147,25 +147,23 @@ def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--synthetic", required=True, help="sample.py's synthetic.csv, or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sources-root", default=None,
-                   help="folder to resolve relative `source` paths against when they exist neither as "
-                        "given (from the current folder) nor relative to the CSV's folder")
-    p.add_argument("--size", type=cli.positive_int, default=None,
-                   help="image side; default: the first synthetic image's")
+    p.add_argument("--sources-root", default=None, help="folder to find `source` paths under when they exist "
+                   "neither as given (from the current folder) nor relative to the CSV's folder")
+    p.add_argument("--size", type=cli.positive_int, default=None, help="image side (None: the first image's)")
     p.add_argument("--max-pairs", type=cli.positive_int, default=1000,
-                   help="random pairs scored, of synthetic images and of sources (default 1000)")
+                   help="random pairs scored, of synthetic images and of sources")
     p.add_argument("--max-pairs-per-source", type=cli.positive_int, default=45,
-                   help="pairs among the variations of one source (default 45 = all pairs of 10)")
+                   help="pairs among the variations of one source (45 = all pairs of 10)")
     p.add_argument("--small", choices=SMALL_MODES, default="scales",
-                   help="images of 160 px or less: fewer scales (default), a smaller window, or an error")
-    p.add_argument("--grid", type=cli.nonneg_int, default=8, help="rows in least_diverse.png (default 8)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32,
-                   help="image pairs per MS-SSIM batch (default 32)")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the random pairs (default 0)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+                   help="images of 160 px or less: fewer scales, a smaller window, or an error")
+    p.add_argument("--grid", type=cli.nonneg_int, default=8, help="rows in least_diverse.png")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="image pairs per MS-SSIM batch")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the random pairs")
+    p.add_argument("--device", default=None, help="cuda / cpu (None: cuda when available)")
     return p.parse_args(argv)
 
 
@@ -253,18 +251,15 @@ def main(argv=None):
 def write_grid(report, synthetic, groups, sources, source_index, path: Path, max_rows: int, per_row: int = 8):
     """Least diverse sources (source | variations) or, without groups, the most similar random pairs."""
     rows = []
-    if groups is not None and report.within_source is not None:
+    if groups is not None:
         g = torch.as_tensor(groups)
         within = report.within_source.nan_to_num(-1.0)
         means = {int(k): float(within[g == k].mean()) for k in g.unique()}
         for k in sorted(means, key=means.get, reverse=True)[:max_rows]:
             members = (g == k).nonzero().flatten().tolist()[:per_row]
-            row = []
             s = source_index[members[0]] if source_index is not None else -1
-            if s >= 0:
-                row.append((sources[s], f"source {means[k]:.3f}"))
-            row += [(synthetic[i], _fmt(report.to_source, i, 3)) for i in members]
-            rows.append(row)
+            rows.append(([(sources[s], f"source {means[k]:.3f}")] if s >= 0 else [])
+                        + [(synthetic[i], _fmt(report.to_source, i, 3)) for i in members])
         title = "least diverse sources: source (mean MS-SSIM among its variations) | variations (to source)"
     else:
         pairs = []

@@ -167,28 +167,24 @@ def _read(path, extractor) -> torch.Tensor:
 @torch.no_grad()
 def compute_stats(images, extractor: nn.Module, batch_size: int = 50, *, progress: bool = False,
                   desc: str = "features") -> FeatureStats:
-    """Feature statistics of `images` (a folder, a [N, C, H, W] tensor in [0, 1], or an iterable of such
-    batches, uint8 ones read as x / 255) under `extractor` (a module with `name`, `in_channels`,
-    `resolution`, `feature_dim`), in float32 (autocast off) on the extractor's device."""
+    """Feature statistics of `images` (a folder or a [N, C, H, W] tensor in [0, 1]) under `extractor` (a
+    module with `name`, `in_channels`, `resolution`, `feature_dim`), in float32 (autocast off) on the
+    extractor's device."""
     dev = next(extractor.parameters()).device
-    if isinstance(images, str | Path):
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"image tensor must be [N, C, H, W] in [0, 1], got shape {list(images.shape)}")
+        batches, total = images.split(batch_size), -(-len(images) // batch_size)
+    else:
         files = list_images(images)
         if not files:
             raise ValueError(f"no images found under {images}")
-        images = (torch.stack([_read(p, extractor) for p in files[i : i + batch_size]])
-                  for i in range(0, len(files), batch_size))
+        batches = (torch.stack([_read(p, extractor) for p in files[i : i + batch_size]])
+                   for i in range(0, len(files), batch_size))
         total = -(-len(files) // batch_size)
-    elif isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise ValueError(f"image tensor must be [N, C, H, W] in [0, 1], got shape {list(images.shape)}")
-        images = images.split(batch_size)
-        total = len(images)
-    else:
-        total = len(images) if hasattr(images, "__len__") else None
     stats = FeatureStats(extractor.feature_dim, extractor.name)
     with torch.autocast(dev.type, enabled=False):
-        for x in tqdm(images, total=total, desc=desc, disable=not progress, unit="batch"):
-            x = x.float() / 255 if x.dtype == torch.uint8 else x
+        for x in tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch"):
             stats.update(extractor(x.to(dev, torch.float32)))
     if stats.count < 2:
         raise ValueError(f"need at least 2 images for a covariance, got {stats.count}")
@@ -197,8 +193,7 @@ def compute_stats(images, extractor: nn.Module, batch_size: int = 50, *, progres
 
 def fid(real, fake, features="xrv", batch_size: int = 50, device=None, weights=None, cache=None,
         progress: bool = True) -> float:
-    """FID between `real` and `fake`: each a folder of images, a tensor [N, C, H, W] in [0, 1] or an
-    iterable of such batches.
+    """FID between `real` and `fake`: each a folder of images or a tensor [N, C, H, W] in [0, 1].
 
     features: "xrv" (torchxrayvision DenseNet-121, 1024-d), "inception" (pytorch-fid, 2048-d), both with
         `weights` (a file), or an extractor module (e.g. `XRVDenseNetFeatures(DenseNet121.tiny(in_channels=1),
