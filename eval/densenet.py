@@ -56,9 +56,9 @@ class DenseNetConfig:
     in_channels: int = 3
 
     @classmethod
-    def xrv(cls, **overrides) -> DenseNetConfig:
+    def xrv(cls) -> DenseNetConfig:
         """torchxrayvision `densenet121-res224-*`: one input channel, 18 pathology outputs."""
-        return dataclasses.replace(cls(in_channels=1, num_classes=18), **overrides)
+        return cls(in_channels=1, num_classes=18)
 
     @classmethod
     def tiny(cls, **overrides) -> DenseNetConfig:
@@ -171,8 +171,7 @@ class DenseNet121(nn.Module):
         return self.classifier(self.pooled_features(x))  # [B, num_classes]
 
     @classmethod
-    def from_pretrained(cls, path, config: DenseNetConfig | None = None, *, device=None,
-                        dtype=None) -> DenseNet121:
+    def from_pretrained(cls, path, config: DenseNetConfig | None = None, *, device=None) -> DenseNet121:
         """Load a torchvision or (converted) torchxrayvision DenseNet-121 state dict, strictly.
 
         `path`: .safetensors / .pth / .pt file holding a flat state dict (legacy names and `module.` prefixes
@@ -192,7 +191,7 @@ class DenseNet121(nn.Module):
         if config is None and "features.conv0.weight" in state and "classifier.weight" in state:
             config = DenseNetConfig(in_channels=state["features.conv0.weight"].shape[1],
                                     num_classes=state["classifier.weight"].shape[0])
-        return hub.load_model(cls, config or DenseNetConfig(), state, source=str(path), dtype=dtype, device=device)
+        return hub.load_model(cls, config or DenseNetConfig(), state, source=str(path), device=device)
 
 
 # torchvision `_load_state_dict`: '.'s are no longer allowed in module names, but old dense layers had
@@ -243,10 +242,7 @@ class XRVDenseNetFeatures(nn.Module):
         if self.net.config.in_channels != 1:
             raise ValueError(f"XRV features need a 1-channel DenseNet, got {self.net.config.in_channels}")
         self.feature_dim = self.net.num_features
-        if name is not None:
-            self.name = name
-        if resolution is not None:
-            self.resolution = resolution
+        self.name, self.resolution = name or self.name, resolution or self.resolution
 
     @classmethod
     def from_pretrained(cls, path, *, device=None) -> XRVDenseNetFeatures:
