@@ -21,10 +21,7 @@ import torch
 
 
 def _as_float64(x) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    return t.detach().to("cpu", torch.float64)
+    return torch.as_tensor(x).detach().to("cpu", torch.float64)
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +79,8 @@ def dice(pred, target) -> torch.Tensor:
     p, t = torch.as_tensor(pred), torch.as_tensor(target)
     if p.shape != t.shape:
         raise ValueError(f"pred {list(p.shape)} and target {list(t.shape)} must have the same shape")
-    for x, name in ((p, "pred"), (t, "target")):
-        if x.dtype != torch.bool:
-            _check_binary(x, name)
+    _check_binary(p, "pred")
+    _check_binary(t, "target")
     p, t = p.bool(), t.bool()
     batched = p.ndim >= 3
     p, t = (p.flatten(1), t.flatten(1)) if batched else (p.reshape(1, -1), t.reshape(1, -1))
