@@ -11,7 +11,8 @@ From sample.py's `synthetic.csv` the images are grouped by their source image (t
   reference random_pairs should reach (much higher = mode collapse);
 - to_source: each reconstruction against its source image (reconstruction similarity; interpolations,
   having two sources, are left out).
-A plain folder of images gets random_pairs only. `diversity.csv` has the per-image numbers, and
+A plain folder of images gets random_pairs only (`diversity_report`, over `random_pairs` scored by
+`pairwise_msssim`). `diversity.csv` has the per-image numbers, and
 `least_diverse.png` the sources whose variations are most alike (source, then its variations, captioned
 with their MS-SSIM to the source), or for a folder the most similar random pairs.
 
