@@ -132,8 +132,9 @@ def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor
         pairs = torch.cat([m[random_pairs(len(m), max_pairs_per_group, gen)] for m in members])
         vals = score(synthetic, pairs).double()
         summary["within_source"], summary["n_groups"] = summarize(vals), len(members)
-        total = torch.zeros(n, dtype=torch.float64).index_add_(0, pairs.flatten(), vals.repeat(2))
-        count = torch.zeros(n, dtype=torch.float64).index_add_(0, pairs.flatten(), torch.ones_like(vals).repeat(2))
+        ends, both = pairs.flatten(), vals.repeat_interleave(2)  # [i0, j0, i1, j1, ...] and [v0, v0, v1, v1, ...]
+        total = torch.zeros(n, dtype=torch.float64).index_add_(0, ends, both)
+        count = torch.zeros(n, dtype=torch.float64).index_add_(0, ends, torch.ones_like(both))
         within = total / count  # nan (0 / 0) for an image without siblings
 
     to_source = None

@@ -142,3 +142,7 @@ def test_diversity_report_orders_the_comparisons():
     assert s["ms_ssim"]["win_size"] == 11 and len(s["ms_ssim"]["weights"]) == 3
     assert rep.to_source.shape == (15,) and not rep.to_source.isnan().any()
     assert rep.within_source.shape == (15,) and len(rep.random_values) == 90
+    # per image: the mean over its own in-group pairs (image 0: (0, 1), (0, 2); image 4: (3, 4), (4, 5))
+    sib = ms_ssim(synthetic[[0, 0, 3, 4]], synthetic[[1, 2, 4, 5]], small="scales")
+    assert rep.within_source[0].item() == pytest.approx(sib[:2].mean().item(), abs=1e-6)
+    assert rep.within_source[4].item() == pytest.approx(sib[2:].mean().item(), abs=1e-6)
