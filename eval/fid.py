@@ -36,9 +36,6 @@ from data import list_images, read_image
 from eval.densenet import XRVDenseNetFeatures
 from eval.inception import InceptionV3Features
 
-__all__ = ["FeatureStats", "frechet_distance", "fid", "compute_stats", "load_extractor",
-           "InceptionV3Features", "XRVDenseNetFeatures"]
-
 
 class FeatureStats:
     """Streaming mean and covariance of feature vectors, accumulated as float64 sums.

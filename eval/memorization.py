@@ -162,21 +162,20 @@ class MemorizationResult(NamedTuple):
 
 
 def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor | None = None, *,
-                       heldout_index=None, quantile: float = 0.99, center: bool = True,
-                       chunk_size: int = 4096, device=None) -> MemorizationResult:
+                       heldout_index=None, quantile: float = 0.99, chunk_size: int = 4096, device=None
+                       ) -> MemorizationResult:
     """Nearest training neighbour of each synthetic feature vector and whether it is suspiciously close.
 
     synthetic [N, D], train [R, D]: features. Calibration (one of): `heldout` [H, D], real images unseen in
     `train`, compared with all of `train`; or `heldout_index`, indices into `train` compared with the rest
     of `train`. threshold = the `quantile` of the held-out nearest-train similarities.
-    center: subtract the mean training feature from every set first (module docstring).
+    Every set is first centred on the mean training feature (module docstring).
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    if center:
-        mean = train.float().mean(0)
-        synthetic, train = synthetic.float() - mean, train.float() - mean
-        heldout = None if heldout is None else heldout.float() - mean
+    mean = train.float().mean(0)
+    synthetic, train = synthetic.float() - mean, train.float() - mean
+    heldout = None if heldout is None else heldout.float() - mean
     reference = train
     if heldout is None:
         if heldout_index is None:
@@ -192,7 +191,7 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
     flagged = sim > threshold
     summary = {
         "n_synthetic": len(synthetic), "n_train": len(train), "n_heldout": len(held),
-        "feature_dim": synthetic.shape[1], "centered": center,
+        "feature_dim": synthetic.shape[1], "centered": True,
         "threshold_quantile": quantile, "threshold": threshold,
         "flagged_count": int(flagged.sum()), "flagged_fraction": float(flagged.float().mean()),
         "heldout_above_threshold": float((held > threshold).float().mean()),

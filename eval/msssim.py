@@ -1,4 +1,4 @@
-"""SSIM and multi-scale SSIM (Wang, Simoncelli & Bovik 2003), and the diversity numbers built on them.
+"""Multi-scale SSIM (Wang, Simoncelli & Bovik 2003), the similarity eval/diversity.py scores pairs with.
 
 SSIM compares two images through local statistics under a Gaussian window w (11 taps, sigma 1.5; Wang et al.
 2004): local means mu_x, mu_y, variances s_x^2, s_y^2 and covariance s_xy, all `w * (.)` done as a separable
