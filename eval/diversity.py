@@ -16,13 +16,10 @@ A plain folder of images gets random_pairs only (`diversity_report`, over `rando
 `least_diverse.png` the sources whose variations are most alike (source, then its variations, captioned
 with their MS-SSIM to the source), or for a folder the most similar random pairs.
 
-Images are read as the data pipeline reads them (`data.transforms.preprocess_cxr`: border removal,
-square crop, resize to `--size`, default the first synthetic image's side) and held in memory (1 GB per
-1,000 images of 512 px: for larger sets score a subset; a mean over ~1,000 pairs is stable to ~0.01).
-Below 161 px the standard 5-scale MS-SSIM does not fit: `--small scales` (default) drops the coarsest
-scales and renormalises the weights, `--small window` shrinks the window instead (see eval/msssim.py);
-the summary records the weights and window used, so compare numbers only between runs with the same
-settings.
+Images are read as the data pipeline reads them (`data.transforms.preprocess_cxr`, at `--size`) and held
+in memory (1 GB per 1,000 images of 512 px; a mean over ~1,000 pairs is stable to ~0.01). Below 161 px the
+5-scale MS-SSIM does not fit: `--small scales` (default) drops the coarsest scales, `--small window` shrinks
+the window (eval/msssim.py); the summary records which, so compare runs with the same settings only.
 
     python -m eval.diversity --synthetic DIR_or_synthetic.csv --out DIR [--size S] [--max-pairs 1000]
 """
