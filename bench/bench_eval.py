@@ -14,6 +14,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import numpy as np
 import torch
@@ -72,12 +73,8 @@ def _inception_row(repeats: int) -> dict:
 
     ours = InceptionV3Features().eval()
     state = ours.state_dict()
-    real_loader = pfi.load_state_dict_from_url
-    pfi.load_state_dict_from_url = lambda *a, **k: dict(state)  # no download: our random weights
-    try:
+    with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: dict(state)):  # no download
         ref = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
-    finally:
-        pfi.load_state_dict_from_url = real_loader
     x = torch.rand(BATCH, 3, 299, 299)
     with torch.inference_mode():
         m = measure(lambda: ours(x), lambda: ref(x)[0], repeats=repeats)

@@ -1,5 +1,5 @@
 """Evaluation of DiNO-Diffusion: FID (`eval.fid`, with the XRV DenseNet-121 of `eval.densenet` and the FID
-Inception-v3 of `eval.inception`), ROC AUC / Dice and significance tests (`eval.metrics`).
+Inception-v3 of `eval.inception`), ROC AUC, Dice and the paired t-test (`eval.metrics`).
 
 Submodules are imported explicitly (`from eval.fid import fid`), so `eval.metrics` stays light.
 """

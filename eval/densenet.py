@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import nn
 
 import hub
@@ -55,12 +54,11 @@ class DenseNetConfig:
     drop_rate: float = 0.0
     num_classes: int = 1000
     in_channels: int = 3
-    memory_efficient: bool = False  # recompute the concat-BN-ReLU-conv1 bottleneck in backward
 
     @classmethod
-    def xrv(cls, **overrides) -> DenseNetConfig:
+    def xrv(cls) -> DenseNetConfig:
         """torchxrayvision `densenet121-res224-*`: one input channel, 18 pathology outputs."""
-        return dataclasses.replace(cls(in_channels=1, num_classes=18), **overrides)
+        return cls(in_channels=1, num_classes=18)
 
     @classmethod
     def tiny(cls, **overrides) -> DenseNetConfig:
@@ -68,44 +66,23 @@ class DenseNetConfig:
         base = cls(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, bn_size=2)
         return dataclasses.replace(base, **overrides)
 
-    @property
-    def num_features(self) -> int:
-        """Channels after the last dense block (1024 for DenseNet-121)."""
-        c = self.num_init_features
-        for i, n in enumerate(self.block_config):
-            c += n * self.growth_rate
-            if i != len(self.block_config) - 1:
-                c //= 2
-        return c
-
 
 class DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1 (bottleneck) then BN-ReLU-Conv3x3: `growth_rate` new channels."""
 
-    def __init__(self, in_features: int, growth_rate: int, bn_size: int, drop_rate: float,
-                 memory_efficient: bool):
+    def __init__(self, in_features: int, cfg: DenseNetConfig):
         super().__init__()
+        width = cfg.bn_size * cfg.growth_rate
         self.norm1 = nn.BatchNorm2d(in_features)
-        self.conv1 = nn.Conv2d(in_features, bn_size * growth_rate, kernel_size=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, padding=1, bias=False)
-        self.drop_rate = drop_rate
-        self.memory_efficient = memory_efficient
-
-    def bottleneck(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.conv1(F.relu(self.norm1(torch.cat(inputs, 1)), inplace=True))
+        self.conv1 = nn.Conv2d(in_features, width, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, cfg.growth_rate, kernel_size=3, padding=1, bias=False)
+        self.drop_rate = cfg.drop_rate
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        if self.memory_efficient and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            # The concatenation is the memory hog (O(L^2) over a block): keep only the inputs and recompute
-            # it in backward (Pleiss et al. 2017, arXiv 1707.06990), exactly as torchvision does.
-            y = cp.checkpoint(self.bottleneck, *inputs, use_reentrant=False)
-        else:
-            y = self.bottleneck(*inputs)
+        y = self.conv1(F.relu(self.norm1(torch.cat(inputs, 1)), inplace=True))
         y = self.conv2(F.relu(self.norm2(y), inplace=True))  # [B, growth_rate, H, W]
-        if self.drop_rate > 0:
-            y = F.dropout(y, p=self.drop_rate, training=self.training)
-        return y
+        return F.dropout(y, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else y
 
 
 class DenseBlock(nn.ModuleDict):
@@ -114,9 +91,7 @@ class DenseBlock(nn.ModuleDict):
     def __init__(self, num_layers: int, in_features: int, cfg: DenseNetConfig):
         super().__init__()
         for j in range(num_layers):
-            c = in_features + j * cfg.growth_rate
-            layer = DenseLayer(c, cfg.growth_rate, cfg.bn_size, cfg.drop_rate, cfg.memory_efficient)
-            self.add_module(f"denselayer{j + 1}", layer)
+            self.add_module(f"denselayer{j + 1}", DenseLayer(in_features + j * cfg.growth_rate, cfg))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x]
@@ -146,13 +121,10 @@ class DenseNet121(nn.Module):
     """
 
     def __init__(self, config: DenseNetConfig | None = None, *, in_channels: int | None = None,
-                 num_classes: int | None = None, drop_rate: float | None = None,
-                 memory_efficient: bool | None = None):
+                 num_classes: int | None = None, drop_rate: float | None = None):
         super().__init__()
-        cfg = config or DenseNetConfig()
-        given = dict(in_channels=in_channels, num_classes=num_classes, drop_rate=drop_rate,
-                     memory_efficient=memory_efficient)
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+        given = dict(in_channels=in_channels, num_classes=num_classes, drop_rate=drop_rate)
+        cfg = dataclasses.replace(config or DenseNetConfig(), **{k: v for k, v in given.items() if v is not None})
         self.config = cfg
 
         c = cfg.num_init_features
@@ -199,21 +171,27 @@ class DenseNet121(nn.Module):
         return self.classifier(self.pooled_features(x))  # [B, num_classes]
 
     @classmethod
-    def from_pretrained(cls, path, config: DenseNetConfig | None = None, *, device=None,
-                        dtype=None) -> DenseNet121:
+    def from_pretrained(cls, path, config: DenseNetConfig | None = None, *, device=None) -> DenseNet121:
         """Load a torchvision or (converted) torchxrayvision DenseNet-121 state dict, strictly.
 
-        `path`: .safetensors / .pth / .pt file holding a flat state dict. Without `config`, in_channels and
-        num_classes are read off the checkpoint (conv0 and classifier shapes); the rest is DenseNet-121.
+        `path`: .safetensors / .pth / .pt file holding a flat state dict (legacy names and `module.` prefixes
+        normalised, XRV's op_threshs dropped). Without `config`, in_channels and num_classes are read off the
+        checkpoint (conv0 and classifier shapes); the rest is DenseNet-121.
         """
-        state = load_densenet_state_dict(path)
-        if config is None:
-            config = DenseNetConfig()
-            if "features.conv0.weight" in state and "classifier.weight" in state:
-                config = dataclasses.replace(config, in_channels=state["features.conv0.weight"].shape[1],
-                                             num_classes=state["classifier.weight"].shape[0])
-        state = fill_num_batches_tracked(state)
-        return hub.load_model(cls, config, state, source=str(path), dtype=dtype, device=device)
+        try:
+            state = hub.load_state_dict_file(path)
+        except hub.CheckpointError as e:
+            raise hub.CheckpointError(
+                f"{e}\nIf {Path(path).name} is torchxrayvision's pickled model, convert it to a state dict once "
+                "(see eval/densenet.py: torch.save(xrv.models.DenseNet(weights=...).state_dict(), file))."
+            ) from e
+        if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+            state = hub.strip_prefix(state, "module.")
+        state = fill_num_batches_tracked(convert_legacy_keys({k: v for k, v in state.items() if k != "op_threshs"}))
+        if config is None and "features.conv0.weight" in state and "classifier.weight" in state:
+            config = DenseNetConfig(in_channels=state["features.conv0.weight"].shape[1],
+                                    num_classes=state["classifier.weight"].shape[0])
+        return hub.load_model(cls, config or DenseNetConfig(), state, source=str(path), device=device)
 
 
 # torchvision `_load_state_dict`: '.'s are no longer allowed in module names, but old dense layers had
@@ -225,26 +203,7 @@ _LEGACY_KEY = re.compile(
 
 def convert_legacy_keys(state: dict) -> dict:
     """`...denselayer3.norm.1.weight` -> `...denselayer3.norm1.weight`; other keys unchanged."""
-    out = {}
-    for k, v in state.items():
-        m = _LEGACY_KEY.match(k)
-        out[m.group(1) + m.group(2) if m else k] = v
-    return out
-
-
-def load_densenet_state_dict(path) -> dict[str, torch.Tensor]:
-    """Read a DenseNet weights file safely; normalise legacy names, `module.` prefixes, drop op_threshs."""
-    try:
-        state = hub.load_state_dict_file(path)
-    except hub.CheckpointError as e:
-        raise hub.CheckpointError(
-            f"{e}\nIf {Path(path).name} is torchxrayvision's pickled model, convert it to a state dict once "
-            "(see eval/densenet.py: torch.save(xrv.models.DenseNet(weights=...).state_dict(), file))."
-        ) from e
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if k != "op_threshs"}
-    return convert_legacy_keys(state)
+    return {(m.group(1) + m.group(2) if (m := _LEGACY_KEY.match(k)) else k): v for k, v in state.items()}
 
 
 def fill_num_batches_tracked(state: dict) -> dict:
@@ -283,10 +242,7 @@ class XRVDenseNetFeatures(nn.Module):
         if self.net.config.in_channels != 1:
             raise ValueError(f"XRV features need a 1-channel DenseNet, got {self.net.config.in_channels}")
         self.feature_dim = self.net.num_features
-        if name is not None:
-            self.name = name
-        if resolution is not None:
-            self.resolution = resolution
+        self.name, self.resolution = name or self.name, resolution or self.resolution
 
     @classmethod
     def from_pretrained(cls, path, *, device=None) -> XRVDenseNetFeatures:

@@ -11,17 +11,15 @@ From sample.py's `synthetic.csv` the images are grouped by their source image (t
   reference random_pairs should reach (much higher = mode collapse);
 - to_source: each reconstruction against its source image (reconstruction similarity; interpolations,
   having two sources, are left out).
-A plain folder of images gets random_pairs only. `diversity.csv` has the per-image numbers, and
+A plain folder of images gets random_pairs only (`diversity_report`, over `random_pairs` scored by
+`pairwise_msssim`). `diversity.csv` has the per-image numbers, and
 `least_diverse.png` the sources whose variations are most alike (source, then its variations, captioned
 with their MS-SSIM to the source), or for a folder the most similar random pairs.
 
-Images are read as the data pipeline reads them (`data.transforms.preprocess_cxr`: border removal,
-square crop, resize to `--size`, default the first synthetic image's side) and held in memory (1 GB per
-1,000 images of 512 px: for larger sets score a subset; a mean over ~1,000 pairs is stable to ~0.01).
-Below 161 px the standard 5-scale MS-SSIM does not fit: `--small scales` (default) drops the coarsest
-scales and renormalises the weights, `--small window` shrinks the window instead (see eval/msssim.py);
-the summary records the weights and window used, so compare numbers only between runs with the same
-settings.
+Images are read as the data pipeline reads them (`data.transforms.preprocess_cxr`, at `--size`) and held
+in memory (1 GB per 1,000 images of 512 px; a mean over ~1,000 pairs is stable to ~0.01). Below 161 px the
+5-scale MS-SSIM does not fit: `--small scales` (default) drops the coarsest scales, `--small window` shrinks
+the window (eval/msssim.py); the summary records which, so compare runs with the same settings only.
 
     python -m eval.diversity --synthetic DIR_or_synthetic.csv --out DIR [--size S] [--max-pairs 1000]
 """
@@ -33,34 +31,138 @@ import csv
 import math
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from data.readers import list_images, read_image, read_labels_csv
+import cli
+import hub
+from data import list_images, read_image
+from data.readers import read_labels_csv
 from data.transforms import preprocess_cxr
-from eval.memorization import image_grid, write_json
-from eval.msssim import SMALL_MODES, diversity_report
+from eval.memorization import image_grid
+from eval.msssim import SMALL_MODES, ms_ssim, ms_ssim_settings
+
+
+def random_pairs(n: int, count: int, generator: torch.Generator | None = None,
+                 groups: torch.Tensor | None = None) -> torch.Tensor:
+    """`count` distinct unordered pairs (i < j) of n items, uniformly drawn: [<= count, 2]. With `groups`
+    [n], only pairs whose members are in different groups; all qualifying pairs when there are <= count."""
+    if n * (n - 1) // 2 <= (4 * count if groups is not None else count):  # few: enumerate, then subsample
+        pairs = torch.triu_indices(n, n, offset=1).T
+        if groups is not None:
+            pairs = pairs[groups[pairs[:, 0]] != groups[pairs[:, 1]]]
+        return pairs if len(pairs) <= count else pairs[torch.randperm(len(pairs), generator=generator)[:count]]
+    found: dict[tuple[int, int], None] = {}  # rejection sampling keeps the draw uniform; dict keeps order
+    for _ in range(100):
+        cand = torch.randint(n, (2 * count, 2), generator=generator).sort(1).values
+        ok = cand[:, 0] != cand[:, 1]
+        if groups is not None:
+            ok &= groups[cand[:, 0]] != groups[cand[:, 1]]
+        for i, j in cand[ok].tolist():
+            found.setdefault((i, j))
+            if len(found) == count:
+                return torch.tensor(list(found))
+    return torch.tensor(list(found), dtype=torch.long).view(-1, 2)
+
+
+def pairwise_msssim(images: torch.Tensor, pairs: torch.Tensor, other: torch.Tensor | None = None, *,
+                    data_range: float = 1.0, small: str = "error", batch_size: int = 64, device=None
+                    ) -> torch.Tensor:
+    """MS-SSIM [P] of index pairs [P, 2] into `images` [N, C, H, W] (into `images` and `other` when given),
+    `batch_size` pairs at a time on `device` (default: where the images are)."""
+    second = images if other is None else other
+    device = images.device if device is None else torch.device(device)
+    values = [ms_ssim(images[p[:, 0]].to(device), second[p[:, 1]].to(device), data_range, small=small).cpu()
+              for p in pairs.split(batch_size)]
+    return torch.cat(values) if values else torch.zeros(0)
+
+
+def summarize(values: torch.Tensor) -> dict:
+    """mean, std, quantiles and count of a set of similarities (JSON-ready floats; NaN ignored)."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    v = v[~v.isnan()]
+    if v.numel() == 0:
+        return {"n": 0, "mean": None, "std": None}
+    q = torch.quantile(v, torch.tensor([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0], dtype=torch.float64))
+    out = {"n": v.numel(), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
+    return out | dict(zip(("min", "p05", "p25", "median", "p75", "p95", "max"), q.tolist()))
+
+
+class DiversityReport(NamedTuple):
+    summary: dict  # JSON-ready: settings and one `summarize` block per comparison
+    to_source: torch.Tensor | None  # [N] MS-SSIM of each synthetic image to its source (nan: no source)
+    within_source: torch.Tensor | None  # [N] mean MS-SSIM of each image to its siblings (nan: none)
+    random_pairs: torch.Tensor  # [P, 2] the random pairs of synthetic images that were scored
+    random_values: torch.Tensor  # [P] their MS-SSIM
+
+
+def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor | None = None,
+                     source_index=None, *, max_pairs: int = 1000, max_pairs_per_group: int = 45,
+                     generator: torch.Generator | None = None, data_range: float = 1.0, small: str = "error",
+                     batch_size: int = 64, device=None) -> DiversityReport:
+    """Diversity of synthetic images [N, C, H, W] by MS-SSIM (lower = more diverse; module docstring).
+
+    groups: [N] ints, e.g. the source image each variation was generated from: "within_source" scores all
+        pairs (up to `max_pairs_per_group`) inside each group, "random_pairs" then pairs across groups.
+    sources [M, C, H, W] with source_index [N] (-1: none): "to_source" scores each image against its
+        source, "source_pairs" `max_pairs` random pairs of sources (genuinely different real images).
+    """
+    n = len(synthetic)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    score = lambda imgs, pairs, other=None: pairwise_msssim(imgs, pairs, other, data_range=data_range, small=small,
+                                                            batch_size=batch_size, device=device)
+    groups = None if groups is None else torch.as_tensor(groups, dtype=torch.long)
+    if groups is not None and groups.shape != (n,):
+        raise ValueError(f"groups must have one entry per synthetic image ({n}), got {list(groups.shape)}")
+    weights, win, sigma = ms_ssim_settings(min(synthetic.shape[-2:]), small=small)
+    summary = {"n_synthetic": n, "image_size": list(synthetic.shape[-2:]), "data_range": data_range,
+               "ms_ssim": {"weights": list(weights), "win_size": win, "sigma": sigma, "small": small}}
+    rand_pairs = random_pairs(n, max_pairs, gen, groups)
+    rand_vals = score(synthetic, rand_pairs)
+    summary["random_pairs"] = summarize(rand_vals)
+
+    within = None
+    if groups is not None:
+        members = [(groups == g).nonzero().flatten() for g in groups.unique()]
+        pairs = torch.cat([m[random_pairs(len(m), max_pairs_per_group, gen)] for m in members])
+        vals = score(synthetic, pairs).double()
+        summary["within_source"], summary["n_groups"] = summarize(vals), len(members)
+        ends, both = pairs.flatten(), vals.repeat_interleave(2)  # [i0, j0, i1, j1, ...] and [v0, v0, v1, v1, ...]
+        total = torch.zeros(n, dtype=torch.float64).index_add_(0, ends, both)
+        count = torch.zeros(n, dtype=torch.float64).index_add_(0, ends, torch.ones_like(both))
+        within = total / count  # nan (0 / 0) for an image without siblings
+
+    to_source = None
+    if sources is not None:
+        idx = torch.as_tensor(source_index, dtype=torch.long)
+        has = (idx >= 0).nonzero().flatten()
+        to_source = torch.full((n,), float("nan"), dtype=torch.float64)
+        to_source[has] = score(synthetic, torch.stack([has, idx[has]], 1), sources).double()
+        summary["to_source"] = summarize(to_source)
+        summary["source_pairs"] = summarize(score(sources, random_pairs(len(sources), max_pairs, gen)))
+    return DiversityReport(summary, to_source, within, rand_pairs, rand_vals)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--synthetic", required=True, help="sample.py's synthetic.csv, or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sources-root", default=None,
-                   help="folder to resolve relative `source` paths against when they exist neither as "
-                        "given (from the current folder) nor relative to the CSV's folder")
-    p.add_argument("--size", type=int, default=None, help="image side; default: the first synthetic image's")
-    p.add_argument("--max-pairs", type=int, default=1000,
-                   help="random pairs scored, of synthetic images and of sources (default 1000)")
-    p.add_argument("--max-pairs-per-source", type=int, default=45,
-                   help="pairs among the variations of one source (default 45 = all pairs of 10)")
+    p.add_argument("--sources-root", default=None, help="folder to find `source` paths under when they exist "
+                   "neither as given (from the current folder) nor relative to the CSV's folder")
+    p.add_argument("--size", type=cli.positive_int, default=None, help="image side (None: the first image's)")
+    p.add_argument("--max-pairs", type=cli.positive_int, default=1000,
+                   help="random pairs scored, of synthetic images and of sources")
+    p.add_argument("--max-pairs-per-source", type=cli.positive_int, default=45,
+                   help="pairs among the variations of one source (45 = all pairs of 10)")
     p.add_argument("--small", choices=SMALL_MODES, default="scales",
-                   help="images of 160 px or less: fewer scales (default), a smaller window, or an error")
-    p.add_argument("--grid", type=int, default=8, help="rows in least_diverse.png (default 8)")
-    p.add_argument("--batch-size", type=int, default=32, help="image pairs per MS-SSIM batch (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random pairs (default 0)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+                   help="images of 160 px or less: fewer scales, a smaller window, or an error")
+    p.add_argument("--grid", type=cli.nonneg_int, default=8, help="rows in least_diverse.png")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="image pairs per MS-SSIM batch")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the random pairs")
+    p.add_argument("--device", default=None, help="cuda / cpu (None: cuda when available)")
     return p.parse_args(argv)
 
 
@@ -69,12 +171,41 @@ def load_images(paths, size: int, desc: str) -> torch.Tensor:
     return torch.stack([preprocess_cxr(read_image(p), size) for p in tqdm(paths, desc=desc, unit="img")])
 
 
-def resolve(source: str, csv_dir: Path, root: Path | None) -> Path | None:
-    """A `source` path from synthetic.csv: as given, relative to the CSV's folder, or under `root`."""
-    candidates = [Path(source), csv_dir / source]
-    if root is not None:
-        candidates += [root / source, root / Path(source).name]
-    return next((c for c in candidates if c.is_file()), None)
+def read_synthetic(source: Path) -> tuple[list[str], list[tuple[str, str]], list[int] | None]:
+    """(image paths, (source, source_b) per image, group per image or None) of a synthetic.csv or folder.
+    One group per (source, source_b); a row without a source is a group of its own."""
+    if source.suffix.lower() == ".csv":
+        paths, _, extras = read_labels_csv(source, labels=[])
+        keys = list(zip(extras.get("source", [""] * len(paths)), extras.get("source_b", [""] * len(paths))))
+    elif source.is_dir():
+        paths = [str(p) for p in list_images(source)]
+        keys = [("", "")] * len(paths)
+    else:
+        cli.fail(f"--synthetic {source}: expected a folder of images or sample.py's synthetic.csv")
+    if len(paths) < 2:
+        cli.fail(f"--synthetic {source}: need at least 2 images, found {len(paths)}")
+    if not any(a for a, _ in keys):
+        return paths, keys, None
+    ids = {k: i for i, k in enumerate(dict.fromkeys(k for k in keys if k[0]))}
+    return paths, keys, [ids[k] if k[0] else len(ids) + i for i, k in enumerate(keys)]
+
+
+def load_sources(keys, csv_dir: Path, root: Path | None, size: int):
+    """(source images [M, 1, S, S], source_index [N], -1: none) of the reconstructions (rows without
+    source_b), found as given, relative to the CSV's folder or under `root`; (None, None) if none is found."""
+    wanted = list(dict.fromkeys(a for a, b in keys if a and not b))
+    candidates = lambda s: [Path(s), csv_dir / s] + ([root / s, root / Path(s).name] if root else [])
+    found = {s: next((c for c in candidates(s) if c.is_file()), None) for s in wanted}
+    missing = [s for s, f in found.items() if f is None]
+    if missing:
+        warnings.warn(f"{len(missing)} source image(s) not found (e.g. {missing[:3]}); their variations get "
+                      "no to_source value (see --sources-root)", stacklevel=1)
+    kept = [s for s in wanted if found[s] is not None]
+    if not kept:
+        return None, None
+    where = {s: i for i, s in enumerate(kept)}
+    return load_images([found[s] for s in kept], size, "sources"), [where.get(a, -1) if not b else -1
+                                                                     for a, b in keys]
 
 
 def _fmt(values: torch.Tensor | None, i: int, digits: int = 6) -> str:
@@ -88,59 +219,26 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = Path(args.synthetic)
-    sources = source_index = groups = None
-    rows: list[dict] = []
-    if source.suffix.lower() == ".csv":
-        paths, _, extras = read_labels_csv(source, labels=[])
-        src_a = extras.get("source", [""] * len(paths))
-        src_b = extras.get("source_b", [""] * len(paths))
-        keys = list(zip(src_a, src_b))
-        if any(a for a in src_a):  # one group per (source, source_b); a row without a source is alone
-            ids = {k: i for i, k in enumerate(dict.fromkeys(k for k in keys if k[0]))}
-            groups = [ids[k] if k[0] else len(ids) + i for i, k in enumerate(keys)]
-        rows = [{"path": p, "source": a, "source_b": b} for p, a, b in zip(paths, src_a, src_b)]
-    elif source.is_dir():
-        paths = [str(p) for p in list_images(source)]
-        rows = [{"path": p, "source": "", "source_b": ""} for p in paths]
-    else:
-        raise SystemExit(f"--synthetic {source}: expected a folder of images or sample.py's synthetic.csv")
-    if len(paths) < 2:
-        raise SystemExit(f"--synthetic {source}: need at least 2 images, found {len(paths)}")
-    size = args.size
-    if size is None:
-        size = min(read_image(paths[0]).shape)
+    paths, keys, groups = read_synthetic(source)
+    size = args.size or min(read_image(paths[0]).shape)
     synthetic = load_images(paths, size, "synthetic")
-
+    sources = source_index = None
     if groups is not None:  # reconstructions (no source_b) are compared with their source image
         root = Path(args.sources_root) if args.sources_root else None
-        wanted = list(dict.fromkeys(a for a, b in keys if a and not b))
-        found = {s: resolve(s, source.parent, root) for s in wanted}
-        missing = [s for s, f in found.items() if f is None]
-        if missing:
-            warnings.warn(f"{len(missing)} source image(s) of {source} not found (e.g. {missing[:3]}); "
-                          "their variations get no to_source value (see --sources-root)", stacklevel=1)
-        kept = [s for s in wanted if found[s] is not None]
-        if kept:
-            sources = load_images([found[s] for s in kept], size, "sources")
-            where = {s: i for i, s in enumerate(kept)}
-            source_index = [where.get(a, -1) if not b else -1 for a, b in keys]
+        sources, source_index = load_sources(keys, source.parent, root, size)
 
     report = diversity_report(synthetic, groups, sources, source_index, max_pairs=args.max_pairs,
                               max_pairs_per_group=args.max_pairs_per_source,
                               generator=torch.Generator().manual_seed(args.seed), small=args.small,
                               batch_size=args.batch_size, device=device)
     summary = {"synthetic": str(source)} | report.summary
-    write_json(summary, out / "diversity.json")
-
+    hub.write_json_atomic(summary, out / "diversity.json")
     with open(out / "diversity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "source", "source_b", "msssim_to_source",
-                                          "msssim_within_source"])
-        w.writeheader()
-        for i, row in enumerate(rows):
-            w.writerow(row | {"msssim_to_source": _fmt(report.to_source, i),
-                              "msssim_within_source": _fmt(report.within_source, i)})
+        w = csv.writer(f)
+        w.writerow(["path", "source", "source_b", "msssim_to_source", "msssim_within_source"])
+        for i, (p, (a, b)) in enumerate(zip(paths, keys)):
+            w.writerow([p, a, b, _fmt(report.to_source, i), _fmt(report.within_source, i)])
     write_grid(report, synthetic, groups, sources, source_index, out / "least_diverse.png", args.grid)
-
     for name in ("within_source", "random_pairs", "source_pairs", "to_source"):
         if name in summary and summary[name]["n"]:
             print(f"{name:>14}: MS-SSIM {summary[name]['mean']:.4f} +- {summary[name]['std']:.4f} "
@@ -152,18 +250,15 @@ def main(argv=None):
 def write_grid(report, synthetic, groups, sources, source_index, path: Path, max_rows: int, per_row: int = 8):
     """Least diverse sources (source | variations) or, without groups, the most similar random pairs."""
     rows = []
-    if groups is not None and report.within_source is not None:
+    if groups is not None:
         g = torch.as_tensor(groups)
         within = report.within_source.nan_to_num(-1.0)
         means = {int(k): float(within[g == k].mean()) for k in g.unique()}
         for k in sorted(means, key=means.get, reverse=True)[:max_rows]:
             members = (g == k).nonzero().flatten().tolist()[:per_row]
-            row = []
             s = source_index[members[0]] if source_index is not None else -1
-            if s >= 0:
-                row.append((sources[s], f"source {means[k]:.3f}"))
-            row += [(synthetic[i], _fmt(report.to_source, i, 3)) for i in members]
-            rows.append(row)
+            rows.append(([(sources[s], f"source {means[k]:.3f}")] if s >= 0 else [])
+                        + [(synthetic[i], _fmt(report.to_source, i, 3)) for i in members])
         title = "least diverse sources: source (mean MS-SSIM among its variations) | variations (to source)"
     else:
         pairs = []
@@ -176,4 +271,4 @@ def write_grid(report, synthetic, groups, sources, source_index, path: Path, max
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

@@ -125,12 +125,12 @@ class InceptionD(nn.Module):
 
 
 class FIDInceptionE(nn.Module):
-    """8x8 block with split 1x3 / 3x1 outputs -> 2048 channels; pool branch avg (TF) or max (see E_2)."""
+    """8x8 block with split 1x3 / 3x1 outputs -> 2048 channels. Pool branch: average without the padding
+    (Mixed_7b, pytorch-fid's FIDInceptionE_1) or max (Mixed_7c, FIDInceptionE_2: the TF graph's quirk)."""
 
-    max_pool = False
-
-    def __init__(self, cin: int):
+    def __init__(self, cin: int, max_pool: bool = False):
         super().__init__()
+        self.max_pool = max_pool
         self.branch1x1 = BasicConv2d(cin, 320, 1)
         self.branch3x3_1 = BasicConv2d(cin, 384, 1)
         self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
@@ -151,16 +151,6 @@ class FIDInceptionE(nn.Module):
         return torch.cat([b1, b3, bd, self.branch_pool(pooled)], 1)
 
 
-class FIDInceptionE_1(FIDInceptionE):  # noqa: N801 - pytorch-fid's name
-    """Mixed_7b: average pool without the padding."""
-
-
-class FIDInceptionE_2(FIDInceptionE):  # noqa: N801 - pytorch-fid's name
-    """Mixed_7c: max pool (the TF graph's quirk; the paper's Inception averages here)."""
-
-    max_pool = True
-
-
 class InceptionV3Features(nn.Module):
     """FID Inception-v3: images [B, 1 or 3, H, W] in [0, 1] -> pool3 features [B, 2048] float32."""
 
@@ -168,9 +158,8 @@ class InceptionV3Features(nn.Module):
     in_channels = 3
     resolution = 299
     feature_dim = 2048
-    num_classes = 1008  # TF's 1000 ImageNet classes + 8 unused (background and padding)
 
-    def __init__(self, *, name: str | None = None):
+    def __init__(self, name: str | None = None):
         super().__init__()
         if name is not None:
             self.name = name
@@ -188,19 +177,15 @@ class InceptionV3Features(nn.Module):
         self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
         self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
         self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE_1(1280)
-        self.Mixed_7c = FIDInceptionE_2(2048)
-        self.fc = nn.Linear(2048, self.num_classes)
+        self.Mixed_7b = FIDInceptionE(1280)
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # TF's 1000 ImageNet classes + 8 unused; kept for the strict load
 
     @classmethod
     def from_pretrained(cls, path, *, device=None) -> InceptionV3Features:
         """`path`: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or its tensors as safetensors)."""
         state = fill_num_batches_tracked(hub.load_state_dict_file(path))
-        with torch.device("meta"):
-            model = cls()
-        hub.check_state_dict(model, state, source=str(path))
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device=device, dtype=torch.float32).eval()
+        return hub.load_model(cls, None, state, source=str(path), device=device)  # cls(None): default name
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 1 or 3, H, W] in [0, 1] -> [B, 3, 299, 299] in [-1, 1]."""
@@ -229,6 +214,3 @@ class InceptionV3Features(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool3(self.preprocess(x.float()))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1008] ImageNet logits of the TF graph (for Inception Score; not used by FID)."""
-        return self.fc(self.forward(x))

@@ -1,39 +1,31 @@
 """Memorisation check: is any synthetic image a copy of a training image?
 
-For every synthetic image we find its nearest training image by cosine similarity in a feature space and
-ask whether it is closer than genuinely new real images get to the training set:
+Each synthetic image's nearest training image, by cosine similarity in a feature space, is compared with
+how close genuinely new real images get to the training set:
 
-1. Features. `pixel` (always computed): the image downsampled to 32 x 32 (antialiased bilinear, no
-   registration), minus its mean, divided by its norm, so that cosine similarity is the normalised
-   cross-correlation (Pearson r over pixels): blind to brightness/contrast changes and noise, tolerant of
-   sub-pixel shifts at 32 px (about 1 % of the image), not of larger ones (that is what DINO is for).
-   `dino` (default): the CLS token of a DINO ViT, the embedding used for replication detection in diffusion
-   models by Somepalli et al. (CVPR 2023, "Diffusion Art or Digital Forgery?"); `--dino-tokens glb` instead
-   concatenates the L2-normalised tokens of c_GLB = [CLS, pooler, registers] (what DiNO-Diffusion is
-   conditioned on), so its cosine is the mean of the per-token cosines. `xrv`: torchxrayvision's CXR
-   DenseNet-121 pooled features (`eval.fid.XRVDenseNetFeatures`, needs `--xrv-weights`). Without `--dino` the
-   CLI uses a random-init `DinoViT(DinoConfig.tiny())` (seed 0) so that it runs offline; the summary says
-   so, and such numbers only exercise the pipeline.
-   Centring: every space's features are shifted by the mean training feature before the cosine, which
-   removes what all chest X-rays share (the average anatomy; the near-constant part of network features)
-   and leaves what is specific to each image. Copies still score 1; different patients score much lower
-   than uncentred (phantoms at 32 px: ~0.65 instead of ~0.93), so the scale is easier to read.
-2. Nearest neighbours. `nearest_neighbors` normalises the features and takes top-k of query @ reference^T
-   over blocks of at most chunk_size x chunk_size, merging the running top-k, so 100k x 100k comparisons need
-   memory for the features plus one block.
-3. Threshold. Real images of new patients also have a nearest training image; the q-quantile (default 0.99)
-   of their nearest-train similarities is the threshold, and a synthetic image is flagged when its
-   similarity exceeds it: "closer to a training image than 99 % of genuinely new real images are". With a
-   set of n held-out images the quantile is only resolved to ~1/n (n < 100 makes it close to their maximum).
-   The held-out images come from `--heldout` (use a patient-disjoint split of real data) or, by default, a
-   random 10 % of `--train`: those are compared with the other 90 %, while synthetic images are compared
-   with all of `--train` (slightly more candidates, so this errs on the side of flagging). Several images of
-   one patient on both sides of the split raise the threshold and hide copies: prefer a patient-level split.
+1. Features. `pixel` (always computed): the image at 32 x 32 (antialiased), minus its mean, over its norm,
+   so that cosine similarity is the normalised cross-correlation (Pearson r over pixels): blind to
+   brightness/contrast and noise, tolerant of sub-pixel shifts, not of larger ones (that is what DINO is
+   for). `dino` (default): the CLS token of a DINO ViT, the embedding Somepalli et al. (CVPR 2023,
+   "Diffusion Art or Digital Forgery?") use for replication detection; `--dino-tokens glb` concatenates the
+   L2-normalised tokens of c_GLB (what DiNO-Diffusion is conditioned on), so its cosine is the mean of the
+   per-token cosines. `xrv`: the pooled features of torchxrayvision's CXR DenseNet-121 (`--xrv-weights`).
+   Without `--dino` a random-init `DinoViT(DinoConfig.tiny())` (seed 0) keeps the CLI offline; the summary
+   says so. Features are centred on the mean training feature first, which removes what all chest X-rays
+   share (the average anatomy): copies still score 1, different patients much lower than uncentred
+   (phantoms at 32 px: ~0.65 instead of ~0.93).
+2. Nearest neighbours (`nearest_neighbors`): top-k of query @ reference^T over blocks of at most
+   chunk_size x chunk_size, merging the running top-k, so 100k x 100k needs memory for one block.
+3. Threshold: the q-quantile (default 0.99) of the nearest-train similarities of real images of new
+   patients; a synthetic image above it is flagged: "closer to a training image than 99 % of genuinely new
+   real images are" (n held-out images resolve the quantile to ~1/n). They come from `--heldout` (use a
+   patient-disjoint split) or, by default, a random 10 % of `--train` compared with the other 90 %
+   (synthetic images see all of `--train`, so this errs on the side of flagging). One patient on both sides
+   of the split raises the threshold and hides copies: prefer a patient-level split.
 
-The CLI writes `memorization.csv` (per synthetic image and space: nearest training image, similarity,
-flagged), `memorization.json` (per space: threshold, flagged fraction, quantiles and a histogram of the
-synthetic and held-out similarities) and `closest_<space>.png` (the closest pairs, synthetic | nearest
-training image, with their similarity) for a person to look at.
+Outputs: `memorization.csv` (per synthetic image and space: nearest training image, similarity, flagged),
+`memorization.json` (per space: threshold, flagged fraction, quantiles and histograms of the synthetic and
+held-out similarities) and `closest_<space>.png` (synthetic | nearest training image).
 
     python -m eval.memorization --train DIR --synthetic DIR_or_synthetic.csv --out DIR [--heldout DIR]
         [--features dino|xrv|pixel] [--dino SOURCE] [--threshold-quantile 0.99] [--size S]
@@ -43,28 +35,25 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+import cli
+import hub
 from data.datasets import collate, open_dataset
 from data.transforms import resize
+from eval.plot import _font
 
-PIXEL_SIZE = 32  # registration-free: small shifts move a feature by a fraction of a pixel
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
-# ---------------------------------------------------------------------------------------------- features
 
-
-def pixel_features(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor:
+def pixel_features(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     """Images [B, C, H, W] -> [B, C * size * size]: downsampled, zero mean, unit norm (cosine = NCC)."""
     x = resize(images.float(), size).flatten(1)  # [B, C*size*size]
     return F.normalize(x - x.mean(1, keepdim=True), dim=1)
@@ -75,11 +64,7 @@ def dino_features(dino, images: torch.Tensor, tokens: str = "cls") -> torch.Tens
     c_GLB with each token L2-normalised, over sqrt(G) so the whole vector has unit norm)."""
     with torch.inference_mode():
         c = dino.global_tokens(dino.preprocess(images.float().clamp(0, 1))).float()  # [B, G, D]
-    if tokens == "cls":
-        return c[:, 0]
-    if tokens == "glb":
-        return F.normalize(c, dim=-1).flatten(1) / c.shape[1] ** 0.5
-    raise ValueError(f"tokens must be 'cls' or 'glb', got {tokens!r}")
+    return c[:, 0] if tokens == "cls" else F.normalize(c, dim=-1).flatten(1) / c.shape[1] ** 0.5
 
 
 def random_dino(seed: int = 0):
@@ -91,47 +76,35 @@ def random_dino(seed: int = 0):
         return DinoViT(DinoConfig.tiny()).eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def extract_features(dataset, extractors: dict[str, Callable], batch_size: int = 64, device=None,
-                     num_workers: int = 0, desc: str = "features"
-                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """One pass over a dataset of items {"image" [C, S, S], "path"}: every extractor on every batch.
+def _loader(dataset, args):  # the same batches for extract_features and images_at
+    return torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.workers, collate_fn=collate)
 
-    Returns ({name: float32 features [N, D] on the CPU}, paths [N]).
-    """
-    device = torch.device(device or "cpu")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate)
-    feats: dict[str, list[torch.Tensor]] = {name: [] for name in extractors}
-    paths: list[str] = []
-    for batch in tqdm(loader, desc=desc, unit="batch"):
-        x = batch["image"].to(device)
+
+@torch.no_grad()
+def extract_features(dataset, extractors: dict, args, device, desc: str) -> tuple[dict, list[str]]:
+    """One pass over a dataset of items {"image" [C, S, S], "path"}: every extractor on every batch.
+    Returns ({name: float32 features [N, D] on the CPU}, paths [N])."""
+    feats, paths = {name: [] for name in extractors}, []
+    for batch in tqdm(_loader(dataset, args), desc=desc, unit="batch"):
         for name, fn in extractors.items():
-            feats[name].append(fn(x).float().cpu())
+            feats[name].append(fn(batch["image"].to(device)).float().cpu())
         paths += batch["path"]
     return {name: torch.cat(f) for name, f in feats.items()}, paths
 
 
-def images_at(dataset, positions, batch_size: int = 64, num_workers: int = 0) -> dict[int, torch.Tensor]:
+def images_at(dataset, positions, args) -> dict[int, torch.Tensor]:
     """{position: image} for a few positions of a dataset: indexed directly when it is map-style, else
     (webdataset shards) by streaming it again with the loader settings `extract_features` used."""
-    wanted = set(int(p) for p in positions)
+    wanted = set(positions)
     if not isinstance(dataset, torch.utils.data.IterableDataset):
         return {p: dataset[p]["image"] for p in wanted}
     found, pos = {}, 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate)
-    for batch in loader:
-        for img in batch["image"]:
-            if pos in wanted:
-                found[pos] = img
-            pos += 1
+    for batch in _loader(dataset, args):
+        found |= {pos + i: img for i, img in enumerate(batch["image"]) if pos + i in wanted}
+        pos += len(batch["image"])
         if len(found) == len(wanted):
             break
     return found
-
-
-# ---------------------------------------------------------------------------------------------- search
 
 
 def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, chunk_size: int = 4096,
@@ -144,8 +117,6 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, 
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
         raise ValueError(f"features must be [Q, D] and [R, D], got {list(query.shape)} and "
                          f"{list(reference.shape)}")
-    if len(reference) == 0:
-        raise ValueError("nearest_neighbors: the reference set is empty")
     device = query.device if device is None else torch.device(device)
     k = min(k, len(reference))
     ref = F.normalize(reference.float(), dim=1).to(device)
@@ -157,9 +128,8 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, 
         for start in range(0, len(ref), chunk_size):
             block = q @ ref[start : start + chunk_size].T  # [q, r]
             s, i = block.topk(min(k, block.shape[1]), dim=1)
-            s, pos = torch.cat([best_s, s], 1).topk(k, dim=1)  # merge with the running top-k
+            best_s, pos = torch.cat([best_s, s], 1).topk(k, dim=1)  # merge with the running top-k
             best_i = torch.cat([best_i, i + start], 1).gather(1, pos)
-            best_s = s
         sims.append(best_s.cpu())
         idx.append(best_i.cpu())
     return torch.cat(sims), torch.cat(idx)
@@ -168,21 +138,19 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, 
 def histogram(values: dict[str, torch.Tensor], bins: int = 20) -> dict:
     """Counts of each named set of similarities over shared bins spanning [min of all, 1]."""
     everything = torch.cat([v.flatten().double() for v in values.values()])
-    lo = float(everything.min()) if everything.numel() else 0.0
-    lo = min(lo, 1.0 - 1e-3)
+    lo = min(float(everything.min()) if everything.numel() else 0.0, 1.0 - 1e-3)
     edges = torch.linspace(lo, 1.0, bins + 1, dtype=torch.float64)
-    out = {"edges": [round(float(e), 6) for e in edges]}
-    for name, v in values.items():
-        out[name] = torch.histogram(v.flatten().double().clamp(lo, 1.0), bins=edges).hist.long().tolist()
-    return out
+    return {"edges": [round(float(e), 6) for e in edges]} | {
+        name: torch.histogram(v.flatten().double().clamp(lo, 1.0), bins=edges).hist.long().tolist()
+        for name, v in values.items()}
 
 
 def _quantiles(v: torch.Tensor) -> dict:
     if v.numel() == 0:
         return {}
     q = torch.quantile(v.double(), torch.tensor(QUANTILES, dtype=torch.float64))
-    return {f"q{int(round(p * 100)):02d}" if 0 < p < 1 else ("min" if p == 0 else "max"): float(x)
-            for p, x in zip(QUANTILES, q)} | {"mean": float(v.double().mean())}
+    names = ["min"] + [f"q{round(p * 100):02d}" for p in QUANTILES[1:-1]] + ["max"]
+    return dict(zip(names, q.tolist())) | {"mean": float(v.double().mean())}
 
 
 class MemorizationResult(NamedTuple):
@@ -190,160 +158,110 @@ class MemorizationResult(NamedTuple):
     nearest: torch.Tensor  # [N] index of that training image
     flagged: torch.Tensor  # [N] bool: similarity > threshold
     threshold: float
-    heldout_similarity: torch.Tensor  # [H] the same for the held-out real images (calibration)
     summary: dict  # JSON-ready
 
 
 def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor | None = None, *,
-                       heldout_index=None, quantile: float = 0.99, threshold: float | None = None,
-                       center: bool = True, chunk_size: int = 4096, device=None, bins: int = 20
+                       heldout_index=None, quantile: float = 0.99, chunk_size: int = 4096, device=None
                        ) -> MemorizationResult:
     """Nearest training neighbour of each synthetic feature vector and whether it is suspiciously close.
 
     synthetic [N, D], train [R, D]: features. Calibration (one of): `heldout` [H, D], real images unseen in
-    `train`, compared with all of `train`; `heldout_index`, indices into `train` compared with the rest of
-    `train`; or a fixed `threshold`. threshold = the `quantile` of the held-out nearest-train similarities.
-    center: subtract the mean training feature from every set first (module docstring).
+    `train`, compared with all of `train`; or `heldout_index`, indices into `train` compared with the rest
+    of `train`. threshold = the `quantile` of the held-out nearest-train similarities.
+    Every set is first centred on the mean training feature (module docstring).
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    if center:
-        mean = train.float().mean(0)
-        synthetic, train = synthetic.float() - mean, train.float() - mean
-        heldout = None if heldout is None else heldout.float() - mean
-    sim, nearest = nearest_neighbors(synthetic, train, 1, chunk_size, device)
-    sim, nearest = sim[:, 0], nearest[:, 0]
-    if heldout is not None:
-        held = nearest_neighbors(heldout, train, 1, chunk_size, device)[0][:, 0]
-    elif heldout_index is not None:
+    mean = train.float().mean(0)
+    synthetic, train = synthetic.float() - mean, train.float() - mean
+    heldout = None if heldout is None else heldout.float() - mean
+    reference = train
+    if heldout is None:
+        if heldout_index is None:
+            raise ValueError("memorization_check needs `heldout` or `heldout_index`")
         mask = torch.zeros(len(train), dtype=torch.bool)
         mask[torch.as_tensor(heldout_index, dtype=torch.long)] = True
         if mask.all() or not mask.any():
             raise ValueError("heldout_index must leave some training images on both sides")
-        held = nearest_neighbors(train[mask], train[~mask], 1, chunk_size, device)[0][:, 0]
-    elif threshold is None:
-        raise ValueError("memorization_check needs `heldout`, `heldout_index` or a fixed `threshold`")
-    else:
-        held = torch.zeros(0)
-    if threshold is None:
-        threshold = float(torch.quantile(held.double(), quantile))
+        heldout, reference = train[mask], train[~mask]
+    sim, nearest = (t[:, 0] for t in nearest_neighbors(synthetic, train, 1, chunk_size, device))
+    held = nearest_neighbors(heldout, reference, 1, chunk_size, device)[0][:, 0]
+    threshold = float(torch.quantile(held.double(), quantile))
     flagged = sim > threshold
     summary = {
         "n_synthetic": len(synthetic), "n_train": len(train), "n_heldout": len(held),
-        "feature_dim": synthetic.shape[1], "centered": center,
+        "feature_dim": synthetic.shape[1], "centered": True,
         "threshold_quantile": quantile, "threshold": threshold,
         "flagged_count": int(flagged.sum()), "flagged_fraction": float(flagged.float().mean()),
-        "heldout_above_threshold": float((held > threshold).float().mean()) if len(held) else None,
+        "heldout_above_threshold": float((held > threshold).float().mean()),
         "synthetic_similarity": _quantiles(sim), "heldout_similarity": _quantiles(held),
-        "histogram": histogram({"synthetic": sim, "heldout": held}, bins),
+        "histogram": histogram({"synthetic": sim, "heldout": held}),
     }
-    return MemorizationResult(sim, nearest, flagged, threshold, held, summary)
-
-
-# ---------------------------------------------------------------------------------------------- images
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def to_pil(image: torch.Tensor, cell: int) -> Image.Image:
-    """[1 or 3, H, W] in [0, 1] -> a cell x cell PIL image."""
-    arr = (image.float().clamp(0, 1) * 255).round().byte()
-    arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
-    return Image.fromarray(arr).convert("RGB").resize((cell, cell), Image.BILINEAR)
+    return MemorizationResult(sim, nearest, flagged, threshold, summary)
 
 
 def image_grid(rows: list[list[tuple[torch.Tensor, str]]], path, cell: int = 128, title: str = "") -> Path:
     """A PNG of rows of captioned images (each (image [C, H, W] in [0, 1], caption)); returns the path."""
-    font, title_font, caption_h, pad = _font(12), _font(14), 16, 4
-    cols = max((len(r) for r in rows), default=1)
-    top = 22 if title else 0
-    width = max(cols * (cell + pad) + pad, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(
-        title, font=title_font)) + 2 * pad)
+    font, title_font, caption_h, pad, top = _font(12), _font(14), 16, 4, 22 if title else 0
+    width = max(max((len(r) for r in rows), default=1) * (cell + pad) + pad,
+                int(title_font.getlength(title)) + 2 * pad)
     grid = Image.new("RGB", (width, top + len(rows) * (cell + caption_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((pad, 4), title, fill="black", font=title_font)
+    draw.text((pad, 4), title, fill="black", font=title_font)
     for r, row in enumerate(rows):
         for c, (img, caption) in enumerate(row):
             x, y = pad + c * (cell + pad), top + pad + r * (cell + caption_h + pad)
             draw.text((x, y), caption, fill="black", font=font)
-            grid.paste(to_pil(img, cell), (x, y + caption_h))
+            arr = (img.float().clamp(0, 1) * 255).round().byte()  # [1 or 3, H, W]
+            arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
+            grid.paste(Image.fromarray(arr).convert("RGB").resize((cell, cell), Image.BILINEAR), (x, y + caption_h))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
 
 
-def write_json(obj, path):
-    """Write JSON atomically (a crash never leaves half a summary)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--train", required=True, help="training images: folder, CSV with a path column, shards")
     p.add_argument("--synthetic", required=True, help="synthetic images: folder or sample.py's synthetic.csv")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--heldout", default=None,
-                   help="real images not used for training (patient-disjoint); default: split off "
-                        "--heldout-fraction of --train")
-    p.add_argument("--heldout-fraction", type=float, default=0.1,
-                   help="fraction of --train held out when --heldout is not given (default 0.1)")
-    p.add_argument("--features", choices=["dino", "xrv", "pixel"], default="dino",
-                   help="feature space (default dino; pixel space is always computed too)")
-    p.add_argument("--dino", default=None,
-                   help="DINO checkpoint (Hub id or folder, e.g. facebook/dino-vitb16 or RUN_DIR/dino); "
-                        "default: random-init DinoViT(DinoConfig.tiny()), a smoke test only")
+    p.add_argument("--heldout", default=None, help="real images never trained on (patient-disjoint)")
+    p.add_argument("--heldout-fraction", type=cli.probability, default=0.1, help="else held out of --train")
+    p.add_argument("--features", choices=["dino", "xrv", "pixel"], default="dino", help="(+ pixel, always)")
+    p.add_argument("--dino", default=None, help="DINO Hub id or folder (None: random-init, a smoke test)")
     p.add_argument("--dino-tokens", choices=["cls", "glb"], default="cls",
-                   help="cls (default): the CLS token; glb: all of c_GLB, per-token normalised")
-    p.add_argument("--xrv-weights", default=None, help="torchxrayvision densenet121-res224-all state dict "
-                                                       "(needed by --features xrv; see eval/densenet.py)")
-    p.add_argument("--threshold-quantile", type=float, default=0.99,
-                   help="flag synthetic images closer to the training set than this quantile of the "
-                        "held-out real images (default 0.99)")
-    p.add_argument("--size", type=int, default=None,
-                   help="images are loaded at this size; default: the extractor's input size "
-                        "(DINO config.image_size, XRV 224, pixel 64)")
-    p.add_argument("--pixel-size", type=int, default=PIXEL_SIZE,
-                   help=f"side of the pixel-space features (default {PIXEL_SIZE})")
-    p.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default 64)")
-    p.add_argument("--chunk-size", type=int, default=4096,
-                   help="side of the similarity blocks; memory ~ chunk_size^2 floats (default 4096)")
-    p.add_argument("--grid", type=int, default=16,
-                   help="closest pairs shown in each closest_<space>.png (default 16)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="held-out split and random-init DINO (default 0)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+                   help="cls: the CLS token; glb: all of c_GLB, per-token normalised")
+    p.add_argument("--xrv-weights", default=None, help="XRV densenet121-res224-all state dict (eval/densenet.py)")
+    p.add_argument("--threshold-quantile", type=cli.probability, default=0.99,
+                   help="flag images closer to the training set than this quantile of the held-out ones")
+    p.add_argument("--size", type=cli.positive_int, default=None, help="image size (None: the extractor's)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per batch")
+    p.add_argument("--chunk-size", type=cli.positive_int, default=4096, help="similarity block side")
+    p.add_argument("--grid", type=cli.nonneg_int, default=16, help="closest pairs per closest_<space>.png")
+    p.add_argument("--workers", type=cli.nonneg_int, default=0, help="DataLoader workers")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="held-out split and random-init DINO")
+    p.add_argument("--device", default=None, help="cuda / cpu (None: cuda when available)")
     return p.parse_args(argv)
 
 
-def build_extractors(args, device) -> tuple[dict[str, Callable], dict[str, str], int]:
+def build_extractors(args, device) -> tuple[dict, dict[str, str], int]:
     """({space: features fn}, {space: description}, default image size) for the CLI arguments."""
-    pixel = lambda x: pixel_features(x, args.pixel_size)
-    described = {"pixel": f"pixel: {args.pixel_size}x{args.pixel_size} downsampled, zero-mean, unit-norm "
-                          "(cosine = normalised cross-correlation)"}
+    extractors = {"pixel": pixel_features}
+    described = {"pixel": "pixel: 32x32 downsampled, zero-mean, unit-norm (cosine = normalised cross-correlation)"}
     if args.features == "pixel":
-        return {"pixel": pixel}, described, 64
+        return extractors, described, 64
     if args.features == "xrv":
         from eval.fid import load_extractor
 
         if args.xrv_weights is None:
-            raise SystemExit("--features xrv needs --xrv-weights (torchxrayvision densenet121-res224-all "
-                             "state dict; see eval/densenet.py)")
+            cli.fail("--features xrv needs --xrv-weights (torchxrayvision densenet121-res224-all state dict; "
+                     "see eval/densenet.py)")
         model = load_extractor("xrv", args.xrv_weights, device)
         described["xrv"] = f"xrv: torchxrayvision DenseNet-121 pooled features ({args.xrv_weights})"
-        return {"xrv": model, "pixel": pixel}, described, model.resolution
+        return {"xrv": model} | extractors, described, model.resolution
     if args.dino:
         from vit_dino import DinoViT
 
@@ -356,8 +274,30 @@ def build_extractors(args, device) -> tuple[dict[str, Callable], dict[str, str],
         warnings.warn(f"--dino not given: using a {what}", stacklevel=2)
     tokens = {"cls": "CLS token", "glb": "c_GLB tokens, per-token normalised, concatenated"}[args.dino_tokens]
     described["dino"] = f"dino: {tokens} of {what}"
-    return ({"dino": lambda x: dino_features(dino, x, args.dino_tokens), "pixel": pixel}, described,
-            dino.config.image_size)
+    return {"dino": lambda x: dino_features(dino, x, args.dino_tokens)} | extractors, described, \
+        dino.config.image_size
+
+
+def heldout_split(args, n: int) -> tuple[torch.Tensor, str]:
+    """Indices of the --train images held out for calibration (no --heldout given), and their description."""
+    n_held = round(args.heldout_fraction * n)
+    if not 1 <= n_held < n:
+        cli.fail(f"--heldout-fraction {args.heldout_fraction} of {n} training images leaves no held-out or no "
+                 "training images; give --heldout DIR")
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:n_held].sort().values
+    return index, (f"{n_held} of the {n} --train images (fraction {args.heldout_fraction}, seed {args.seed}) "
+                   f"vs the other {n - n_held}")
+
+
+def closest_grid(res: MemorizationResult, synth_ds, train_ds, args, space: str, path: Path):
+    """closest_<space>.png: the args.grid closest pairs, synthetic | nearest train, 4 pairs per row."""
+    order = res.similarity.argsort(descending=True)[: args.grid].tolist()
+    syn_img = images_at(synth_ds, order, args)
+    train_img = images_at(train_ds, res.nearest[order].tolist(), args)
+    pairs = [[(syn_img[i], f"syn {res.similarity[i]:.3f}" + (" !" if res.flagged[i] else "")),
+              (train_img[int(res.nearest[i])], "nearest train")] for i in order]
+    image_grid([sum(pairs[r : r + 4], []) for r in range(0, len(pairs), 4)], path,
+               title=f"{space}: closest pairs (synthetic | nearest train); ! = above {res.threshold:.3f}")
 
 
 def main(argv=None):
@@ -367,65 +307,43 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     extractors, described, default_size = build_extractors(args, device)
     size = args.size or default_size
-    common = dict(batch_size=args.batch_size, device=device, num_workers=args.workers)
 
     train_ds, synth_ds = open_dataset(args.train, size), open_dataset(args.synthetic, size)
-    train, train_paths = extract_features(train_ds, extractors, desc="train", **common)
-    synth, synth_paths = extract_features(synth_ds, extractors, desc="synthetic", **common)
-    heldout, heldout_index = None, None
+    train, train_paths = extract_features(train_ds, extractors, args, device, "train")
+    synth, synth_paths = extract_features(synth_ds, extractors, args, device, "synthetic")
+    heldout, heldout_index = {}, None
     if args.heldout:
-        heldout, _ = extract_features(open_dataset(args.heldout, size), extractors, desc="held-out", **common)
-        heldout_desc = f"--heldout {args.heldout}"
+        heldout, _ = extract_features(open_dataset(args.heldout, size), extractors, args, device, "held-out")
+        heldout_desc, n_held = f"--heldout {args.heldout}", len(heldout["pixel"])
     else:
-        n = len(train_paths)
-        n_held = int(round(args.heldout_fraction * n))
-        if not 1 <= n_held < n:
-            raise SystemExit(f"--heldout-fraction {args.heldout_fraction} of {n} training images leaves no "
-                             "held-out or no training images; give --heldout DIR")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
-        heldout_index = perm[:n_held].sort().values
-        heldout_desc = (f"{n_held} of the {n} --train images (fraction {args.heldout_fraction}, seed "
-                        f"{args.seed}) vs the other {n - n_held}")
-    n_held = len(heldout["pixel"]) if heldout is not None else len(heldout_index)
+        heldout_index, heldout_desc = heldout_split(args, len(train_paths))
+        n_held = len(heldout_index)
     if n_held < 100:
         warnings.warn(f"only {n_held} held-out images: the {args.threshold_quantile} quantile of their "
-                      "similarities is close to their maximum; use more for a sharper threshold",
-                      stacklevel=1)
+                      "similarities is close to their maximum; use more for a sharper threshold", stacklevel=1)
 
     summary = {"train": str(args.train), "synthetic": str(args.synthetic), "heldout": heldout_desc,
                "image_size": size, "spaces": {}}
     results = {}
     for space in extractors:
-        res = memorization_check(synth[space], train[space], None if heldout is None else heldout[space],
-                                 heldout_index=heldout_index, quantile=args.threshold_quantile,
-                                 chunk_size=args.chunk_size, device=device)
-        results[space] = res
+        res = results[space] = memorization_check(
+            synth[space], train[space], heldout.get(space), heldout_index=heldout_index,
+            quantile=args.threshold_quantile, chunk_size=args.chunk_size, device=device)
         summary["spaces"][space] = {"features": described[space]} | res.summary
-        print(f"{space}: threshold {res.threshold:.4f} (q={args.threshold_quantile} of held-out), "
-              f"flagged {res.summary['flagged_count']}/{len(res.flagged)} "
-              f"({100 * res.summary['flagged_fraction']:.1f} %)")
-
-        order = res.similarity.argsort(descending=True)[: args.grid].tolist()
-        syn_img = images_at(synth_ds, order, args.batch_size, args.workers)
-        train_img = images_at(train_ds, res.nearest[order].tolist(), args.batch_size, args.workers)
-        pairs = [[(syn_img[i], f"syn {res.similarity[i]:.3f}" + (" !" if res.flagged[i] else "")),
-                  (train_img[int(res.nearest[i])], "nearest train")] for i in order]
-        rows = [sum(pairs[r : r + 4], []) for r in range(0, len(pairs), 4)]  # 4 pairs per row
-        image_grid(rows, out / f"closest_{space}.png",
-                   title=f"{space}: closest pairs (synthetic | nearest train); ! = above threshold "
-                         f"{res.threshold:.3f}")
+        print(f"{space}: threshold {res.threshold:.4f} (q={args.threshold_quantile} of held-out), flagged "
+              f"{res.summary['flagged_count']}/{len(res.flagged)} ({100 * res.summary['flagged_fraction']:.1f} %)")
+        closest_grid(res, synth_ds, train_ds, args, space, out / f"closest_{space}.png")
 
     with open(out / "memorization.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path"] + [f"{s}_{c}" for s in results for c in ("nearest", "similarity", "flagged")])
         for i, p in enumerate(synth_paths):
-            cells = [(train_paths[int(r.nearest[i])], f"{float(r.similarity[i]):.6f}", int(r.flagged[i]))
-                     for r in results.values()]
-            w.writerow([p] + [v for c in cells for v in c])
-    write_json(summary, out / "memorization.json")
+            w.writerow([p] + [v for r in results.values() for v in (
+                train_paths[int(r.nearest[i])], f"{float(r.similarity[i]):.6f}", int(r.flagged[i]))])
+    hub.write_json_atomic(summary, out / "memorization.json")
     print(f"wrote memorization.csv, memorization.json and closest_*.png to {out}")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

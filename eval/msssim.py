@@ -1,4 +1,4 @@
-"""SSIM and multi-scale SSIM (Wang, Simoncelli & Bovik 2003), and the diversity numbers built on them.
+"""Multi-scale SSIM (Wang, Simoncelli & Bovik 2003), the similarity eval/diversity.py scores pairs with.
 
 SSIM compares two images through local statistics under a Gaussian window w (11 taps, sigma 1.5; Wang et al.
 2004): local means mu_x, mu_y, variances s_x^2, s_y^2 and covariance s_xy, all `w * (.)` done as a separable
@@ -25,18 +25,10 @@ Smaller images (64 px CXRs of the tiny preset) take `small=`:
   dropped. This is `pytorch_msssim.ms_ssim(weights=w[:M] / sum(w[:M]))` without its 160 px assertion.
 - "window": keep 5 scales and shrink the window to the largest odd size that fits, with sigma scaled by the
   same factor (win 3, sigma 0.41 at 64 px): `pytorch_msssim.ms_ssim(win_size=..., win_sigma=...)`.
-`ms_ssim_settings(side, ...)` says which weights/window a size gets; the CLIs record it in their summaries.
-
-Diversity (lower MS-SSIM = more different): `pairwise_msssim` scores pairs of images in batches;
-`diversity_report` gives the mean MS-SSIM among variations of the same source image, among random pairs
-of synthetic images from different sources, between each synthetic image and its source (reconstruction
-similarity), and among random pairs of the real sources as the reference level.
+`ms_ssim_settings(side, ...)` says which weights/window a size gets; eval/diversity.py records it.
 """
 
 from __future__ import annotations
-
-import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +46,6 @@ def gaussian_window(win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g / g.sum()
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor):
-    if x.shape != y.shape:
-        raise ValueError(f"images must have the same shape, got {list(x.shape)} and {list(y.shape)}")
-    if x.ndim != 4:
-        raise ValueError(f"images must be [B, C, H, W], got shape {list(x.shape)}")
-
-
 def _ssim_cs(x, y, data_range: float, win: torch.Tensor, K) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (ssim, cs) [B, C] at one scale. The five local moments go through one grouped conv."""
     b, c, h, w = x.shape
@@ -76,17 +61,6 @@ def _ssim_cs(x, y, data_range: float, win: torch.Tensor, K) -> tuple[torch.Tenso
     cs_map = (2 * (xy - mu_xy) + c2) / ((xx - mu_xx) + (yy - mu_yy) + c2)
     ssim_map = (2 * mu_xy + c1) / (mu_xx + mu_yy + c1) * cs_map
     return ssim_map.flatten(2).mean(-1), cs_map.flatten(2).mean(-1)
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.5,
-         K=(0.01, 0.03)) -> torch.Tensor:
-    """SSIM of image pairs x, y [B, C, H, W] -> [B] (mean over the map and channels; may be negative).
-
-    = `pytorch_msssim.ssim(x, y, data_range, size_average=False, win_size, win_sigma=sigma, K=K)`, except
-    that images smaller than the window raise instead of being left unsmoothed along that side.
-    """
-    _check_pair(x, y)
-    return _ssim_cs(x, y, data_range, gaussian_window(win_size, sigma), K)[0].mean(1)
 
 
 def ms_ssim_settings(side: int, weights=MS_SSIM_WEIGHTS, win_size: int = 11, sigma: float = 1.5,
@@ -120,7 +94,8 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, weights=M
     = `pytorch_msssim.ms_ssim(x, y, data_range, size_average=False, win_size, win_sigma=sigma, weights, K)`
     for images larger than (win_size - 1) * 2^4; `small` handles smaller ones (module docstring).
     """
-    _check_pair(x, y)
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"images must be two [B, C, H, W] of the same shape, got {list(x.shape)} and {list(y.shape)}")
     weights, win_size, sigma = ms_ssim_settings(min(x.shape[-2:]), weights, win_size, sigma, small)
     win = gaussian_window(win_size, sigma)
     w = torch.tensor(weights, dtype=x.dtype, device=x.device)
@@ -133,143 +108,3 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, weights=M
             x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)  # [B, C, ~H/2, ~W/2]
     factors.append(torch.relu(s))
     return torch.prod(torch.stack(factors) ** w.view(-1, 1, 1), dim=0).mean(1)  # [M, B, C] -> [B]
-
-
-# ----------------------------------------------------------------------------------------------- diversity
-
-
-def all_pairs(n: int) -> torch.Tensor:
-    """Every unordered pair i < j of n items: [n (n - 1) / 2, 2]."""
-    return torch.triu_indices(n, n, offset=1).T
-
-
-def random_pairs(n: int, count: int, generator: torch.Generator | None = None,
-                 groups: torch.Tensor | None = None) -> torch.Tensor:
-    """`count` distinct unordered pairs (i, j), i != j, of n items, uniformly drawn: [<= count, 2].
-
-    With `groups` [n], only pairs whose members are in different groups. All qualifying pairs are returned
-    when there are at most `count` of them.
-    """
-    if n < 2:
-        return torch.zeros(0, 2, dtype=torch.long)
-    total = n * (n - 1) // 2
-    if total <= max(count, 4 * count if groups is not None else 0):  # small: enumerate, then subsample
-        pairs = all_pairs(n)
-        if groups is not None:
-            pairs = pairs[groups[pairs[:, 0]] != groups[pairs[:, 1]]]
-        if len(pairs) <= count:
-            return pairs
-        return pairs[torch.randperm(len(pairs), generator=generator)[:count]]
-    found: dict[tuple[int, int], None] = {}  # rejection sampling keeps the draw uniform; dict keeps order
-    for _ in range(100):
-        cand = torch.randint(n, (2 * count, 2), generator=generator)
-        cand = torch.stack([cand.min(1).values, cand.max(1).values], 1)
-        ok = cand[:, 0] != cand[:, 1]
-        if groups is not None:
-            ok &= groups[cand[:, 0]] != groups[cand[:, 1]]
-        for i, j in cand[ok].tolist():
-            found.setdefault((i, j))
-            if len(found) == count:
-                return torch.tensor(list(found), dtype=torch.long)
-    return torch.tensor(list(found), dtype=torch.long).view(-1, 2)
-
-
-def pairwise_msssim(images: torch.Tensor, pairs: torch.Tensor | None = None, max_pairs: int = 1000,
-                    generator: torch.Generator | None = None, *, other: torch.Tensor | None = None,
-                    data_range: float = 1.0, small: str = "error", batch_size: int = 64,
-                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MS-SSIM of pairs of images [N, C, H, W] -> (values [P], pairs [P, 2]).
-
-    pairs: index pairs [P, 2] into `images` (into `images` and `other` when `other` is given); None: all
-    unordered pairs, or `max_pairs` of them drawn with `generator` when there are more. Pairs are scored
-    `batch_size` at a time on `device` (default: where the images are).
-    """
-    second = images if other is None else other
-    if pairs is None:
-        if other is not None:
-            raise ValueError("pairwise_msssim: give `pairs` together with `other`")
-        pairs = random_pairs(len(images), max_pairs, generator)
-    pairs = torch.as_tensor(pairs, dtype=torch.long).view(-1, 2)
-    device = images.device if device is None else torch.device(device)
-    values = [ms_ssim(images[p[:, 0]].to(device), second[p[:, 1]].to(device), data_range, small=small).cpu()
-              for p in pairs.split(batch_size)]
-    return (torch.cat(values) if values else torch.zeros(0)), pairs
-
-
-def summarize(values: torch.Tensor) -> dict:
-    """mean, std, quantiles and count of a set of similarities (JSON-ready floats; NaN -> None)."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
-    v = v[~v.isnan()]
-    if v.numel() == 0:
-        return {"n": 0, "mean": None, "std": None}
-    q = torch.quantile(v, torch.tensor([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0], dtype=torch.float64))
-    out = {"n": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
-    out |= {name: float(x) for name, x in zip(("min", "p05", "p25", "median", "p75", "p95", "max"), q)}
-    return {k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in out.items()}
-
-
-class DiversityReport(NamedTuple):
-    summary: dict  # JSON-ready: settings and one `summarize` block per comparison
-    to_source: torch.Tensor | None  # [N] MS-SSIM of each synthetic image to its source (nan: no source)
-    within_source: torch.Tensor | None  # [N] mean MS-SSIM of each image to its siblings (nan: none)
-    random_pairs: torch.Tensor  # [P, 2] the random pairs of synthetic images that were scored
-    random_values: torch.Tensor  # [P] their MS-SSIM
-
-
-def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor | None = None,
-                     source_index=None, *, max_pairs: int = 1000, max_pairs_per_group: int = 45,
-                     generator: torch.Generator | None = None, data_range: float = 1.0, small: str = "error",
-                     batch_size: int = 64, device=None) -> DiversityReport:
-    """Diversity of synthetic images [N, C, H, W] by MS-SSIM (lower = more diverse).
-
-    groups: [N] ints, e.g. the source image each variation was generated from; variations of one source are
-        compared with each other ("within_source", all pairs up to `max_pairs_per_group` per group), and
-        "random_pairs" then draws pairs from different groups.
-    sources [M, C, H, W] with source_index [N] (-1: none): each synthetic image is compared with its source
-        ("to_source", reconstruction similarity) and `max_pairs` random pairs of sources give the level of
-        genuinely different real images ("source_pairs").
-    """
-    n = len(synthetic)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    kw = dict(data_range=data_range, small=small, batch_size=batch_size, device=device)
-    groups_t = None if groups is None else torch.as_tensor(groups, dtype=torch.long)
-    if groups_t is not None and groups_t.shape != (n,):
-        raise ValueError(f"groups must have one entry per synthetic image ({n}), got {list(groups_t.shape)}")
-    weights, win, sigma = ms_ssim_settings(min(synthetic.shape[-2:]), small=small)
-    summary = {"n_synthetic": n, "image_size": list(synthetic.shape[-2:]), "data_range": data_range,
-               "ms_ssim": {"weights": list(weights), "win_size": win, "sigma": sigma, "small": small}}
-
-    rand_vals, rand_pairs = pairwise_msssim(synthetic, random_pairs(n, max_pairs, gen, groups_t), **kw)
-    summary["random_pairs"] = summarize(rand_vals)
-
-    within = None
-    if groups_t is not None:
-        pairs = []
-        for g in groups_t.unique():
-            members = (groups_t == g).nonzero().flatten()
-            local = random_pairs(len(members), max_pairs_per_group, gen)
-            pairs.append(members[local])
-        pairs = torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.long)
-        vals, pairs = pairwise_msssim(synthetic, pairs, **kw)
-        summary["within_source"] = summarize(vals)
-        total = torch.zeros(n, dtype=torch.float64).index_add_(0, pairs.flatten(), vals.double().repeat(2))
-        count = torch.zeros(n, dtype=torch.float64).index_add_(0, pairs.flatten(),
-                                                               torch.ones(2 * len(vals), dtype=torch.float64))
-        within = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
-        summary["n_groups"] = int(groups_t.unique().numel())
-
-    to_source = None
-    if sources is not None:
-        if source_index is None:
-            raise ValueError("diversity_report: `sources` needs `source_index` (the source of each image)")
-        idx = torch.as_tensor(source_index, dtype=torch.long)
-        has = (idx >= 0).nonzero().flatten()
-        to_source = torch.full((n,), float("nan"), dtype=torch.float64)
-        if len(has):
-            pairs = torch.stack([has, idx[has]], 1)
-            vals, _ = pairwise_msssim(synthetic, pairs, other=sources, **kw)
-            to_source[has] = vals.double()
-        summary["to_source"] = summarize(to_source)
-        vals, _ = pairwise_msssim(sources, random_pairs(len(sources), max_pairs, gen), **kw)
-        summary["source_pairs"] = summarize(vals)
-    return DiversityReport(summary, to_source, within, rand_pairs, rand_vals)

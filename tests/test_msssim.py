@@ -1,22 +1,20 @@
-"""eval/msssim.py against pytorch-msssim 1.0 (the reference), and the diversity helpers."""
+"""eval/msssim.py against pytorch-msssim 1.0 (the reference), and eval/diversity.py's pairs and report."""
 
 import inspect
 
 import pytest
 import torch
 
-from eval.msssim import (
-    MS_SSIM_WEIGHTS,
-    all_pairs,
-    diversity_report,
-    ms_ssim,
-    ms_ssim_settings,
-    pairwise_msssim,
-    random_pairs,
-    ssim,
-)
+from eval.diversity import diversity_report, pairwise_msssim, random_pairs
+from eval.msssim import MS_SSIM_WEIGHTS, _ssim_cs, gaussian_window, ms_ssim, ms_ssim_settings
 
 pm = pytest.importorskip("pytorch_msssim")
+
+
+def ssim(x, y, data_range=1.0, win_size=11, sigma=1.5, K=(0.01, 0.03)):
+    """Single-scale SSIM [B] from eval.msssim's per-scale statistics (= `pytorch_msssim.ssim(...,
+    size_average=False)`); test-only, no script reports plain SSIM."""
+    return _ssim_cs(x, y, data_range, gaussian_window(win_size, sigma), K)[0].mean(1)
 
 
 def reference_without_size_assert():
@@ -103,7 +101,7 @@ def test_small_window_matches_reference(side):
 
 
 def test_pairs():
-    assert all_pairs(4).tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+    assert random_pairs(4, 10).tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]  # all of them
     g = torch.Generator().manual_seed(0)
     p = random_pairs(1000, 50, g)
     assert p.shape == (50, 2) and (p[:, 0] < p[:, 1]).all() and len({tuple(r) for r in p.tolist()}) == 50
@@ -118,14 +116,11 @@ def test_pairs():
 def test_pairwise_msssim_equals_direct_calls():
     x, y = image_pair((3, 1, 64, 64), 1.0)
     images = torch.cat([x, y])  # [6, 1, 64, 64]
-    vals, pairs = pairwise_msssim(images, small="scales", batch_size=4)
-    assert pairs.tolist() == all_pairs(6).tolist()
+    pairs = random_pairs(6, 1000)  # all 15
+    vals = pairwise_msssim(images, pairs, small="scales", batch_size=4)
     direct = ms_ssim(images[pairs[:, 0]], images[pairs[:, 1]], small="scales")
-    assert torch.allclose(vals, direct, atol=1e-6)
-    sub, sub_pairs = pairwise_msssim(images, max_pairs=5, generator=torch.Generator().manual_seed(0),
-                                     small="scales")
-    assert len(sub) == 5 and len(sub_pairs) == 5
-    cross, _ = pairwise_msssim(x, torch.tensor([[0, 0], [1, 1]]), other=y, small="scales")
+    assert len(vals) == 15 and torch.allclose(vals, direct, atol=1e-6)
+    cross = pairwise_msssim(x, torch.tensor([[0, 0], [1, 1]]), y, small="scales")
     assert torch.allclose(cross, ms_ssim(x[:2], y[:2], small="scales"), atol=1e-6)
 
 
@@ -147,3 +142,7 @@ def test_diversity_report_orders_the_comparisons():
     assert s["ms_ssim"]["win_size"] == 11 and len(s["ms_ssim"]["weights"]) == 3
     assert rep.to_source.shape == (15,) and not rep.to_source.isnan().any()
     assert rep.within_source.shape == (15,) and len(rep.random_values) == 90
+    # per image: the mean over its own in-group pairs (image 0: (0, 1), (0, 2); image 4: (3, 4), (4, 5))
+    sib = ms_ssim(synthetic[[0, 0, 3, 4]], synthetic[[1, 2, 4, 5]], small="scales")
+    assert rep.within_source[0].item() == pytest.approx(sib[:2].mean().item(), abs=1e-6)
+    assert rep.within_source[4].item() == pytest.approx(sib[2:].mean().item(), abs=1e-6)
