@@ -48,7 +48,7 @@ import cli
 import hub
 from data.datasets import collate, open_dataset
 from data.transforms import resize
-from eval.plot import _font
+from eval.figures import _font
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
