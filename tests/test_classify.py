@@ -1,4 +1,4 @@
-"""classify.py and eval/experiment.py: the downstream protocol's bookkeeping, then small end-to-end sweeps on
+"""classify.py and classify_protocol.py: the downstream protocol's bookkeeping, then small end-to-end sweeps on
 phantom CXRs (tiny DenseNet, 64 px, CPU)."""
 
 import csv
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import classify
+import classify_protocol as ex
 from data import LABELS
-from eval import experiment as ex
 from eval.figures import line_plot, nice_ticks
 from tests.helpers import help_gaps
 
@@ -457,7 +457,7 @@ def test_classifier_learns_phantom_labels(tmp_path):
     lr 3e-3 (not the paper's 1e-4) so that 5 epochs suffice on CPU.
     """
     real_csv = _phantoms(tmp_path / "ph", 420, 64, seed=5000)
-    table = classify.load_table(real_csv, list(LABELS), "patient_id", "--real")
+    table = ex.load_table(real_csv, list(LABELS), "patient_id", "--real")
     args = classify.parse_args(["--real", str(real_csv), "--out", str(tmp_path), "--model", "tiny",
                                 "--image-size", "64", "--batch-size", "16", "--lr", "3e-3", "--max-epochs", "5"])
     bank = classify.ImageBank(table.paths, 64, 2)
