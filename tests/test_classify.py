@@ -176,20 +176,6 @@ def test_pillow_plot_fits_its_legend(tmp_path, monkeypatch):
     assert img.width > 900 and arr[:, -6:].min() == 255  # wider, and nothing drawn at the right edge
 
 
-def test_report_grids_show_generated_images_captioned(tmp_path):
-    from eval import report
-
-    (tmp_path / "images").mkdir()
-    rows = []
-    for k, (a, b, r) in enumerate([("s0", "t0", 0.25), ("s0", "t0", 0.75), ("s0", "t1", 0.5)]):
-        Image.fromarray(np.full((32, 32), 40 * k, np.uint8)).save(tmp_path / "images" / f"{k}.png")
-        rows.append(dict(path=f"images/{k}.png", source=a, source_b=b, r=str(r), seed=str(k)))
-    _write_csv(tmp_path / "synthetic.csv", rows)
-    report.generated_grid(tmp_path, tmp_path / "grid.png")
-    with Image.open(tmp_path / "grid.png") as img:
-        assert img.height > 2 * 96 and img.width > 2 * 96  # 2 pairs (rows), 2 blends in the first
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
