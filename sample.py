@@ -56,10 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=cli.positive_int, default=None,
                    help="use only the first N source images (default: all)")
     p.add_argument("--num-pairs", type=cli.positive_int, default=8, help="interpolation: image pairs to draw")
-    p.add_argument("--ratios", default=None,
+    p.add_argument("--ratios", type=cli.comma_list(cli.probability), default=None,
                    help="interpolation: comma-separated r values in [0,1] (default: --num values r ~ "
                         "U(--ratio-range) per pair)")
-    p.add_argument("--ratio-range", default="0.1,0.9", help="interpolation: range for random r (paper: random)")
+    p.add_argument("--ratio-range", type=cli.comma_list(cli.probability), default="0.1,0.9",
+                   help="interpolation: range for random r (paper: random)")
     p.add_argument("--method", choices=["lerp", "slerp"], default="lerp",
                    help="how c_GLB is blended: lerp (linear) or slerp (spherical)")
     p.add_argument("--labels", default=None,
@@ -71,34 +72,15 @@ def parse_args(argv=None):
                    help="UNet autocast dtype on a GPU (no = float32)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     args = p.parse_args(argv)
-    try:
-        args.ratio_values, args.ratio_bounds = parse_ratios(args)
-    except ValueError as e:
-        p.error(str(e))
+    if len(args.ratio_range) != 2 or args.ratio_range[0] > args.ratio_range[1]:
+        p.error(f"argument --ratio-range: expected two values, low to high, got {args.ratio_range}")
     return args
-
-
-def parse_ratios(args) -> tuple[list[float] | None, tuple[float, float]]:
-    """--ratios and --ratio-range -> (the fixed ratios or None, (lo, hi)); ValueError names the flag."""
-    try:
-        ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
-        lo, hi = (float(v) for v in args.ratio_range.split(","))
-    except ValueError:
-        raise ValueError(f"--ratios {args.ratios} / --ratio-range {args.ratio_range}: expected comma-separated "
-                         "numbers (--ratio-range: two)") from None
-    bad = [(f, r) for f, r in [("--ratios", r) for r in ratios or []] + [("--ratio-range", lo), ("--ratio-range", hi)]
-           if not 0.0 <= r <= 1.0]
-    if bad:
-        raise ValueError(f"{bad[0][0]}: interpolation ratio {bad[0][1]} is outside [0, 1]")
-    if lo > hi:
-        raise ValueError(f"--ratio-range {args.ratio_range}: low end above high end")
-    return ratios, (lo, hi)
 
 
 def draw_pairs(n_images: int, labels: np.ndarray | None, num_pairs: int, rng: random.Random):
     """Random pairs; with labels, both members share at least one positive label (paper Sec. 2.3)."""
     if n_images < 2:
-        raise SystemExit("interpolation needs at least two images")
+        cli.fail("--images: interpolation needs at least two images")
     pairs = []
     for _ in range(100 * num_pairs):
         if len(pairs) == num_pairs:
@@ -107,7 +89,7 @@ def draw_pairs(n_images: int, labels: np.ndarray | None, num_pairs: int, rng: ra
         if labels is None or np.nansum(labels[a] * labels[b]) > 0:  # nan: an ignored (uncertain) label
             pairs.append((a, b))
     if len(pairs) < num_pairs:
-        raise SystemExit(f"found only {len(pairs)} image pairs sharing a positive label (asked {num_pairs})")
+        cli.fail(f"--num-pairs: found only {len(pairs)} image pairs sharing a positive label (asked {num_pairs})")
     return pairs
 
 
@@ -132,7 +114,7 @@ def load_sources(args, size: int, dino, device):
                            uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column,
                            image_root=args.image_root)
     if len(dataset) == 0:
-        raise SystemExit(f"--images {args.images}: no images")
+        cli.fail(f"--images {args.images}: no images")
     items = [dataset[i] for i in range(min(len(dataset), args.limit or len(dataset)))]
     sources = torch.stack([it["image"] for it in items])
     labels = np.stack([it["labels"].numpy() for it in items]) if "labels" in items[0] else None
@@ -147,9 +129,8 @@ def make_jobs(args, conds, paths, labels):
         return [(conds[i], i, None, None) for i in range(len(paths)) for _ in range(args.num)], None
     rng = random.Random(args.seed)
     pairs = draw_pairs(len(paths), labels, args.num_pairs, rng)
-    ratios, (lo, hi) = args.ratio_values, args.ratio_bounds
     return [(interpolate(conds[a], conds[b], r, args.method), a, b, float(r))
-            for a, b in pairs for r in ratios or [rng.uniform(lo, hi) for _ in range(args.num)]], pairs
+            for a, b in pairs for r in args.ratios or [rng.uniform(*args.ratio_range) for _ in range(args.num)]], pairs
 
 
 def main(argv=None):
@@ -157,7 +138,7 @@ def main(argv=None):
     out = Path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not Path(args.run, "config.json").is_file():
-        raise SystemExit(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
+        cli.fail(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
     run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
     size = run.config["image_size"]
     sources, paths, labels, label_names, conds = load_sources(args, size, run.dino, device)
@@ -222,17 +203,13 @@ def reconstruction_grid(sources, results, paths, per_row: int, max_rows: int = 8
 
 def interpolation_grid(sources, results, pairs, max_rows: int = 8):
     """One row per pair (at most `max_rows`): real a, every blend of that pair with its r, real b."""
-    by_pair: dict[int, list] = {}
-    per_pair = len(results) // len(pairs)
-    for k, (_, _, r, img) in enumerate(results):
-        by_pair.setdefault(k // per_pair, []).append((r, img))
-    cells, captions = [], []
-    for p, blends in list(by_pair.items())[:max_rows]:
-        a, b = pairs[p]
-        cells.append([sources[a].cpu()] + [img for _, img in blends] + [sources[b].cpu()])
-        captions.append(["a"] + [f"r={r:.2f}" for r, _ in blends] + ["b"])
-    cols = ["real a"] + ["generated"] * per_pair + ["real b"]
-    return figures.caption_grid(cells, [f"pair {p + 1}" for p in range(len(cells))], cols, captions,
+    per_pair = len(results) // len(pairs)  # results come pair by pair
+    rows = [results[p * per_pair : (p + 1) * per_pair] for p in range(min(len(pairs), max_rows))]
+    cells = [[sources[pairs[p][0]].cpu(), *(img for *_, img in row), sources[pairs[p][1]].cpu()]
+             for p, row in enumerate(rows)]
+    captions = [["a", *(f"r={r:.2f}" for _, _, r, _ in row), "b"] for row in rows]
+    return figures.caption_grid(cells, [f"pair {p + 1}" for p in range(len(cells))],
+                                ["real a"] + ["generated"] * per_pair + ["real b"], captions,
                                 title="Interpolation: c = blend(c_GLB(a), c_GLB(b), r); r = 0 is a, r = 1 is b")
 
 
