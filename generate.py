@@ -19,7 +19,6 @@ import math
 from contextlib import nullcontext
 
 import torch
-from tqdm.auto import tqdm
 
 from ddpm import DDIMScheduler
 
@@ -43,28 +42,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, r: float) -> torch.Tensor:
     return (direction * ((1.0 - r) * na + r * nb)).to(a.dtype)
 
 
-def lerp(a: torch.Tensor, b: torch.Tensor, r: float) -> torch.Tensor:
-    """Linear interpolation c = (1 - r) a + r b (the paper's interpolation, Sec. 2.3)."""
-    return torch.lerp(a, b, float(r))
-
-
 def interpolate(a: torch.Tensor, b: torch.Tensor, r: float, method: str = "lerp") -> torch.Tensor:
+    """c = (1 - r) a + r b (lerp, the paper's interpolation, Sec. 2.3) or `slerp`, for r in [0, 1]."""
     if not 0.0 <= float(r) <= 1.0 or math.isnan(float(r)):
         raise ValueError(f"interpolation fraction r must be in [0, 1], got {r}")
-    if method == "lerp":
-        return lerp(a, b, r)
-    if method == "slerp":
-        return slerp(a, b, r)
-    raise ValueError(f"unknown interpolation method {method!r} (expected 'lerp' or 'slerp')")
-
-
-def _generators(seeds, device) -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-
-def _randn(shape, gens, device, dtype=torch.float32) -> torch.Tensor:
-    """One standard-normal draw per sample, each from its own generator: [len(gens), *shape]."""
-    return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in gens])
+    if method not in ("lerp", "slerp"):
+        raise ValueError(f"unknown interpolation method {method!r} (expected 'lerp' or 'slerp')")
+    return torch.lerp(a, b, float(r)) if method == "lerp" else slerp(a, b, r)
 
 
 def latent_shape(unet, vae, height: int, width: int) -> tuple[int, int, int]:
@@ -75,68 +59,41 @@ def latent_shape(unet, vae, height: int, width: int) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def generate(
-    unet,
-    vae,
-    scheduler,
-    context: torch.Tensor,
-    *,
-    seeds=None,
-    generator: torch.Generator | None = None,
-    latents: torch.Tensor | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int = 50,
-    eta: float = 0.0,
-    guidance: float = 1.0,
-    uncond_context: torch.Tensor | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def generate(unet, vae, scheduler, context: torch.Tensor, *, seeds=None, latents: torch.Tensor | None = None,
+             height: int | None = None, width: int | None = None, steps: int = 50, eta: float = 0.0,
+             guidance: float = 1.0, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sample images conditioned on `context` [B, G, D]; returns decoded images [B, C, H, W] in [0, 1].
 
-    Noise comes from `seeds` (one int per sample; preferred: each sample reproducible on its own), else from
-    `generator`, else from explicit `latents` [B, 4, h, w]. `scheduler` is a DDIMScheduler (eta used) or
-    a DDPMScheduler. `guidance` > 1 needs a model trained with condition dropout; its null condition is
-    `uncond_context` (default zeros like `context`).
+    The initial noise is `latents` [B, 4, h, w] when given, else drawn from `seeds` (one int per sample, each
+    sample reproducible on its own), which also feed a stochastic sampler's per-step noise (DDPM, DDIM with
+    eta > 0). `scheduler` is a DDIMScheduler (eta used) or a DDPMScheduler. `guidance` > 1 needs a model
+    trained with condition dropout; its null condition is zeros.
     """
     device = next(unet.parameters()).device
-    b = context.shape[0]
     context = context.to(device=device, dtype=torch.float32)
+    gens = None if seeds is None else [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    if gens is not None and len(gens) != len(context):
+        raise ValueError(f"got {len(gens)} seeds for a batch of {len(context)} conditions")
     if latents is None:
+        if gens is None:
+            raise ValueError("generate needs seeds= or latents=")
         size = height or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         shape = latent_shape(unet, vae, size, width or size)
-        if seeds is not None:
-            if len(seeds) != b:
-                raise ValueError(f"got {len(seeds)} seeds for a batch of {b} conditions")
-            gens = _generators(seeds, device)
-            latents = _randn(shape, gens, device)
-        else:
-            gens = None
-            latents = torch.randn((b, *shape), generator=generator, device=device)
-    else:
-        gens = _generators(seeds, device) if seeds is not None else None
-        latents = latents.to(device=device, dtype=torch.float32)
-    if guidance != 1.0:
-        uncond = torch.zeros_like(context) if uncond_context is None else uncond_context.to(context)
-        context = torch.cat([uncond.expand_as(context), context])
-
+        latents = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+    latents = latents.to(device=device, dtype=torch.float32)
+    if guidance != 1.0:  # one batch [null condition; condition]
+        context = torch.cat([torch.zeros_like(context), context])
     scheduler.set_timesteps(steps, device=device)
     use_amp = autocast_dtype is not None and autocast_dtype != torch.float32
     amp = torch.autocast(device.type, dtype=autocast_dtype) if use_amp else nullcontext()
-    is_ddim = isinstance(scheduler, DDIMScheduler)
-    step_kwargs = {"eta": eta} if is_ddim else {}
-    needs_noise = gens is not None and not (is_ddim and eta == 0)
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        x_in = torch.cat([latents, latents]) if guidance != 1.0 else latents
+    step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    for t in scheduler.timesteps:
         with amp:
-            eps = unet(x_in, t, context).float()
+            eps = unet(torch.cat([latents, latents]) if guidance != 1.0 else latents, t, context).float()
         if guidance != 1.0:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        noise = _randn(latents.shape[1:], gens, device) if needs_noise else None
-        out = scheduler.step(eps, t, latents, generator=generator, variance_noise=noise, **step_kwargs)
-        latents = out.prev_sample
+        latents = scheduler.step(eps, t, latents, generator=gens, **step_kwargs).prev_sample
     return decode_latents(vae, latents)
 
 

@@ -1,9 +1,9 @@
 """Generate synthetic CXRs with a trained DiNO-Diffusion run: reconstruction and interpolation (paper Sec. 2.3).
 
 reconstruction: for each input image, c_GLB from the frozen ViT, then `--num` variations from new noise.
-interpolation:  pairs (a, b) of images (from `--pairs`, or drawn so that both share a positive label when
-                `--images` is a labelled CSV), condition c = lerp/slerp(c_a, c_b, r); the synthetic image
-                inherits the labels of the nearer source (a when r <= 0.5, else b).
+interpolation:  random pairs (a, b) of images (sharing a positive label when `--images` is a labelled CSV),
+                condition c = lerp/slerp(c_a, c_b, r); the synthetic image inherits the labels of the
+                nearer source (a when r <= 0.5, else b).
 
 Writes one PNG per sample under OUT/images/, `synthetic.csv` (path, source, source_b, r, seed, labels...;
 ready for classify.py --synthetic) and `grid.png` (captioned: each real source followed by its generated
@@ -55,14 +55,12 @@ def parse_args(argv=None):
                    help="samples per sampling batch (the outputs do not depend on it)")
     p.add_argument("--limit", type=cli.positive_int, default=None,
                    help="use only the first N source images (default: all)")
-    p.add_argument("--pairs", default=None,
-                   help="interpolation: CSV with columns a,b (paths as in --images; default: drawn at random)")
-    p.add_argument("--num-pairs", type=cli.positive_int, default=8,
-                   help="interpolation: pairs to draw when --pairs is not given")
-    p.add_argument("--ratios", default=None,
+    p.add_argument("--num-pairs", type=cli.positive_int, default=8, help="interpolation: image pairs to draw")
+    p.add_argument("--ratios", type=cli.comma_list(cli.probability), default=None,
                    help="interpolation: comma-separated r values in [0,1] (default: --num values r ~ "
                         "U(--ratio-range) per pair)")
-    p.add_argument("--ratio-range", default="0.1,0.9", help="interpolation: range for random r (paper: random)")
+    p.add_argument("--ratio-range", type=cli.comma_list(cli.probability), default="0.1,0.9",
+                   help="interpolation: range for random r (paper: random)")
     p.add_argument("--method", choices=["lerp", "slerp"], default="lerp",
                    help="how c_GLB is blended: lerp (linear) or slerp (spherical)")
     p.add_argument("--labels", default=None,
@@ -74,33 +72,15 @@ def parse_args(argv=None):
                    help="UNet autocast dtype on a GPU (no = float32)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     args = p.parse_args(argv)
-    try:
-        args.ratio_values, args.ratio_bounds = parse_ratios(args)
-    except ValueError as e:
-        p.error(str(e))
+    if len(args.ratio_range) != 2 or args.ratio_range[0] > args.ratio_range[1]:
+        p.error(f"argument --ratio-range: expected two values, low to high, got {args.ratio_range}")
     return args
-
-
-def parse_ratios(args) -> tuple[list[float] | None, tuple[float, float]]:
-    """--ratios and --ratio-range -> (the fixed ratios or None, (lo, hi)); ValueError names the flag."""
-    try:
-        ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
-        lo, hi = (float(v) for v in args.ratio_range.split(","))
-    except ValueError:
-        raise ValueError(f"--ratios {args.ratios} / --ratio-range {args.ratio_range}: expected comma-separated "
-                         "numbers (--ratio-range: two)") from None
-    for flag, r in [("--ratios", r) for r in ratios or []] + [("--ratio-range", lo), ("--ratio-range", hi)]:
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"{flag}: interpolation ratio {r} is outside [0, 1]")
-    if lo > hi:
-        raise ValueError(f"--ratio-range {args.ratio_range}: low end above high end")
-    return ratios, (lo, hi)
 
 
 def draw_pairs(n_images: int, labels: np.ndarray | None, num_pairs: int, rng: random.Random):
     """Random pairs; with labels, both members share at least one positive label (paper Sec. 2.3)."""
     if n_images < 2:
-        raise SystemExit("interpolation needs at least two images")
+        cli.fail("--images: interpolation needs at least two images")
     pairs = []
     for _ in range(100 * num_pairs):
         if len(pairs) == num_pairs:
@@ -109,7 +89,7 @@ def draw_pairs(n_images: int, labels: np.ndarray | None, num_pairs: int, rng: ra
         if labels is None or np.nansum(labels[a] * labels[b]) > 0:  # nan: an ignored (uncertain) label
             pairs.append((a, b))
     if len(pairs) < num_pairs:
-        raise SystemExit(f"found only {len(pairs)} image pairs sharing a positive label (asked {num_pairs})")
+        cli.fail(f"--num-pairs: found only {len(pairs)} image pairs sharing a positive label (asked {num_pairs})")
     return pairs
 
 
@@ -127,36 +107,48 @@ def save_png(img: torch.Tensor, path: Path):
     os.replace(tmp, path)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not Path(args.run, "config.json").is_file():
-        raise SystemExit(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
-    run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
-    size = run.config["image_size"]
+def load_sources(args, size: int, dino, device):
+    """--images (first --limit) -> (images [n, 1, S, S], paths, labels [n, C] or None, label names, c_GLB)."""
     wanted = args.labels.split(",") if args.labels else None  # None: the paper's labels the CSV has (maybe none)
     dataset = open_dataset(args.images, size, labels=wanted if str(args.images).endswith(".csv") else None,
                            uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column,
                            image_root=args.image_root)
     if len(dataset) == 0:
-        raise SystemExit(f"--images {args.images}: no images")
-    label_names = getattr(dataset, "label_names", None) or []
-    n = min(len(dataset), args.limit or len(dataset))
-    items = [dataset[i] for i in range(n)]
+        cli.fail(f"--images {args.images}: no images")
+    items = [dataset[i] for i in range(min(len(dataset), args.limit or len(dataset)))]
     sources = torch.stack([it["image"] for it in items])
-    paths = [it["path"] for it in items]
     labels = np.stack([it["labels"].numpy() for it in items]) if "labels" in items[0] else None
+    conds = torch.cat([pipeline.condition(dino, sources[i : i + args.batch_size].to(device))
+                       for i in range(0, len(items), args.batch_size)])
+    return sources, [it["path"] for it in items], labels, getattr(dataset, "label_names", None) or [], conds
+
+
+def make_jobs(args, conds, paths, labels):
+    """-> one job per sample (condition, source index a, source index b or None, r) and the pairs (or None)."""
+    if args.mode == "reconstruction":
+        return [(conds[i], i, None, None) for i in range(len(paths)) for _ in range(args.num)], None
+    rng = random.Random(args.seed)
+    pairs = draw_pairs(len(paths), labels, args.num_pairs, rng)
+    return [(interpolate(conds[a], conds[b], r, args.method), a, b, float(r))
+            for a, b in pairs for r in args.ratios or [rng.uniform(*args.ratio_range) for _ in range(args.num)]], pairs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not Path(args.run, "config.json").is_file():
+        cli.fail(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
+    run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
+    size = run.config["image_size"]
+    sources, paths, labels, label_names, conds = load_sources(args, size, run.dino, device)
+    jobs, pairs = make_jobs(args, conds, paths, labels)
     scheduler = pipeline.make_scheduler(run.config, args.scheduler)
     amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    conds = torch.cat([pipeline.condition(run.dino, sources[i : i + args.batch_size].to(device))
-                       for i in range(0, n, args.batch_size)])
-    jobs, pairs = make_jobs(args, conds, paths, labels)
-    # every input was checked: only now is --out claimed (same settings: accepted; other: refused)
+    # every input was checked: only now is --out claimed (same settings: continue; other: refused)
     cli.claim_output(out, {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device",
                                                                               "batch_size")},
                      overwrite=args.overwrite)
-
     rows, results = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=args.mode):
         chunk = jobs[start : start + args.batch_size]
@@ -173,54 +165,23 @@ def main(argv=None):
             for img, rel in zip(imgs, rels):
                 save_png(img, out / rel)
         for (_, a, b, r), seed, img, rel in zip(chunk, seeds, imgs, rels):
-            row = {"path": str(rel), "source": paths[a], "source_b": paths[b] if b is not None else "",
-                   "r": "" if r is None else f"{r:.4f}", "seed": seed}
-            if labels is not None:
-                nearer = a if r is None or r <= 0.5 else b
-                # an ignored label (nan) is written back as uncertain (-1): classify.py --uncertain decides
-                row |= {name: -1 if np.isnan(v) else int(v) for name, v in zip(label_names, labels[nearer])}
-            rows.append(row)
+            rows.append({"path": str(rel), "source": paths[a], "source_b": paths[b] if b is not None else "",
+                         "r": "" if r is None else f"{r:.4f}", "seed": seed})
+            if labels is not None:  # the nearer source's; an ignored label (nan) is written back as -1
+                rows[-1] |= {name: -1 if np.isnan(v) else int(v)
+                             for name, v in zip(label_names, labels[a if r is None or r <= 0.5 else b])}
             results.append((a, b, r, img))
-    grid = (reconstruction_grid(sources, results, paths, args.num) if args.mode == "reconstruction"
-            else interpolation_grid(sources, results, pairs))
-    grid.save(out / "grid.png")
+    recon = args.mode == "reconstruction"
+    (reconstruction_grid(sources, results, paths, args.num) if recon else
+     interpolation_grid(sources, results, pairs)).save(out / "grid.png")
     with open(out / ".synthetic.csv.tmp", "w", newline="") as f:  # written last: the mark of a finished job
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     os.replace(out / ".synthetic.csv.tmp", out / "synthetic.csv")
-    print(f"wrote {len(rows)} samples to {out} (synthetic.csv, grid.png: {grid_note(args.mode)})")
-
-
-def make_jobs(args, conds, paths, labels):
-    """-> one job per sample (condition, source index a, source index b or None, r) and the pairs (or None)."""
-    rng = random.Random(args.seed)
-    if args.mode == "reconstruction":
-        return [(conds[i], i, None, None) for i in range(len(paths)) for _ in range(args.num)], None
-    ratios, (lo, hi) = args.ratio_values, args.ratio_bounds
-    if args.pairs:
-        index = {p: i for i, p in enumerate(paths)} | {Path(p).name: i for i, p in enumerate(paths)}
-        with open(args.pairs, newline="") as f:
-            rows = list(csv.DictReader(f))
-        try:
-            pairs = [(index[r["a"]], index[r["b"]]) for r in rows]
-        except KeyError as e:
-            raise SystemExit(f"--pairs {args.pairs}: image or column {e} not found (columns a,b; paths as in "
-                             "--images)") from e
-        if not pairs:
-            raise SystemExit(f"--pairs {args.pairs}: no pairs")
-    else:
-        pairs = draw_pairs(len(paths), labels, args.num_pairs, rng)
-    jobs = []
-    for a, b in pairs:
-        for r in ratios or [rng.uniform(lo, hi) for _ in range(args.num)]:
-            jobs.append((interpolate(conds[a], conds[b], r, args.method), a, b, float(r)))
-    return jobs, pairs
-
-
-def grid_note(mode: str) -> str:
-    return ("each row a real source image, then its generated variations" if mode == "reconstruction" else
-            "each row a pair: real image a, generated blends at r, real image b")
+    print(f"wrote {len(rows)} samples to {out} (synthetic.csv, grid.png: " + (
+        "each row a real source image, then its generated variations)" if recon else
+        "each row a pair: real image a, generated blends at r, real image b)"))
 
 
 def _short(path, width: int = 18) -> str:
@@ -242,17 +203,13 @@ def reconstruction_grid(sources, results, paths, per_row: int, max_rows: int = 8
 
 def interpolation_grid(sources, results, pairs, max_rows: int = 8):
     """One row per pair (at most `max_rows`): real a, every blend of that pair with its r, real b."""
-    by_pair: dict[int, list] = {}
-    per_pair = len(results) // len(pairs)
-    for k, (_, _, r, img) in enumerate(results):
-        by_pair.setdefault(k // per_pair, []).append((r, img))
-    cells, captions = [], []
-    for p, blends in list(by_pair.items())[:max_rows]:
-        a, b = pairs[p]
-        cells.append([sources[a].cpu()] + [img for _, img in blends] + [sources[b].cpu()])
-        captions.append(["a"] + [f"r={r:.2f}" for r, _ in blends] + ["b"])
-    cols = ["real a"] + ["generated"] * per_pair + ["real b"]
-    return figures.caption_grid(cells, [f"pair {p + 1}" for p in range(len(cells))], cols, captions,
+    per_pair = len(results) // len(pairs)  # results come pair by pair
+    rows = [results[p * per_pair : (p + 1) * per_pair] for p in range(min(len(pairs), max_rows))]
+    cells = [[sources[pairs[p][0]].cpu(), *(img for *_, img in row), sources[pairs[p][1]].cpu()]
+             for p, row in enumerate(rows)]
+    captions = [["a", *(f"r={r:.2f}" for _, _, r, _ in row), "b"] for row in rows]
+    return figures.caption_grid(cells, [f"pair {p + 1}" for p in range(len(cells))],
+                                ["real a"] + ["generated"] * per_pair + ["real b"], captions,
                                 title="Interpolation: c = blend(c_GLB(a), c_GLB(b), r); r = 0 is a, r = 1 is b")
 
 

@@ -10,7 +10,7 @@
 #    Dice against the image-blind baselines, with a small search over timestep and merge threshold
 # 4. classify.py on phantom labels: the tiny preset trained on phantoms, 3 synthetic reconstructions per real
 #    image, a tiny DenseNet at 64 px (lr 3e-3), regimes 50, 100, 200, ratios 1:0, 1:1, 1:3, 3 folds
-# 5. python -m eval.report: figures and tables in $OUT/report (docs/results/ holds the committed ones)
+# 5. python -m docs.report: figures and tables in $OUT/report (docs/results/ holds the committed ones)
 #
 # Environment overrides (tests/test_small_real.py runs the recipe with a handful of steps): PYTHON, OUT,
 # DATA (../shared/data), and extra flags for each step: TRAIN_ARGS, TINY_ARGS, SAMPLE_ARGS, SEGMENT_ARGS,
@@ -48,4 +48,4 @@ $PY classify.py --real "$OUT/phantoms/labels.csv" --synthetic "$OUT/tiny-synthet
     --max-epochs 30 --early-stop 8 \
     --num-workers 0 --out "$OUT/classify" ${CLASSIFY_ARGS:-}
 
-$PY -m eval.report --runs "$OUT" --data "$DATA" --out "$OUT/report"
+$PY -m docs.report --runs "$OUT" --data "$DATA" --out "$OUT/report"

@@ -57,8 +57,7 @@ def _to_rgb(tile) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
-def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: str = "",
-                 pad: int = 4) -> Image.Image:
+def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: str = "") -> Image.Image:
     """rows: list of rows, each a list of tiles (None = empty cell); every tile the size of the first.
     row_labels: one per row (left); col_labels: one per column (top); captions: per tile (below it).
     -> an RGB image: (title,) header, then one band per row of tiles (each with its caption line). Its
@@ -70,15 +69,13 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
     for name, labels, n in (("row_labels", row_labels, len(rows)), ("col_labels", col_labels, n_cols)):
         if labels is not None and len(labels) != n:
             raise ValueError(f"caption_grid: {len(labels)} {name} for {n} {name.split('_')[0]}s")
-    first = _to_rgb(next(t for r in rows for t in r if t is not None))
+    first, pad = _to_rgb(next(t for r in rows for t in r if t is not None)), 4
     scale = max(1, math.ceil(MIN_TILE / max(first.size)))
     tw, th = first.width * scale, first.height * scale
-    font, bold = _font(12), _font(14)
-    line = 16  # px per caption line
+    font, bold, line = _font(12), _font(14), 16  # line: px per caption line
     left = pad + max([_text_width(t, bold) for t in row_labels or []] + [0]) + (pad if row_labels else 0)
     top = pad + (line + 4 if title else 0) + (line if col_labels else 0)
-    cap_h = line if captions else 0
-    width = max(left + n_cols * (tw + pad), _text_width(title, bold) + 2 * pad)
+    cap_h, width = line if captions else 0, max(left + n_cols * (tw + pad), _text_width(title, bold) + 2 * pad)
     grid = Image.new("RGB", (width, top + len(rows) * (th + cap_h + pad)), "white")
     draw = ImageDraw.Draw(grid)
     boxes, texts = {}, [t for t in [title, *(row_labels or []), *(col_labels or [])] if t]
@@ -91,10 +88,7 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
         y = top + r * (th + cap_h + pad)
         if row_labels:
             draw.text((pad, y + th / 2), row_labels[r], fill="black", font=bold, anchor="lm")
-        for c, tile in enumerate(tiles):
-            if tile is None:
-                continue
-            img = _to_rgb(tile)
+        for c, img in ((c, _to_rgb(t)) for c, t in enumerate(tiles) if t is not None):
             if img.size != first.size:
                 raise ValueError(f"caption_grid: tile ({r}, {c}) is {img.size}, the first is {first.size}")
             x = left + c * (tw + pad)
@@ -121,39 +115,37 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
 
 def line_plot(series: dict[str, list[float]], xticklabels: list[str], path: str | Path, *,
               errors: dict[str, list[float]] | None = None, title: str = "", xlabel: str = "",
-              ylabel: str = "", size: tuple[int, int] = (900, 600)) -> Path:
-    """series: name -> y per x position (nan = missing point, the line breaks there). Saves a PNG."""
+              ylabel: str = "") -> Path:
+    """series: name -> y per x position (nan = missing point, the line breaks there). Saves a 900 x 600 PNG."""
+    path, errors = Path(path), errors or {}
     try:
         import matplotlib
     except ImportError:
-        return _pillow_line_plot(series, xticklabels, path, errors or {}, title, xlabel, ylabel, size)
+        return _pillow_line_plot(series, xticklabels, path, errors, title, xlabel, ylabel)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(size[0] / 100, size[1] / 100), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=100)
     x = np.arange(len(xticklabels))
     for k, (name, ys) in enumerate(series.items()):
-        err = (errors or {}).get(name)
-        ax.errorbar(x, ys, yerr=None if err is None else np.nan_to_num(err), marker="o", capsize=4,
+        ax.errorbar(x, ys, yerr=np.nan_to_num(errors[name]) if name in errors else None, marker="o", capsize=4,
                     color=COLORS[k % len(COLORS)], label=name, linewidth=2)
     ax.set_xticks(x, xticklabels, rotation=45 if len(xticklabels) > 12 else 0)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(axis="y", color="#e6e6e6")
     if series:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(3, len(series)), frameon=False)
-    path = Path(path)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def _pillow_line_plot(series, xticklabels, path, errors, title, xlabel, ylabel, size) -> Path:
-    small = _font(13)
+def _pillow_line_plot(series, xticklabels, path, errors, title, xlabel, ylabel) -> Path:
+    small, font = _font(13), _font(16)
     legend_w = max([_text_width(name, small) for name in series] + [0]) + 70  # line, marker, text, margins
-    width, height = size[0] + max(0, legend_w - 190), size[1]  # the canvas grows so the legend fits
+    width, height = 900 + max(0, legend_w - 190), 600  # the canvas grows so the legend fits
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
-    font = _font(16)
     left, right, top, bottom = 80, width - legend_w, 50, height - 70  # plot area; the legend lives on the right
 
     values = [v + s * e for name, ys in series.items() for v, e in zip(ys, errors.get(name, [0] * len(ys)))
@@ -192,11 +184,11 @@ def _pillow_line_plot(series, xticklabels, path, errors, title, xlabel, ylabel, 
         for i, (p, e) in enumerate(zip(pts, errors.get(name, [math.nan] * len(ys)))):
             if p is None:
                 continue
-            if not math.isnan(e) and e > 0:
+            if not math.isnan(e) and e > 0:  # an error bar with its two caps
                 ya, yb = y_at(ys[i] - e), y_at(ys[i] + e)
-                d.line([(p[0], ya), (p[0], yb)], fill=color, width=1)
-                d.line([(p[0] - 4, ya), (p[0] + 4, ya)], fill=color)
-                d.line([(p[0] - 4, yb), (p[0] + 4, yb)], fill=color)
+                for seg in ([(p[0], ya), (p[0], yb)], [(p[0] - 4, ya), (p[0] + 4, ya)],
+                            [(p[0] - 4, yb), (p[0] + 4, yb)]):
+                    d.line(seg, fill=color)
             d.ellipse([p[0] - 5, p[1] - 5, p[0] + 5, p[1] + 5], fill=color, outline="white")
         ly = top + 10 + 24 * k  # legend entry
         d.line([(right + 20, ly), (right + 50, ly)], fill=color, width=3)
@@ -204,6 +196,5 @@ def _pillow_line_plot(series, xticklabels, path, errors, title, xlabel, ylabel, 
         d.text((right + 58, ly), name, fill="black", font=small, anchor="lm")
     if series:
         d.rectangle([right + 12, top, width - 8, top + 20 + 24 * (len(series) - 1)], outline="#999999")
-    path = Path(path)
     img.save(path)
     return path

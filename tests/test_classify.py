@@ -1,4 +1,4 @@
-"""classify.py and eval/experiment.py: the downstream protocol's bookkeeping, then small end-to-end sweeps on
+"""classify.py and classify_protocol.py: the downstream protocol's bookkeeping, then small end-to-end sweeps on
 phantom CXRs (tiny DenseNet, 64 px, CPU)."""
 
 import csv
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import classify
+import classify_protocol as ex
 from data import LABELS
-from eval import experiment as ex
 from eval.figures import line_plot, nice_ticks
 from tests.helpers import help_gaps
 
@@ -174,20 +174,6 @@ def test_pillow_plot_fits_its_legend(tmp_path, monkeypatch):
     with Image.open(path) as img:
         arr = np.asarray(img.convert("L"))
     assert img.width > 900 and arr[:, -6:].min() == 255  # wider, and nothing drawn at the right edge
-
-
-def test_report_grids_show_generated_images_captioned(tmp_path):
-    from eval import report
-
-    (tmp_path / "images").mkdir()
-    rows = []
-    for k, (a, b, r) in enumerate([("s0", "t0", 0.25), ("s0", "t0", 0.75), ("s0", "t1", 0.5)]):
-        Image.fromarray(np.full((32, 32), 40 * k, np.uint8)).save(tmp_path / "images" / f"{k}.png")
-        rows.append(dict(path=f"images/{k}.png", source=a, source_b=b, r=str(r), seed=str(k)))
-    _write_csv(tmp_path / "synthetic.csv", rows)
-    report.generated_grid(tmp_path, tmp_path / "grid.png")
-    with Image.open(tmp_path / "grid.png") as img:
-        assert img.height > 2 * 96 and img.width > 2 * 96  # 2 pairs (rows), 2 blends in the first
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -457,7 +443,7 @@ def test_classifier_learns_phantom_labels(tmp_path):
     lr 3e-3 (not the paper's 1e-4) so that 5 epochs suffice on CPU.
     """
     real_csv = _phantoms(tmp_path / "ph", 420, 64, seed=5000)
-    table = classify.load_table(real_csv, list(LABELS), "patient_id", "--real")
+    table = ex.load_table(real_csv, list(LABELS), "patient_id", "--real")
     args = classify.parse_args(["--real", str(real_csv), "--out", str(tmp_path), "--model", "tiny",
                                 "--image-size", "64", "--batch-size", "16", "--lr", "3e-3", "--max-epochs", "5"])
     bank = classify.ImageBank(table.paths, 64, 2)

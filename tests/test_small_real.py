@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import checkpoint
+from docs import report as recipe_report
 from tests.helpers import REPO, heavy_lock
 
 
@@ -80,3 +82,18 @@ def test_small_real_recipe(tmp_path, shared_data):
     for png in ("fid.png", "loss.png", "eval_samples.png", "reconstruction.png", "interpolation.png",
                 "segment_maps.png", "auc_vs_ratio.png"):
         Image.open(report / png).verify()
+
+
+def test_report_grids_show_generated_images_captioned(tmp_path):
+    (tmp_path / "images").mkdir()
+    rows = []
+    for k, (a, b, r) in enumerate([("s0", "t0", 0.25), ("s0", "t0", 0.75), ("s0", "t1", 0.5)]):
+        Image.fromarray(np.full((32, 32), 40 * k, np.uint8)).save(tmp_path / "images" / f"{k}.png")
+        rows.append(dict(path=f"images/{k}.png", source=a, source_b=b, r=str(r), seed=str(k)))
+    with open(tmp_path / "synthetic.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    recipe_report.generated_grid(tmp_path, tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.height > 2 * 96 and img.width > 2 * 96  # 2 pairs (rows), 2 blends in the first

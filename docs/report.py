@@ -1,6 +1,6 @@
-"""Collect the artefacts of docs/small_real.sh into figures and tables (`python -m eval.report`).
+"""Collect the artefacts of docs/small_real.sh into figures and tables (`python -m docs.report`).
 
-Reads, under --runs (each part is optional; missing ones are listed and skipped):
+Reads, under --runs (the recipe's folder names; each part is optional, missing ones are listed and skipped):
     small-real/metrics.jsonl, small-real/samples/     training loss, FID every K steps, sample grids
     small-real-reconstruction/synthetic.csv, images/   4 reconstructions per held-out source (sample.py)
     small-real-interpolation/synthetic.csv, images/    slerp r = 0, 0.25, 0.5, 0.75, 1 per pair (sample.py)
@@ -27,84 +27,74 @@ from PIL import Image
 import cli
 from data.readers import read_image
 from data.transforms import preprocess_mask
-from eval import figures
-from eval.figures import line_plot
+from eval.figures import caption_grid, line_plot
 from eval.segmentation import overlay
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def curves(run: Path, out: Path, bins: int = 15) -> list[str]:
-    """fid.png (FID at every evaluation) and loss.png (mean loss per bin of steps) -> markdown lines."""
-    records = read_jsonl(run / "metrics.jsonl")
-    fid = [r for r in records if "fid" in r]
-    loss = [r for r in records if "loss" in r]
+    """fid.png (FID at every evaluation), loss.png (mean loss per bin of steps), eval_samples.png -> markdown."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fid, loss = [r for r in records if "fid" in r], [r for r in records if "loss" in r]
     lines = []
     if fid:
         line_plot({"FID (random-init XRV DenseNet)": [r["fid"] for r in fid]}, [str(r["step"]) for r in fid],
                   out / "fid.png", title="FID vs held-out patients", xlabel="training step", ylabel="FID")
-        lines += ["| step | FID | n |", "|---:|---:|---:|"]
-        lines += [f"| {r['step']} | {r['fid']:.2f} | {r.get('fid_n', '')} |" for r in fid]
+        lines += ["| step | FID | n |", "|---:|---:|---:|",
+                  *(f"| {r['step']} | {r['fid']:.2f} | {r.get('fid_n', '')} |" for r in fid)]
     if loss:
         chunks = np.array_split(np.arange(len(loss)), min(bins, len(loss)))
-        means = [float(np.mean([loss[i]["loss"] for i in c])) for c in chunks]
-        line_plot({"training loss (eps MSE)": means}, [str(loss[c[-1]]["step"]) for c in chunks],
-                  out / "loss.png", title="Training loss (mean per bin)", xlabel="step", ylabel="loss")
-        tail = loss[-max(1, len(loss) // 10):]
-        speed = [r["img_per_s"] for r in loss if "img_per_s" in r]
+        line_plot({"training loss (eps MSE)": [float(np.mean([loss[i]["loss"] for i in c])) for c in chunks]},
+                  [str(loss[c[-1]]["step"]) for c in chunks], out / "loss.png", title="Training loss (mean per bin)",
+                  xlabel="step", ylabel="loss")
+        tail, speed = loss[-max(1, len(loss) // 10):], [r["img_per_s"] for r in loss if "img_per_s" in r]
         lines += ["", f"Mean loss over the last {len(tail)} logged steps (to step {loss[-1]['step']}): "
-                      f"{np.mean([r['loss'] for r in tail]):.4f} (first logged: {loss[0]['loss']:.4f})."]
-        lines += [f"Throughput {speed[-1]:.1f} img/s (UNet steps, evaluation pauses included)." if speed else ""]
-    samples = sorted((run / "samples").glob("step_*.png"))
-    if samples:  # the bottom row: reconstructions of the held-out images (the top row is the real images)
-        grid = Image.open(samples[-1])
+                      f"{np.mean([r['loss'] for r in tail]):.4f} (first logged: {loss[0]['loss']:.4f}).",
+                  f"Throughput {speed[-1]:.1f} img/s (UNet steps, evaluation pauses included)." if speed else ""]
+    if samples := sorted((run / "samples").glob("step_*.png")):  # keep the bottom row: the reconstructions
+        grid = Image.open(samples[-1])  # (the top row is the real held-out images)
         grid.crop((0, grid.height // 2, grid.width, grid.height)).save(out / "eval_samples.png")
     return lines
 
 
 def generated_grid(folder: Path, path: Path, max_rows: int = 8):
     """A captioned grid of sample.py's generated images only, rebuilt from its synthetic.csv (the real source
-    images stay out of the figure: ../shared/data is not redistributed here). One row per source image
-    (reconstruction) or per pair (interpolation, each blend captioned with its r)."""
+    images stay out: ../shared/data is not redistributed here). One row per source image (reconstruction) or
+    per pair (interpolation, each blend captioned with its r)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in read_csv_rows(folder / "synthetic.csv"):
         groups.setdefault((r["source"], r["source_b"]), []).append(r)
-    chosen = list(groups.items())[:max_rows]
-    pairs = any(b for (_, b), _ in chosen)
-    tiles = [[read_image(folder / r["path"]) for r in rows] for _, rows in chosen]
-    captions = [[f"r={float(r['r']):.2f}" if r["r"] else f"variation {k + 1}" for k, r in enumerate(rows)]
-                for _, rows in chosen]
-    labels = [f"{'pair' if pairs else 'source'} {i + 1}" for i in range(len(chosen))]
-    title = ("Interpolation: generated blends of pairs (a, b); r = 0 is a" if pairs else
-             "Reconstruction: generated variations of one real image each") + " (real images not shown)"
-    figures.caption_grid(tiles, labels, None, captions, title=title).save(path)
+    chosen = list(groups.values())[:max_rows]
+    pairs = any(rows[0]["source_b"] for rows in chosen)
+    caption_grid([[read_image(folder / r["path"]) for r in rows] for rows in chosen],
+                 [f"{'pair' if pairs else 'source'} {i + 1}" for i in range(len(chosen))], None,
+                 [[f"r={float(r['r']):.2f}" if r["r"] else f"variation {k + 1}" for k, r in enumerate(rows)]
+                  for rows in chosen],
+                 title=("Interpolation: generated blends of pairs (a, b); r = 0 is a" if pairs else
+                        "Reconstruction: generated variations of one real image each") + " (real images not shown)"
+                 ).save(path)
 
 
 def segment_maps(seg: Path, masks: Path, out: Path, count: int = 8):
     """segment_maps.png: DiffSeg label maps in colour with the ground-truth lung contour, over flat gray
     (the CXRs themselves stay out of the figure: ../shared/data is not redistributed here)."""
-    rows = read_csv_rows(seg / "dice.csv")[:count]
-    tiles = []
+    rows, tiles = read_csv_rows(seg / "dice.csv")[:count], []
     for r in rows:
         labels = torch.from_numpy(np.array(Image.open(seg / "labels" / f"{r['image']}.png")).astype(np.int64))
-        size = labels.shape[-1]
-        gt = None
-        if (masks / f"{r['image']}.png").is_file():
-            gt = preprocess_mask(read_image(masks / f"{r['image']}.png"), read_image(r["path"]), size)[0].bool()
+        mask = masks / f"{r['image']}.png"
+        gt = preprocess_mask(read_image(mask), read_image(r["path"]), labels.shape[-1])[0].bool() \
+            if mask.is_file() else None
         tiles.append(np.asarray(overlay(torch.full(labels.shape, 0.6), labels, gt)))
+    captions = [f"{r['num_segments']} segments, Dice {float(r['dice']):.2f}" for r in rows]
     if tiles:
-        captions = [f"{r['num_segments']} segments, Dice {float(r['dice']):.2f}" for r in rows]
-        figures.caption_grid([tiles[i:i + 4] for i in range(0, len(tiles), 4)], None, None,
-                             [captions[i:i + 4] for i in range(0, len(tiles), 4)],
-                             title="DiffSeg segments (colours), ground-truth lung contour (yellow)").save(
-            out / "segment_maps.png")
-
-
-def read_csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        caption_grid([tiles[i:i + 4] for i in range(0, len(tiles), 4)], None, None,
+                     [captions[i:i + 4] for i in range(0, len(tiles), 4)],
+                     title="DiffSeg segments (colours), ground-truth lung contour (yellow)"
+                     ).save(out / "segment_maps.png")
 
 
 def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
@@ -113,18 +103,18 @@ def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
     lines = []
     if (seg / "summary.json").is_file():
         s = json.loads((seg / "summary.json").read_text())
-        st = s["settings"]
+        st, rule = s["settings"], s["dice_rule"]
         lines += ["| method | mean Dice | std |", "|---|---:|---:|",
                   f"| all-foreground (every pixel lung) | {s['mean_dice_baseline_all_foreground']:.3f} | |",
                   f"| lung prior (leave-one-out mean mask) | {s['mean_dice_baseline_prior']:.3f} | |",
-                  f"| DiffSeg, t={st['timestep']}, threshold {st['threshold']}, grid {st['grid']} "
-                  f"({s['dice_rule']} rule) | {s['mean_dice']:.3f} | {s['std_dice']:.3f} |",
+                  f"| DiffSeg, t={st['timestep']}, threshold {st['threshold']}, grid {st['grid']} ({rule} rule) "
+                  f"| {s['mean_dice']:.3f} | {s['std_dice']:.3f} |",
                   f"| same, oracle best union of segments | {s['mean_dice_best_union']:.3f} | |",
                   f"| same, Hungarian matching (DiffSeg protocol) | {s['mean_dice_hungarian']:.3f} | |",
-                  f"| as many square blocks as segments, {s['dice_rule']} rule (image-blind) "
-                  f"| {s['mean_dice_baseline_blocks']:.3f} | |"]
+                  f"| as many square blocks as segments, {rule} rule (image-blind) "
+                  f"| {s['mean_dice_baseline_blocks']:.3f} | |",
+                  "", f"n = {s['n']} images, {s['mean_num_segments']:.1f} segments per image on average."]
         segment_maps(seg, masks, out)
-        lines += ["", f"n = {s['n']} images, {s['mean_num_segments']:.1f} segments per image on average."]
     if (search / "summary.csv").is_file():
         rows = read_csv_rows(search / "summary.csv")
         keys = [k for k in ("timestep", "threshold", "grid") if k in rows[0]]
@@ -135,12 +125,6 @@ def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
                   f"{float(r['mean_dice_baseline_blocks']):.3f} | {float(r['mean_dice_hungarian']):.3f} | "
                   f"{float(r['mean_num_segments']):.1f} |" for r in rows[:10]]
     return lines
-
-
-def classification(summary: Path) -> list[str]:
-    """classify.py's own summary.md (mean test AUC +- std, p-values, images per fold), title dropped and
-    headings one level down."""
-    return ["#" + line if line.startswith("#") else line for line in summary.read_text().splitlines()[1:]]
 
 
 def main(argv=None):
@@ -165,15 +149,15 @@ def main(argv=None):
                        Path(args.data) / "cxr-lungs" / "masks", out)
     text += ["## Lung segmentation (DiffSeg)", "", *seg, ""] if seg else []
     missing += [] if seg else ["small-real-segment/summary.json"]
-    if (runs / "classify" / "summary.md").is_file():
+    cls = runs / "classify"
+    if (cls / "summary.md").is_file():  # classify.py's own summary.md, title dropped, headings one level down
         text += ["## Classification with synthetic data (phantom labels, test mean AUC)", "",
-                 *classification(runs / "classify" / "summary.md"), ""]
-        if (runs / "classify" / "auc_vs_ratio.png").is_file():
-            shutil.copy(runs / "classify" / "auc_vs_ratio.png", out / "auc_vs_ratio.png")
+                 *("#" + s if s.startswith("#") else s for s in (cls / "summary.md").read_text().splitlines()[1:]), ""]
+        if (cls / "auc_vs_ratio.png").is_file():
+            shutil.copy(cls / "auc_vs_ratio.png", out / "auc_vs_ratio.png")
     else:
         missing.append("classify/summary.md")
-    if missing:
-        text += ["Missing: " + ", ".join(missing), ""]
+    text += ["Missing: " + ", ".join(missing), ""] if missing else []
     (out / "tables.md").write_text("\n".join(text))
     print(f"wrote {out}/tables.md" + (f" (missing: {', '.join(missing)})" if missing else ""))
 
