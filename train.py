@@ -252,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         flag, help_ = "--" + f.name.replace("_", "-"), HELP[f.name] + _default_text(f.name)
         if f.name == "preset":
-            p.add_argument(flag, choices=sorted(PRESETS), default="tiny", help=HELP["preset"] + " (default: tiny)")
+            p.add_argument(flag, choices=sorted(PRESETS), default=None, help=HELP["preset"] + " (default: tiny)")
         elif f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif f.type == "dict":
@@ -264,10 +264,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_flags(argv=None) -> tuple[TrainConfig, dict]:
-    """(config, the flags given on the command line as {field: value})."""
+    """(config, the flags given on the command line as {field: value}; an unset --preset is not given, so
+    `--resume` alone continues a run of any preset)."""
     args = vars(parser().parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None}
-    base = PRESETS[args["preset"]]
+    base = PRESETS[args["preset"] or "tiny"]
     return replace(base, **{k: v for k, v in given.items() if k != "preset"}), given
 
 
