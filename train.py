@@ -344,7 +344,7 @@ def newest_checkpoint(out: Path, model, ema, optimizer, scaler) -> tuple[int, di
             _, meta = checkpoint.restore(p["state"], optimizer=optimizer, scaler=scaler)
         except (hub.CheckpointError, OSError, ValueError) as e:
             for f in p.values():
-                if f.is_file():
+                with contextlib.suppress(FileNotFoundError):  # absent, or set aside by another DDP rank
                     checkpoint.set_aside(f)
             warnings.warn(f"checkpoint step {step} is unreadable ({str(e).splitlines()[0]}); set aside as "
                           f"*.unreadable, falling back to an older one", stacklevel=2)
