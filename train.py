@@ -357,10 +357,18 @@ def newest_checkpoint(out: Path, model, ema, optimizer, scaler) -> tuple[int, di
 
 
 def truncate_metrics(out: Path, step: int):
-    """Keep the metrics of steps <= `step` (a resume re-logs the steps after its checkpoint)."""
+    """Keep the metrics of steps <= `step` (a resume re-logs the steps after its checkpoint); a line torn by a
+    kill mid-write is dropped."""
+
+    def line_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return float("inf")
+
     path = out / "metrics.jsonl"
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [line for line in path.read_text().splitlines() if line_step(line) <= step]
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
