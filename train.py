@@ -539,7 +539,7 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not master)
     t0, seen, held_out = time.time(), 0, None  # held_out: (images [N, 1, S, S], FID network), built once
     checked = step  # the last step whose loss was checked finite (a host sync: only at log/save/eval steps)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    nonfinite = torch.zeros(2, dtype=torch.bool, device=device)  # [loss, gradient norm] since the last check
     while step < cfg.max_steps:
         loss_sum = torch.zeros((), device=device)
         for k in range(cfg.grad_accum):
@@ -555,9 +555,11 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
                 loss = diffusion_loss(forward, scheduler, z0, c, t, eps, cfg.min_snr_gamma, amp_dtype).mean()
                 scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
-            nonfinite |= ~torch.isfinite(loss.detach())
+            nonfinite[0] |= ~torch.isfinite(loss.detach())
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        if not scaler.is_enabled():  # a finite loss with inf/NaN gradients still ruins the weights (fp16's
+            nonfinite[1] |= ~torch.isfinite(grad_norm)  # GradScaler skips such steps instead)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -571,17 +573,19 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
         saving, evaluating = step % cfg.save_every == 0 or last, (cfg.eval_every and step % cfg.eval_every == 0)
         if not (step % cfg.log_every == 0 or saving or evaluating or last):
             continue
-        stats = torch.stack([loss_sum, nonfinite.float()])
+        stats = torch.cat([loss_sum[None], nonfinite.float()])
         if ddp:
             dist.all_reduce(stats)
-        loss_value, bad = stats[0].item() / world, stats[1].item() > 0
-        if bad:
+        loss_value, bad = stats[0].item() / world, (stats[1:] > 0).tolist()
+        if any(bad):
             done = checkpoint.complete_steps(out)
             newest = (f"The newest checkpoint, step {done[-1]} ({checkpoint.paths(out, done[-1])['weights']}), was "
-                      f"saved after a finite-loss check at that step" if done else "no checkpoint was saved yet")
+                      f"saved after a finite-loss check at that step (loss and gradient norm): resume from it" if done
+                      else "No checkpoint was saved yet: rerun")
             when = f"at step {step}" if checked + 1 == step else f"between step {checked + 1} and step {step}"
-            cli.fail(f"non-finite loss {when}; stopped without saving. "
-                     f"{newest}: resume from it with a lower --lr (or --mixed-precision bf16/no)")
+            what = "loss" if bad[0] else "gradient norm"
+            cli.fail(f"non-finite {what} {when}; stopped without saving. "
+                     f"{newest} with a lower --lr (or --mixed-precision bf16/no)")
         checked = step
         if master and (step % cfg.log_every == 0 or last):
             rec = {"step": step, "loss": loss_value, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm.item(),
