@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 import checkpoint
@@ -104,6 +106,8 @@ def test_metrics_hold_each_step_once_after_resume(tmp_path):
     run(out, "--max-steps", "4", "--save-every", "2")
     for p in checkpoint.paths(out, 4).values():  # killed after logging steps 3-4, before their checkpoint
         p.unlink(missing_ok=True)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # killed mid-write
     run(out, "--max-steps", "6", "--save-every", "2", "--resume")
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
     fids = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "fid" in x]
@@ -150,9 +154,24 @@ def test_nan_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     real_forward = unet_module.UNet2DConditionModel.forward
     monkeypatch.setattr(unet_module.UNet2DConditionModel, "forward",
                         lambda self, *a, **kw: real_forward(self, *a, **kw) * float("nan"))
-    with pytest.raises(SystemExit, match="non-finite loss at step 1; stopped without saving. no checkpoint"):
+    with pytest.raises(SystemExit, match="non-finite loss at step 1; stopped without saving. No checkpoint was "
+                                         "saved yet: rerun with a lower --lr"):
         run(tmp_path / "run", "--max-steps", "3", "--save-every", "2")
     assert not checkpoint.weight_steps(tmp_path / "run")
+
+
+def test_infinite_gradient_with_finite_loss_stops_before_saving(tmp_path, monkeypatch):
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def inf_at_step_3(params, max_norm):
+        calls.append(real(params, max_norm))
+        return calls[-1] * float("inf") if len(calls) == 3 else calls[-1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_at_step_3)
+    with pytest.raises(SystemExit, match=r"non-finite gradient norm between step 3 and step 4; .*newest checkpoint, "
+                                         r"step 2 .*step_0000002\.safetensors"):
+        run(tmp_path / "run", "--max-steps", "6", "--save-every", "2", "--log-every", "2")
+    assert checkpoint.complete_steps(tmp_path / "run") == [2]
 
 
 def test_cache_path_comes_from_the_config(tmp_path):
@@ -161,6 +180,18 @@ def test_cache_path_comes_from_the_config(tmp_path):
     (tmp_path / "cache" / "latents_4.safetensors").write_bytes(b"")  # sorts after latents_10
     assert cache_path(tmp_path, cfg(10)) == tmp_path / "cache" / "latents_10.safetensors"
     assert cache_path(tmp_path, cfg(10, augment=False)).name == "latents_1.safetensors"
+
+
+def test_resume_alone_continues_a_run_of_another_preset(tmp_path):
+    saved = replace(train.PRESETS["small-real"], out=str(tmp_path), lr=1e-3)
+    (tmp_path / "config.json").write_text(json.dumps(asdict(saved)))
+    cfg, given = train.parse_flags(["--out", str(tmp_path), "--resume", "--lr", "2e-3"])
+    resumed = train.resume_config(cfg, given, tmp_path)
+    assert "preset" not in given and train._json(asdict(resumed)) == train._json(asdict(replace(saved, resume=True,
+                                                                                                   lr=2e-3)))
+    cfg, given = train.parse_flags(["--out", str(tmp_path), "--resume", "--preset", "tiny"])
+    with pytest.raises(SystemExit, match=r"--preset tiny \(run: small-real\) differ"):
+        train.resume_config(cfg, given, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- held-out set
