@@ -423,6 +423,9 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ models
     train_set, val_set = split_data(cfg, rank, world)
+    if cfg.cache_latents and not hasattr(train_set, "__len__"):
+        raise ValueError(f"--cache-latents: --data {cfg.data} is .tar shards, which are streamed, not cached; "
+                         "use --no-cache-latents, or a folder or CSV --data")
     torch.manual_seed(cfg.seed)
     vae = pipeline.build_vae(cfg.vae, cfg.vae_config, cfg.vae_subfolder).to(device)
     dino = pipeline.freeze(pipeline.build_dino(cfg.dino, cfg.dino_config).to(device))

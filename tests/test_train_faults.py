@@ -94,6 +94,9 @@ def test_shard_run_sees_full_batches_and_resumes_exactly(shards, tmp_path, monke
     assert losses(part) == pytest.approx(losses(full), abs=1e-6)
     a, b = weights(full, 6), weights(part, 6)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    other = "2" if workers == "0" else "0"  # the shard order depends on the readers: refused, not changed
+    with pytest.raises(ValueError, match=f"x {workers} worker.*now 1 x {other}; .*same --num-workers"):
+        run(part, *common[:5], other, *common[6:], "--max-steps", "8", "--resume")
 
 
 @pytest.mark.parametrize(("workers", "member", "why"), [
@@ -109,6 +112,17 @@ def test_all_skipped_stream_stops_with_one_line(tmp_path, workers, member, why):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert last.startswith("train.py: error: ") and SHARDS in last and "shards-000000.tar" in last, last
     assert why in last, last
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (lambda shards, val: ["--data", shards, "--val-data", val, "--cache-latents"],
+     "--cache-latents: --data .* is .tar shards, which are streamed, not cached"),
+    (lambda shards, val: ["--data", val, "--val-data", shards, "--val-count", "1"],
+     "--val-data .* is .tar shards: give the held-out images as a folder or a CSV"),
+])
+def test_shards_where_indexed_images_are_needed_is_one_line(shards, tmp_path, argv, why):
+    with pytest.raises(SystemExit, match="error: " + why):
+        train.cli.main_guard(train.main, [*MICRO, "--out", str(tmp_path / "run"), "--max-steps", "1", *argv(*shards)])
 
 
 def test_random_init_vae_is_fitted_on_shards(shards, tmp_path):
