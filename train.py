@@ -702,7 +702,10 @@ def fid_extractor(cfg: TrainConfig, reference: torch.Tensor, device=None):
         features = XRVDenseNetFeatures(net, name="xrv-tiny-random-init", resolution=cfg.image_size)
     else:
         features = XRVDenseNetFeatures(name="xrv-random-init")
-    return calibrate_batchnorm(features, reference, cfg.batch_size).eval()
+    batch_size = max(2, cfg.batch_size)  # BatchNorm in train mode needs 2+ images in every batch, the last too
+    while len(reference) % batch_size == 1:
+        batch_size += 1
+    return calibrate_batchnorm(features, reference, batch_size).eval()
 
 
 def evaluate(unet, vae, dino, real, extractor, cfg: TrainConfig, step: int, out: Path, device):

@@ -274,3 +274,10 @@ def test_rerun_after_a_failed_start(tmp_path, monkeypatch, capsys):
     assert "removing an unfinished start" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["seed"] == 2 and checkpoint.complete_steps(out) == [2]
     assert vae_file.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_fid_calibration_never_gets_a_batch_of_one(batch_size):
+    cfg = train.parse_args([*MICRO, "--batch-size", str(batch_size)])
+    extractor = train.fid_extractor(cfg, torch.rand(4, 1, 32, 32))  # 4 = 3 + 1: a last batch of one image
+    assert extractor(torch.rand(2, 1, 32, 32)).shape[0] == 2
