@@ -3,6 +3,7 @@ epoch ends, exact resume, an all-skipped stream, the VAE fit, prediction types a
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -164,3 +165,27 @@ def test_sample_prediction_run_learns(tmp_path):
     ls = losses(out)
     assert np.isfinite(ls).all() and np.mean(ls[-5:]) < np.mean(ls[:3]), ls
     assert checkpoint.complete_steps(out) == [20]
+
+
+@pytest.mark.slow
+def test_shards_under_torchrun_take_equal_steps_and_resume(shards, tmp_path):
+    """2 gloo ranks on shards of 7 and 6 samples, batch 3: no short batch, and 2 + resume to 4 == 4 steps."""
+    from tests.test_train import _free_port
+
+    data, val = shards
+
+    def torchrun(out, *extra):
+        args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port()), "train.py", *MICRO, "--data", data, "--val-data", val, "--batch-size", "3",
+                "--save-every", "2", "--out", str(out), *extra]
+        p = subprocess.run(args, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    torchrun(full, "--max-steps", "6")
+    torchrun(part, "--max-steps", "2")
+    torchrun(part, "--max-steps", "6", "--resume")
+    assert losses(part) == pytest.approx(losses(full), abs=1e-6)
+    a, b = weights(full, 6), weights(part, 6)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
