@@ -52,22 +52,37 @@ def images(folder, n, start=0):
 # ---------------------------------------------------------------------------------------------- interruptions
 
 
-def test_kill_while_saving_vae_then_resume_starts_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["vae", "dino"])
+def test_kill_while_saving_a_model_folder_then_resume_starts_the_run(tmp_path, monkeypatch, model):
     out, real = tmp_path / "run", hub._save_safetensors
 
-    def killed_in_vae(tensors, path, metadata=None):
-        if ".vae.tmp" in str(path):
+    def killed(tensors, path, metadata=None):
+        if f".{model}.tmp" in str(path):
             raise KeyboardInterrupt("killed")
         real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(hub, "_save_safetensors", killed_in_vae)
+    monkeypatch.setattr(hub, "_save_safetensors", killed)
     with pytest.raises(KeyboardInterrupt):
         run(out, "--max-steps", "2")
-    assert (out / "config.json").is_file() and not (out / "vae").exists() and not checkpoint.weight_steps(out)
+    assert (out / "config.json").is_file() and not (out / model).exists() and not checkpoint.weight_steps(out)
     monkeypatch.setattr(hub, "_save_safetensors", real)
     run(out, "--max-steps", "2", "--resume")
-    assert checkpoint.complete_steps(out) == [2] and (out / "vae" / "config.json").is_file()
+    assert checkpoint.complete_steps(out) == [2] and (out / model / "config.json").is_file()
     assert not list(out.glob(".*tmp*"))
+
+
+def test_full_disk_while_saving_the_vae_names_it(tmp_path, monkeypatch):
+    out, real = tmp_path / "run", hub._save_safetensors
+
+    def full(tensors, path, metadata=None):
+        if ".vae.tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(hub, "_save_safetensors", full)
+    with pytest.raises(SystemExit, match=f"error: cannot write {out / 'vae'}: .*No space left on device"):
+        cli.main_guard(train.main, [*MICRO, "--out", str(out), "--max-steps", "2"])
+    assert not (out / "vae").exists() and not (out / ".vae.tmp").exists()
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_older(tmp_path):
