@@ -683,7 +683,10 @@ def cache_latents(train, vae, dino, cfg: TrainConfig, path: Path, device):
         mean.append(post.mean.cpu())
         std.append(post.std.cpu())
         cond.append(pipeline.condition(dino, x).cpu())
-    hub.save_file_atomic({"mean": torch.cat(mean), "std": torch.cat(std), "cond": torch.cat(cond)}, path)
+    try:
+        hub.save_file_atomic({"mean": torch.cat(mean), "std": torch.cat(std), "cond": torch.cat(cond)}, path)
+    except OSError as e:  # a full disk: name the file (the temporary one is already removed)
+        raise OSError(f"cannot write the latent cache {path}: {e}") from e
 
 
 def fid_extractor(cfg: TrainConfig, reference: torch.Tensor, device=None):

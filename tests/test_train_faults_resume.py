@@ -163,6 +163,20 @@ def test_full_disk_while_checkpointing_is_one_line_and_all_or_nothing(tmp_path, 
     assert all((before[k] == after[k]).all() for k in before)
 
 
+def test_full_disk_while_writing_the_latent_cache_names_it(tmp_path, monkeypatch):
+    out, real = tmp_path / "run", hub._save_safetensors
+
+    def full(tensors, path, metadata=None):
+        if "latents_" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(hub, "_save_safetensors", full)
+    with pytest.raises(SystemExit, match=r"error: cannot write the latent cache .*latents_1\.safetensors: .*No space"):
+        cli.main_guard(train.main, [*MICRO, "--out", str(out), "--max-steps", "2", "--cache-latents", "--no-augment"])
+    assert not list((out / "cache").iterdir())
+
+
 def test_nan_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     import unet.unet as unet_module
 
