@@ -1,6 +1,6 @@
 """Zero-shot lung segmentation with DiffSeg on the UNet's self-attention (DiNO-Diffusion Sec. 2.4.4).
 
-Per image (DiffSeg, Tian et al. 2024; facts in unet/diffseg.py):
+Per image (DiffSeg, Tian et al. 2024; facts in diffseg.py):
 1. Read and preprocess like training (`data.transforms.preprocess_cxr`: border removal, centre square, resize
    to --size, default the run's image_size): x [1, 1, S, S] in [0, 1].
 2. Latent = VAE posterior MEAN * scaling_factor (`generate.encode_images`); no noise is added (as the DiffSeg
@@ -8,11 +8,11 @@ Per image (DiffSeg, Tian et al. 2024; facts in unet/diffseg.py):
    (`--context zeros`: the ablation, and the vanilla-SD mode's unconditional input).
 3. ONE UNet forward at t = --timestep inside `unet.capture_self_attention(callback=aggregator)`: the 16
    head-averaged attn1 maps are folded into one [N, N] attention on the finest grid as they arrive
-   (`unet.diffseg.AttentionAggregator`, N = (S/8)^2), then anchors on a --grid x --grid lattice are merged
+   (`diffseg.AttentionAggregator`, N = (S/8)^2), then anchors on a --grid x --grid lattice are merged
    with symmetric KL below --threshold for --iterations rounds (optionally k-means --refine), and every pixel
    takes its nearest object map: a label map [S, S] (--upsample bilinear as the reference, or nearest).
    --threshold auto (the default with --run) is set per image from its own anchor distances
-   (`unet.diffseg.auto_threshold`: a fixed value suits one model only); summary.json records the mean used
+   (`diffseg.auto_threshold`: a fixed value suits one model only); summary.json records the mean used
    (`mean_threshold_used`), and a warning names --threshold whenever most images end as one segment.
 4. Written: `labels/<stem>.png` (ids 0..K-1; uint8, uint16 past 255 segments), `overlays/<stem>.png`
    (segments in colour over the CXR, the ground-truth lung contour in yellow when a mask is given) and
@@ -68,10 +68,10 @@ import hub
 import pipeline
 from data.readers import ImageReadError, list_images, path_column_of, read_image, resolve_path
 from data.transforms import preprocess_cxr, preprocess_mask
+from diffseg import AttentionAggregator, auto_threshold, diffseg
 from eval.segment_report import report, write_table
 from eval.segmentation import RULES, block_partition, lung_scores, mask_baselines, overlay
 from generate import encode_images
-from unet.diffseg import AttentionAggregator, auto_threshold, diffseg
 
 SEARCH_KEYS = {"timestep": int, "context": str, "threshold": lambda v: v if v == "auto" else float(v),
                "grid": int, "iterations": int, "upsample": str}
@@ -83,7 +83,7 @@ FORWARD_KEYS = ("timestep", "context")  # a UNet forward per value; the others r
 
 
 def threshold_value(text: str):
-    """--threshold: 'auto' (unet.diffseg.auto_threshold) or a number > 0."""
+    """--threshold: 'auto' (diffseg.auto_threshold) or a number > 0."""
     if str(text).strip().lower() == "auto":
         return "auto"
     try:
@@ -138,7 +138,7 @@ def parse_args(argv=None):
     ds.add_argument("--threshold", type=threshold_value,
                     help="KL merge threshold: a number, or 'auto' = the 0.1 quantile of the image's own "
                          "pairwise anchor KL distances, which follows the model's distance scale (rule: "
-                         "unet/diffseg.py) (default: auto; vanilla 0.5, the paper's SD 1.5 value)")
+                         "diffseg.py) (default: auto; vanilla 0.5, the paper's SD 1.5 value)")
     ds.add_argument("--grid", type=cli.number(int, 2), help="anchor grid side M (default 16; vanilla 32)")
     ds.add_argument("--iterations", type=cli.positive_int, default=3, help="merge iterations (reference: 3)")
     ds.add_argument("--upsample", choices=["bilinear", "nearest"], default="bilinear",

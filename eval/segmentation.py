@@ -1,6 +1,6 @@
 """Lung Dice of a zero-shot label map: deciding which unlabeled segments are "the lung".
 
-DiffSeg (unet/diffseg.py) splits an image into K segments with no names; the ground truth (GT) is one binary
+DiffSeg (diffseg.py) splits an image into K segments with no names; the ground truth (GT) is one binary
 lung mask. A rule must pick the lung segments before Dice can be computed. Three rules, for one image [H, W]:
 
 1. `best_union_dice` (oracle upper bound): the union of segments with the highest Dice against GT. With

@@ -1,4 +1,4 @@
-"""DiffSeg (unet/diffseg.py) on synthetic attention maps, and the lung evaluation rules (eval/segmentation.py)."""
+"""DiffSeg (diffseg.py) on synthetic attention maps, and the lung evaluation rules (eval/segmentation.py)."""
 
 import functools
 import itertools
@@ -8,9 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.metrics import dice
-from eval.segmentation import best_union_dice, hungarian_dice, linear_sum_assignment, lung_scores, nms_dice
-from unet.diffseg import (
+from diffseg import (
     AttentionAggregator,
     anchor_grid,
     auto_threshold,
@@ -20,6 +18,8 @@ from unet.diffseg import (
     merge_attention,
     symmetric_kl,
 )
+from eval.metrics import dice
+from eval.segmentation import best_union_dice, hungarian_dice, linear_sum_assignment, lung_scores, nms_dice
 
 AttentionMap = namedtuple("AttentionMap", "name resolution probs")  # the unet.AttentionMap contract
 
