@@ -20,9 +20,9 @@ lung mask. A rule must pick the lung segments before Dice can be computed. Three
    It is rule 1 with the cutoff min_overlap instead of d* / 2, hence never better than rule 1.
 3. `hungarian_dice`: the DiffSeg benchmark protocol (google/diffseg, diffseg/utils.py `hungarian_matching`,
    after PiCIE): per image the histogram hist[c, k] = |GT_c & S_k| for the classes c in {background, lung};
-   `linear_sum_assignment(hist, maximize=True)` gives each class one distinct segment (the rest stay
-   unmatched) and the lung prediction is the segment matched to lung. `criterion="iou"` matches on
-   |GT_c & S_k| / |GT_c | S_k| instead. A GT class with no pixel is left out of the matching.
+   the assignment maximising the matched total gives each class one distinct segment (the rest stay
+   unmatched) and the lung prediction is the segment matched to lung (two classes: a tiny exact rule).
+   `criterion="iou"` matches on |GT_c & S_k| / |GT_c | S_k| instead. A GT class with no pixel is left out.
 
 Also here: `mask_baselines` (image-blind reference scores) and `overlay` (a label map drawn in colour over
 the CXR with the GT lung contour, segment.py's overlays).
@@ -111,18 +111,33 @@ def nms_dice(labels, gt, min_overlap: float = 0.5) -> Selection:
 
 
 def hungarian_dice(labels, gt, criterion: str = "overlap") -> Selection:
-    """Match {background, lung} to distinct segments maximising overlap (or IoU); Dice of the lung's match."""
+    """Match {background, lung} to distinct segments maximising overlap (or IoU); Dice of the lung's match.
+
+    With two classes the optimal assignment needs no general Hungarian algorithm: each class wants its best
+    segment (a for background, b for lung; first maximum); if they differ, that is the optimum. If both want
+    the same one, the class that loses less by moving takes its best other segment j (the cheapest move over
+    all j; ties: lung moves); with no other segment, the class with the larger score keeps it (ties:
+    background). An optimal assignment, as scipy's `linear_sum_assignment(hist, maximize=True)` (tested), with
+    ties resolved as the general Hungarian algorithm it replaces (Kuhn-Munkres, rows added in class order).
+    """
     labels, gt, ids, sizes, inside, g = _segments(labels, gt)
     hist = torch.stack([sizes - inside, inside]).double()  # [2 classes, K segments]
     if criterion == "iou":
-        class_sizes = hist.sum(1, keepdim=True)
-        hist = hist / (class_sizes + sizes.double()[None] - hist)
+        hist = hist / (hist.sum(1, keepdim=True) + sizes.double()[None] - hist)
     elif criterion != "overlap":
         raise ValueError(f"criterion must be 'overlap' or 'iou', got {criterion!r}")
-    present = [c for c, n in enumerate((labels.numel() - g, g)) if n > 0]
-    rows, cols = linear_sum_assignment(hist[present], maximize=True)
-    lung = [int(k) for r, k in zip(rows.tolist(), cols.tolist()) if present[r] == 1]
-    return _select(labels, gt, ids, lung)
+    bg, lung = hist.tolist()
+    best = {name: max(range(len(row)), key=row.__getitem__) for name, row in (("bg", bg), ("lung", lung))}
+    if g == 0:  # no lung pixel: lung is not matched
+        return _select(labels, gt, ids, [])
+    if g == labels.numel() or best["bg"] != best["lung"]:  # no background pixel, or no conflict
+        return _select(labels, gt, ids, [best["lung"]])
+    a = best["bg"]
+    others = [j for j in range(len(bg)) if j != a]
+    if not others:
+        return _select(labels, gt, ids, [a] if lung[a] > bg[a] else [])
+    j = min(others, key=lambda j: min(lung[a] - lung[j], bg[a] - bg[j]))  # the cheapest move, first minimum
+    return _select(labels, gt, ids, [a] if bg[a] - bg[j] < lung[a] - lung[j] else [j])
 
 
 RULES = {"best_union": best_union_dice, "nms": nms_dice, "hungarian": hungarian_dice}  # name -> rule
@@ -186,59 +201,3 @@ def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) 
         contour = (m - -F.max_pool2d(-m, 3, 1, 1))[0, 0].bool().numpy()  # mask minus its erosion
         rgb[contour] = CONTOUR
     return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
-
-
-def linear_sum_assignment(cost, maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimum-cost assignment of a rectangular [n, m] matrix, as scipy.optimize.linear_sum_assignment.
-
-    Returns (row_ind, col_ind), LongTensors of min(n, m) pairs sorted by row. Hungarian algorithm with
-    potentials (Kuhn-Munkres in the O(n^2 m) shortest-augmenting-path form of e-maxx.ru "Hungarian
-    algorithm"): rows are added one at a time; Dijkstra-like growth over columns with reduced costs
-    c[i, j] - u[i] - v[j] >= 0 finds the cheapest augmenting path, and the potentials keep reduced costs
-    non-negative. Needs n <= m, so a tall matrix is solved transposed.
-    """
-    c = torch.as_tensor(cost, dtype=torch.float64).cpu()
-    if c.ndim != 2:
-        raise ValueError(f"cost must be a 2-D matrix, got shape {list(c.shape)}")
-    if not torch.isfinite(c).all():
-        raise ValueError("cost matrix contains NaN or infinite entries")
-    if maximize:
-        c = -c
-    transposed = c.shape[0] > c.shape[1]
-    if transposed:
-        c = c.T
-    n, m = c.shape
-    a = c.tolist()
-    u, v = [0.0] * (n + 1), [0.0] * (m + 1)  # potentials (1-based; index 0 is the virtual start)
-    p, way = [0] * (m + 1), [0] * (m + 1)  # p[j]: row matched to column j; way[j]: previous path column
-    for i in range(1, n + 1):
-        p[0], j0 = i, 0
-        minv, used = [math.inf] * (m + 1), [False] * (m + 1)
-        while True:  # grow the tree of alternating paths until a free column is reached
-            used[j0] = True
-            i0, delta, j1 = p[j0], math.inf, 0
-            for j in range(1, m + 1):
-                if not used[j]:
-                    cur = a[i0 - 1][j - 1] - u[i0] - v[j]
-                    if cur < minv[j]:
-                        minv[j], way[j] = cur, j0
-                    if minv[j] < delta:
-                        delta, j1 = minv[j], j
-            for j in range(m + 1):
-                if used[j]:
-                    u[p[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while j0:  # augment along the path
-            j1 = way[j0]
-            p[j0], j0 = p[j1], j1
-    pairs = sorted((p[j] - 1, j - 1) for j in range(1, m + 1) if p[j])
-    if transposed:
-        pairs = sorted((j, i) for i, j in pairs)
-    rows = torch.tensor([r for r, _ in pairs], dtype=torch.long)
-    cols = torch.tensor([k for _, k in pairs], dtype=torch.long)
-    return rows, cols
