@@ -107,14 +107,14 @@ def hungarian_dice(labels, gt, criterion: str = "overlap") -> Selection:
     if criterion == "iou":
         hist = hist / (hist.sum(1, keepdim=True) + torch.tensor(s, dtype=torch.float64)[None] - hist)
     bg, lung = hist.tolist()
-    top, best = (max(range(len(row)), key=row.__getitem__) for row in (bg, lung))
-    if g == 0 or g == labels.numel() or top != best:  # no lung; no background; or no conflict
-        return _select(labels, gt, ids, [] if g == 0 else [best])
-    others = [j for j in range(len(bg)) if j != top]
+    want_bg, want_lung = (max(range(len(row)), key=row.__getitem__) for row in (bg, lung))  # first maxima
+    if g == 0 or g == labels.numel() or want_bg != want_lung:  # no lung; no background; or no conflict
+        return _select(labels, gt, ids, [] if g == 0 else [want_lung])
+    k, others = want_bg, [j for j in range(len(bg)) if j != want_bg]  # both want segment k
     if not others:
-        return _select(labels, gt, ids, [top] if lung[top] > bg[top] else [])
-    j = min(others, key=lambda j: min(lung[top] - lung[j], bg[top] - bg[j]))  # the cheapest move
-    return _select(labels, gt, ids, [top] if bg[top] - bg[j] < lung[top] - lung[j] else [j])
+        return _select(labels, gt, ids, [k] if lung[k] > bg[k] else [])
+    j = min(others, key=lambda j: min(lung[k] - lung[j], bg[k] - bg[j]))  # the cheapest move, to segment j
+    return _select(labels, gt, ids, [k] if bg[k] - bg[j] < lung[k] - lung[j] else [j])  # background moves?
 
 
 RULES = {"best_union": best_union_dice, "nms": nms_dice, "hungarian": hungarian_dice}  # name -> rule
