@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import hub
 
 from .datasets import DataWarning, PhantomDataset, open_dataset
 from .readers import ImageReadError
@@ -232,3 +235,58 @@ class CachedLatents(Dataset):
     def __getitem__(self, key: int):
         i = key % len(self.mean)
         return self.mean[i], self.std[i], self.cond[i]
+
+
+def make_batches(cfg, train_set, encode, out: Path, rank: int, world: int, meta: dict):
+    """The micro-batch source for this rank of a run (TrainConfig `cfg`): the latent cache (written by rank 0
+    through `encode`, see `cache_latents`), map-style images, or streamed shards. `meta`: the resumed
+    checkpoint's metadata (its micro-step, or its shards' stream positions)."""
+    start = meta.get("extra", {}).get("micro_step", 0)
+    if cfg.cache_latents:
+        path = cache_path(out, cfg)
+        if rank == 0 and not path.is_file():
+            cache_latents(train_set, encode, cfg, path)
+        if world > 1:
+            torch.distributed.barrier()
+        return Batches(CachedLatents(hub.load_state_dict_file(path)), cfg.batch_size, rank=rank, world=world,
+                       seed=cfg.seed, start=start)
+    if hasattr(train_set, "__len__"):
+        return Batches(KeyedImages(train_set, cfg.seed, cfg.augment), cfg.batch_size, rank=rank, world=world,
+                       seed=cfg.seed, start=start, num_workers=cfg.num_workers)
+    stream = meta.get("extra", {}).get("stream")
+    if stream is not None and (stream["world"], stream["num_workers"]) != (world, cfg.num_workers):
+        raise ValueError(f"--resume of a shard run: it was read by {stream['world']} process(es) x "
+                         f"{stream['num_workers']} worker(s), now {world} x {cfg.num_workers}; the shard order "
+                         "depends on them, so resume with the same --num-workers and process count")
+    train_set.augment = cfg.augment
+    return StreamBatches(train_set, cfg.batch_size, rank=rank, world=world, num_workers=cfg.num_workers,
+                         state=stream["positions"][rank] if stream else None)
+
+
+def stream_state(batches, cfg, world: int) -> dict | None:
+    """Every rank's shard position (gathered to rank 0), for the checkpoint; None for map-style data."""
+    if not isinstance(batches, StreamBatches):
+        return None
+    positions = [batches.state()]
+    if world > 1:
+        positions = [None] * world
+        torch.distributed.all_gather_object(positions, batches.state())
+    return {"positions": positions, "world": world, "num_workers": cfg.num_workers}
+
+
+@torch.no_grad()
+def cache_latents(train, encode, cfg, path: Path):
+    """Encode every training image once (x cache_copies augmented copies): `encode(images)` -> (VAE posterior
+    mean, std, c_GLB), saved to `path` (atomically)."""
+    keyed = KeyedImages(train, cfg.seed, cfg.augment)
+    keys = list(range((cfg.cache_copies if cfg.augment else 1) * len(train)))
+    mean, std, cond = [], [], []
+    for i in tqdm(range(0, len(keys), cfg.batch_size), desc="cache latents", leave=False):
+        m, sd, c = encode(torch.stack([keyed[k] for k in keys[i : i + cfg.batch_size]]))
+        mean.append(m.cpu())
+        std.append(sd.cpu())
+        cond.append(c.cpu())
+    try:
+        hub.save_file_atomic({"mean": torch.cat(mean), "std": torch.cat(std), "cond": torch.cat(cond)}, path)
+    except OSError as e:  # a full disk: name the file (the temporary one is already removed)
+        raise OSError(f"cannot write the latent cache {path}: {e}") from e
