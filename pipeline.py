@@ -113,6 +113,11 @@ def make_scheduler(cfg: dict, kind: str = "ddim"):
     return classes[kind].from_config(cfg.get("scheduler") or {})
 
 
+def run_channels(cfg: dict) -> int:
+    """Image channels of a run from its config.json: 1 (grey; runs from before --channels) or 3 (colour)."""
+    return int(cfg.get("channels", 1))
+
+
 class Run(NamedTuple):
     unet: UNet2DConditionModel
     vae: AutoencoderKL

@@ -4,6 +4,7 @@ reconstruction: for each input image, c_GLB from the frozen ViT, then `--num` va
 interpolation:  random pairs (a, b) of images (sharing a positive label when `--images` is a labelled CSV),
                 condition c = lerp/slerp(c_a, c_b, r); the synthetic image inherits the labels of the
                 nearer source (a when r <= 0.5, else b).
+A colour run (`train.py --channels 3`, in its config.json) reads its sources, PNGs and grid in RGB.
 
 Writes one PNG per sample under OUT/images/, `synthetic.csv` (path, source, source_b, r, seed, labels...;
 ready for classify.py --synthetic) and `grid.png` (captioned: each real source followed by its generated
@@ -100,19 +101,28 @@ def sample_path(k: int, source: str, source_b: str | None) -> Path:
 
 
 def save_png(img: torch.Tensor, path: Path):
-    """[1, H, W] in [0, 1] -> an 8-bit PNG, written atomically (a rerun trusts every PNG it finds)."""
+    """[1, H, W] (grey) or [3, H, W] (colour run) in [0, 1] -> an 8-bit L or RGB PNG, written atomically (a
+    rerun trusts every PNG it finds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray((img[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+    Image.fromarray((img.permute(1, 2, 0).squeeze(2).clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(
+        tmp, format="PNG")
     os.replace(tmp, path)
 
 
-def load_sources(args, size: int, dino, device):
-    """--images (first --limit) -> (images [n, 1, S, S], paths, labels [n, C] or None, label names, c_GLB)."""
+def load_png(path: Path) -> torch.Tensor:
+    """An 8-bit PNG -> [1, H, W] (L) or [3, H, W] (RGB) in [0, 1] (the inverse of save_png)."""
+    arr = torch.from_numpy(np.array(Image.open(path), np.float32) / 255)
+    return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
+
+
+def load_sources(args, size: int, dino, device, channels: int = 1):
+    """--images (first --limit) -> (images [n, channels, S, S], paths, labels [n, C] or None, label names,
+    c_GLB). `channels`: the run's (1 grey, 3 colour)."""
     wanted = args.labels.split(",") if args.labels else None  # None: the paper's labels the CSV has (maybe none)
     dataset = open_dataset(args.images, size, labels=wanted if str(args.images).endswith(".csv") else None,
                            uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column,
-                           image_root=args.image_root)
+                           image_root=args.image_root, channels=channels)
     if len(dataset) == 0:
         cli.fail(f"--images {args.images}: no images")
     items = [dataset[i] for i in range(min(len(dataset), args.limit or len(dataset)))]
@@ -140,8 +150,8 @@ def main(argv=None):
     if not Path(args.run, "config.json").is_file():
         cli.fail(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
     run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
-    size = run.config["image_size"]
-    sources, paths, labels, label_names, conds = load_sources(args, size, run.dino, device)
+    size, channels = run.config["image_size"], pipeline.run_channels(run.config)  # a colour run writes colour
+    sources, paths, labels, label_names, conds = load_sources(args, size, run.dino, device, channels)
     jobs, pairs = make_jobs(args, conds, paths, labels)
     scheduler = pipeline.make_scheduler(run.config, args.scheduler)
     amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -156,12 +166,12 @@ def main(argv=None):
         rels = [sample_path(start + k, paths[a], paths[b] if b is not None else None)
                 for k, (_, a, b, _) in enumerate(chunk)]
         if all((out / rel).is_file() for rel in rels):  # a rerun continues: written by an earlier start
-            imgs = torch.stack([torch.from_numpy(np.array(Image.open(out / rel), np.float32) / 255)[None]
-                                for rel in rels])
+            imgs = torch.stack([load_png(out / rel) for rel in rels])
         else:
-            imgs = to_grayscale(generate(run.unet, run.vae, scheduler, torch.stack([j[0] for j in chunk]),
-                                         seeds=seeds, height=size, width=size, steps=args.steps, eta=args.eta,
-                                         guidance=args.guidance, autocast_dtype=amp)).cpu()
+            imgs = generate(run.unet, run.vae, scheduler, torch.stack([j[0] for j in chunk]), seeds=seeds,
+                            height=size, width=size, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                            autocast_dtype=amp).cpu()
+            imgs = imgs if channels == 3 else to_grayscale(imgs)
             for img, rel in zip(imgs, rels):
                 save_png(img, out / rel)
         for (_, a, b, r), seed, img, rel in zip(chunk, seeds, imgs, rels):

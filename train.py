@@ -191,7 +191,8 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
 
     @torch.no_grad()
     def encode(x):
-        """Images [B, 1, S, S] in [0, 1] -> VAE posterior (mean, std) and c_GLB."""
+        """Images [B, 1 or 3 (--channels), S, S] in [0, 1] -> VAE posterior (mean, std) and c_GLB; grey is
+        repeated to the VAE's 3 channels, colour goes in as it is."""
         x = x.to(device)
         post = vae.encode(x.expand(-1, 3, -1, -1) * 2 - 1)
         return post.mean, post.std, pipeline.condition(dino, x)
@@ -222,7 +223,7 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
         return loss.detach()
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not master)
-    t0, seen, held_out = time.time(), 0, None  # held_out: (images [N, 1, S, S], FID network), built once
+    t0, seen, held_out = time.time(), 0, None  # held_out: (images [N, C, S, S], FID network), built once
     checked = step  # the last step whose loss was checked finite (a host sync: only at log/save/eval steps)
     nonfinite = torch.zeros(2, dtype=torch.bool, device=device)  # [loss, gradient norm] since the last check
     while step < cfg.max_steps:

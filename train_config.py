@@ -31,6 +31,7 @@ class TrainConfig:
     image_root: str | None = None  # what relative CSV paths start from (None: the CSV's folder)
     out: str = "runs/tiny"
     image_size: int = 64
+    channels: int = 1  # 1 = grey (CXR, read as luminance); 3 = colour (RGB kept through VAE, DINO and outputs)
     # models: a pretrained source (Hub id / folder / file) or None = random init from the *_config dict
     vae: str | None = None
     vae_subfolder: str | None = None
@@ -72,7 +73,7 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     fid_count: int = 32
-    fid_features: str = "xrv"
+    fid_features: str = "xrv"  # with --channels 3 and no --fid-features: inception (XRV is CXR-only)
     fid_weights: str | None = None
     fid_random_init: str = "densenet121"  # offline FID network when fid_weights is None: densenet121 | tiny
     sample_steps: int = 50
@@ -91,6 +92,9 @@ HELP = {
                   "that holds CheXpert-v1.0/)",
     "out": "run directory: config.json, checkpoints/, metrics.jsonl, samples/, val.csv (the held-out images)",
     "image_size": "training resolution in pixels (square; a multiple of 8 for the VAE)",
+    "channels": "1 = grey (chest X-rays: every image read as luminance); 3 = colour (endoscopy, dermoscopy, "
+                "H&E): RGB kept through the VAE, DINO, samples and grids, FID in Inception features; unset "
+                "--data with 3 = the built-in colour phantoms",
     "vae": "pretrained VAE to load (Hub id, folder or file); unset = random init from --vae-config",
     "vae_subfolder": "subfolder of --vae that holds the VAE (e.g. vae for a diffusers pipeline repo)",
     "vae_config": "JSON object of VAEConfig fields for a random-init VAE",
@@ -131,7 +135,8 @@ HELP = {
     "save_every": "checkpoint every K steps (and at the last step)",
     "keep_last": "keep only the newest K checkpoints; 0 = keep all",
     "fid_count": "held-out images used for FID (paper: 5,000)",
-    "fid_features": "FID feature space: xrv (XRV DenseNet-121, the paper's) or inception",
+    "fid_features": "FID feature space: xrv (XRV DenseNet-121, the paper's; grey only) or inception (the default "
+                    "with --channels 3)",
     "fid_weights": "FID network weights file; unset = random init (offline: FIDs comparable within a run only)",
     "fid_random_init": "the random-init FID network used without --fid-weights: densenet121 or tiny",
     "sample_steps": "DDIM steps for the evaluation samples",
@@ -148,7 +153,7 @@ TYPES = {
     **dict.fromkeys(["weight_decay", "min_snr_gamma"], cli.nonneg_float),
     **dict.fromkeys(["ema_decay", "cond_dropout"], cli.probability),
 }
-CHOICES = {"optimizer": ["adamw", "adamw8bit"], "mixed_precision": ["no", "fp16", "bf16"],
+CHOICES = {"channels": [1, 3], "optimizer": ["adamw", "adamw8bit"], "mixed_precision": ["no", "fp16", "bf16"],
            "fid_features": ["xrv", "inception"], "fid_random_init": ["densenet121", "tiny"]}
 # What --resume may change: it does not alter what the run computes before the step it resumes from.
 SAFE_ON_RESUME = ("max_steps", "lr", "log_every", "eval_every", "save_every", "keep_last", "num_workers")
@@ -240,6 +245,10 @@ def parse_flags(argv=None) -> tuple[TrainConfig, dict]:
     args = vars(parser().parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None}
     base = PRESETS[args["preset"] or "tiny"]
+    if given.get("channels") == 3:  # XRV features are CXR-only: colour runs measure FID in Inception's
+        if given.get("fid_features") == "xrv":
+            cli.fail("--fid-features xrv: XRV features are for grey chest X-rays; with --channels 3 use inception")
+        given.setdefault("fid_features", "inception")
     return replace(base, **{k: v for k, v in given.items() if k != "preset"}), given
 
 

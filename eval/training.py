@@ -4,7 +4,9 @@ At every `--eval-every` step `train.py` reconstructs the held-out images (new no
 c_GLB, DDIM with the EMA weights), writes `samples/step_N.png` (held-out row above generated row) and logs
 the FID between the two sets in `metrics.jsonl`. The FID network is the paper's XRV DenseNet-121 when
 `--fid-weights` gives its weights; offline it is a random-init one whose BatchNorm statistics come from the
-held-out images, so FIDs are comparable within a run only.
+held-out images, so FIDs are comparable within a run only. Colour runs (`--channels 3`) keep RGB samples and
+use Inception features (XRV's are CXR-only): pytorch-fid's with `--fid-weights`, offline a random-init
+Inception-v3 (or, `--fid-random-init tiny`, a tiny 3-channel DenseNet), BatchNorm-calibrated the same way.
 """
 
 from __future__ import annotations
@@ -14,23 +16,30 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from eval.densenet import DenseNet121, DenseNetConfig, XRVDenseNetFeatures, calibrate_batchnorm
 from eval.fid import fid, load_extractor
 from eval.figures import caption_grid
+from eval.inception import InceptionV3Features
 from generate import generate, to_grayscale
 from pipeline import condition, make_scheduler
 
 
 def fid_extractor(cfg, reference: torch.Tensor, device=None):
     """The FID feature network: the named pretrained one when --fid-weights is given, else (offline) a
-    random-init XRV-style DenseNet with a fixed seed whose BatchNorm statistics are set from the held-out
-    `reference` images -- FIDs are then comparable within a run only. The tiny preset uses a tiny DenseNet at
+    random-init network of the --fid-features kind (XRV-style DenseNet, or Inception-v3 for inception) with a
+    fixed seed whose BatchNorm statistics are set from the held-out `reference` images -- FIDs are then
+    comparable within a run only. The tiny preset uses a tiny DenseNet (1 channel for xrv, 3 for inception) at
     its own 64 px resolution to stay fast on CPU."""
     if cfg.fid_weights:
         return load_extractor(cfg.fid_features, cfg.fid_weights, device)
     torch.manual_seed(0)
-    if cfg.fid_random_init == "tiny":
+    if cfg.fid_features == "inception" and cfg.fid_random_init == "tiny":
+        features = TinyRGBFeatures(DenseNet121(DenseNetConfig.tiny(in_channels=3)), cfg.image_size)
+    elif cfg.fid_features == "inception":
+        features = InceptionV3Features(name="inception-random-init")
+    elif cfg.fid_random_init == "tiny":
         net = DenseNet121(DenseNetConfig.tiny(in_channels=1))
         features = XRVDenseNetFeatures(net, name="xrv-tiny-random-init", resolution=cfg.image_size)
     else:
@@ -39,6 +48,23 @@ def fid_extractor(cfg, reference: torch.Tensor, device=None):
     while len(reference) % batch_size == 1:
         batch_size += 1
     return calibrate_batchnorm(features, reference, batch_size).eval()
+
+
+class TinyRGBFeatures(torch.nn.Module):
+    """Offline colour FID features for the tiny preset: a random-init 3-channel DenseNet at the run's own
+    resolution, images in [0, 1] -> 2x - 1 -> pooled trunk features [B, F] (the XRV wrapper is grey-only)."""
+
+    name, in_channels = "rgb-tiny-random-init", 3
+
+    def __init__(self, net: DenseNet121, resolution: int):
+        super().__init__()
+        self.net, self.resolution, self.feature_dim = net, resolution, net.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
+        return self.net.pooled_features(2 * x - 1)
 
 
 @torch.no_grad()
@@ -52,7 +78,7 @@ def evaluate(unet, vae, dino, real, extractor, cfg, step: int, out: Path, device
         x = real[i : i + cfg.batch_size].to(device)
         imgs = generate(unet, vae, sched, condition(dino, x), seeds=list(range(i, i + len(x))),
                         height=cfg.image_size, width=cfg.image_size, steps=cfg.sample_steps)
-        fake.append(to_grayscale(imgs).cpu())
+        fake.append((imgs if cfg.channels == 3 else to_grayscale(imgs)).cpu())
     fake = torch.cat(fake)
     k = min(cfg.grid_images, n)
     grid = caption_grid([list(real[:k]), list(fake[:k])], row_labels=["real (held out)", "generated"],
