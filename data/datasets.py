@@ -55,7 +55,7 @@ from .readers import (
     resolve_path,
     sample_labels,
 )
-from .transforms import augment_with_mask, preprocess_cxr, preprocess_mask
+from .transforms import augment, preprocess_cxr, preprocess_mask
 
 SHARD_INDEX_STRIDE = 1_000_000  # shard items get index = shard number * stride + position in the shard
 
@@ -64,10 +64,11 @@ class DataWarning(UserWarning):
     """A sample was skipped (unreadable image, missing label); the message names it."""
 
 
-def item_generator(*keys: int) -> torch.Generator:
-    """An independent, reproducible generator per key tuple, e.g. (seed, epoch, item), mixed by numpy's
-    SeedSequence (keys are taken modulo 2**64, so negative ones are fine)."""
-    state = np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(2, np.uint32)
+def seeded(*keys: int) -> torch.Generator:
+    """The one keyed-randomness helper: a CPU generator determined by integer keys (seed, purpose, epoch,
+    item, ...), the same on every rank, in every DataLoader worker and after a resume. Keys are mixed by
+    numpy's SeedSequence (taken modulo 2**64, so negative ones are fine)."""
+    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
@@ -80,8 +81,10 @@ def make_item(img: np.ndarray, mask: np.ndarray | None, labels: torch.Tensor | N
     """Stored arrays -> an item: preprocess (and augment, when a generator is given); optional fields."""
     image = preprocess_cxr(img, size)
     mask = None if mask is None else preprocess_mask(mask, img, size)
-    if generator is not None:
-        image, mask = augment_with_mask(image, mask, generator)
+    if generator is not None and mask is None:
+        image = augment(image, generator)
+    elif generator is not None:
+        image, mask = augment(image, generator, mask=mask)
     item = {"image": image, "path": path, "index": index}
     if labels is not None:
         item["labels"] = labels
@@ -150,7 +153,7 @@ class _MapDataset(_SkipLog, Dataset):
                 self._bad.add(j)
                 self._skip(e)
                 continue
-            gen = item_generator(self.seed, self.epoch, j) if self.augment else None
+            gen = seeded(self.seed, self.epoch, j) if self.augment else None
             return make_item(img, mask, labels, str(self.paths[j]), j, self.size, gen)
         raise ValueError(f"no readable image in {self.source}: all {n} failed\n{self.report()}")
 
@@ -262,7 +265,7 @@ class ShardDataset(_SkipLog, IterableDataset):
         readers, me = self.world_size * nw, self.rank * nw + wid
         shards = list(enumerate(self.shards))
         if self.shuffle:
-            gen = item_generator(self.seed, self.epoch, -1)  # the same order on every rank and worker
+            gen = seeded(self.seed, self.epoch, -1)  # the same order on every rank and worker
             order = torch.randperm(len(shards), generator=gen)
             shards = [shards[k] for k in order.tolist()]
         if len(shards) >= readers:
@@ -297,7 +300,7 @@ class ShardDataset(_SkipLog, IterableDataset):
         info = get_worker_info()
         stream = self._raw(shards, stride, offset)
         if self.shuffle and self.shuffle_buffer > 1:
-            gen = item_generator(self.seed, self.epoch, -2, self.rank, info.id if info else 0)
+            gen = seeded(self.seed, self.epoch, -2, self.rank, info.id if info else 0)
             stream = self._shuffled(stream, gen)
         skipped_before = len(self.skipped)
         for index, shard, key, files in stream:
@@ -321,7 +324,7 @@ class ShardDataset(_SkipLog, IterableDataset):
             labels = None if labels is None else torch.from_numpy(labels)
             gen = None
             if self.augment:  # seeded by the sample's name: the same augmentation however shards are split
-                gen = item_generator(self.seed, self.epoch, zlib.crc32(f"{Path(shard).name}/{key}".encode()))
+                gen = seeded(self.seed, self.epoch, zlib.crc32(f"{Path(shard).name}/{key}".encode()))
             yield make_item(img, mask, labels, where, index, self.size, gen)
         if len(self.skipped) > skipped_before:
             warnings.warn(f"{self.source}: skipped {len(self.skipped) - skipped_before} sample(s) in this "

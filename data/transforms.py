@@ -214,22 +214,16 @@ PAPER_SHARPEN = RandomSharpen()
 PAPER_AFFINE = RandomAffine()
 
 
-def augment(x: torch.Tensor, generator: torch.Generator | None = None, *,
-            sharpen: RandomSharpen = PAPER_SHARPEN, affine: RandomAffine = PAPER_AFFINE) -> torch.Tensor:
-    """The paper's training augmentation: random sharpening, then a random affine map."""
-    return affine(sharpen(x, generator), generator)
-
-
-def augment_with_mask(image: torch.Tensor, mask: torch.Tensor | None,
-                      generator: torch.Generator | None = None):
-    """`augment` for an image and its mask ([C, H, W] or batched): the mask gets the image's affine map (then
-    >= 0.5), no sharpening. The image comes out exactly as `augment(image, generator)` would give it."""
-    image = PAPER_SHARPEN(image, generator)
-    x4, single = _as_batch(image)
-    params = PAPER_AFFINE.sample(x4.shape[0], generator, x4)
-    image = warp_affine(x4, params)
-    if mask is not None:
-        m4, _ = _as_batch(mask)
-        mask = (warp_affine(m4.to(image.dtype), params) >= 0.5).to(mask.dtype)
-        mask = mask[0] if single else mask
-    return (image[0] if single else image), mask
+def augment(x: torch.Tensor, generator: torch.Generator | None = None, *, mask: torch.Tensor | None = None,
+            sharpen: RandomSharpen = PAPER_SHARPEN, affine: RandomAffine = PAPER_AFFINE):
+    """The paper's training augmentation: random sharpening, then a random affine map ([C, H, W] or batched).
+    With a `mask`, returns (image, mask): the mask gets the image's affine map (then >= 0.5), no sharpening;
+    the image is the same as without it."""
+    x4, single = _as_batch(sharpen(x, generator))
+    params = affine.sample(x4.shape[0], generator, x4)
+    x4 = warp_affine(x4, params)
+    image = x4[0] if single else x4
+    if mask is None:
+        return image
+    m4 = (warp_affine(_as_batch(mask)[0].to(x4.dtype), params) >= 0.5).to(mask.dtype)
+    return image, (m4[0] if single else m4)

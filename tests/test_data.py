@@ -29,7 +29,6 @@ from data.transforms import (
     RandomSharpen,
     adjust_sharpness,
     augment,
-    augment_with_mask,
     border_box,
     center_crop_square,
     preprocess_cxr,
@@ -170,7 +169,7 @@ def test_augment_deterministic_per_generator():
     assert not torch.equal(augment(x, g(1)), augment(x, g(2)))
     single = augment(x[0], g(3))
     assert single.shape == (1, 16, 16) and 0 <= single.min() and single.max() <= 1
-    img, m = augment_with_mask(x[0], (x[0] > 0.5).float(), g(4))
+    img, m = augment(x[0], g(4), mask=(x[0] > 0.5).float())
     assert torch.equal(img, augment(x[0], g(4))) and set(m.unique().tolist()) <= {0.0, 1.0}
 
 
