@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from . import LABELS
 from .readers import (
@@ -304,7 +304,6 @@ class ShardDataset(_SkipLog, IterableDataset):
             stream = self._shuffled(stream, gen)
         skipped_before = len(self.skipped)
         for index, shard, key, files in stream:
-            files = sample_files(files)
             ext = next((e for e in IMAGE_EXTENSIONS if e[1:] in files), None)
             where = f"{shard}:{key}" + (ext or "")
             try:
@@ -335,7 +334,7 @@ class ShardDataset(_SkipLog, IterableDataset):
         """Why a full pass gave no usable sample: one line naming the shards and what their samples hold."""
         n, with_image, exts, first_error = 0, 0, collections.Counter(), None
         for _, shard, key, files in self._raw(list(enumerate(self.shards)), 1, 0):
-            n, files = n + 1, sample_files(files)
+            n += 1
             exts.update(files)
             ext = next((e[1:] for e in IMAGE_EXTENSIONS if e[1:] in files), None)
             if ext is not None:
@@ -353,18 +352,6 @@ class ShardDataset(_SkipLog, IterableDataset):
                     f"(members found: {found})")
         why = first_error or f"all were skipped by this process (rank {self.rank} of {self.world_size})"
         return f"{where}: no usable sample: {n} of {n} samples had an image but none was usable, e.g. {why}"
-
-
-def sample_files(files: dict[str, bytes]) -> dict[str, bytes]:
-    """A shard sample's members by plain extension: webdataset's multi-dot keys (`x.image.png`,
-    `x.label.json`, written by its ShardWriter from {"image.png": ..., "label.json": ...}) become `png`,
-    `json`; masks keep their `mask.` prefix (`x.mask.png`, `x.seg.mask.png` -> `mask.png`)."""
-    out = {}
-    for ext, data in files.items():
-        parts = ext.split(".")
-        name = f"mask.{parts[-1]}" if "mask" in parts[:-1] else parts[-1]
-        out.setdefault(name, data)
-    return out
 
 
 def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1,
@@ -400,19 +387,10 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
 
 
 def collate(items: list[dict]) -> dict:
-    """Batch items for a DataLoader: tensors stacked, ints/floats -> tensors, strings (paths) kept as a list
-    (move the tensors with `{k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}`)."""
-    keys = list(items[0])
-    for it in items[1:]:
-        if list(it) != keys:
-            raise ValueError(f"item {it.get('path')} has fields {list(it)}, the batch's first item {keys}")
-    out = {}
-    for k in keys:
-        values = [it[k] for it in items]
-        if torch.is_tensor(values[0]):
-            out[k] = torch.stack(values)
-        elif isinstance(values[0], int | float) and not isinstance(values[0], bool):
-            out[k] = torch.tensor(values)
-        else:
-            out[k] = values
-    return out
+    """Batch items for a DataLoader (torch's default_collate: tensors stacked, ints -> tensors, strings (paths)
+    kept as a list), after checking that all items have the same fields; move the tensors with
+    `{k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}`."""
+    bad = next((it for it in items if list(it) != list(items[0])), None)
+    if bad is not None:
+        raise ValueError(f"item {bad.get('path')} has fields {list(bad)}, the batch's first item {list(items[0])}")
+    return default_collate(items)

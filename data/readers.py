@@ -254,7 +254,10 @@ def is_shard_source(source: str | Path) -> bool:
 
 
 def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream one tar -> (key, {extension: bytes}) per sample, members grouped by key as webdataset does."""
+    """Stream one tar -> (key, {extension: bytes}) per sample, members grouped by key as webdataset does.
+    Members are keyed by plain extension: webdataset's multi-dot keys (`x.image.png`, `x.label.json`, written
+    by its ShardWriter from {"image.png": ..., "label.json": ...}) become `png`, `json` (the first one wins);
+    masks keep their `mask.` prefix (`x.mask.png`, `x.seg.mask.png` -> `mask.png`)."""
     key, files = None, {}
     with tarfile.open(shard, "r|*") as tar:
         for member in tar:
@@ -266,7 +269,8 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             if m.group(1) != key and files:
                 yield key, files
                 files = {}
-            key = m.group(1)
-            files[m.group(2).lower()] = tar.extractfile(member).read()
+            key, parts = m.group(1), m.group(2).lower().split(".")
+            ext = f"mask.{parts[-1]}" if "mask" in parts[:-1] else parts[-1]
+            files.setdefault(ext, tar.extractfile(member).read())
     if files:
         yield key, files
