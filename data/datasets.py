@@ -39,22 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
-from . import LABELS
-from .readers import (
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    csv_columns,
-    decode_image,
-    is_shard_source,
-    iter_tar_samples,
-    label_columns,
-    list_images,
-    list_shards,
-    read_image,
-    read_labels_csv,
-    resolve_path,
-    sample_labels,
-)
+from . import LABELS, readers
+from .readers import ImageReadError, read_image
 from .transforms import augment, preprocess_cxr, preprocess_mask
 
 SHARD_INDEX_STRIDE = 1_000_000  # shard items get index = shard number * stride + position in the shard
@@ -81,16 +67,10 @@ def make_item(img: np.ndarray, mask: np.ndarray | None, labels: torch.Tensor | N
     """Stored arrays -> an item: preprocess (and augment, when a generator is given); optional fields."""
     image = preprocess_cxr(img, size)
     mask = None if mask is None else preprocess_mask(mask, img, size)
-    if generator is not None and mask is None:
-        image = augment(image, generator)
-    elif generator is not None:
-        image, mask = augment(image, generator, mask=mask)
-    item = {"image": image, "path": path, "index": index}
-    if labels is not None:
-        item["labels"] = labels
-    if mask is not None:
-        item["mask"] = mask
-    return item
+    if generator is not None:
+        image, mask = (augment(image, generator), None) if mask is None else augment(image, generator, mask=mask)
+    item = {"image": image, "path": path, "index": index, "labels": labels, "mask": mask}
+    return {k: v for k, v in item.items() if v is not None}
 
 
 class _SkipLog:
@@ -131,11 +111,10 @@ class _MapDataset(_SkipLog, Dataset):
         idx = list(indices)
         part = copy.copy(self)
         part.skipped, part._bad = [], set()
-        part.paths = [self.paths[i] for i in idx]
-        if getattr(self, "masks", None) is not None:
-            part.masks = [self.masks[i] for i in idx]
-        if getattr(self, "labels", None) is not None:
-            part.labels = self.labels[idx]
+        for name in ("paths", "masks", "labels"):  # per-item fields; labels: a tensor [N, C]
+            values = getattr(self, name, None)
+            if values is not None:
+                setattr(part, name, values[idx] if torch.is_tensor(values) else [values[i] for i in idx])
         if getattr(self, "columns", None):
             part.columns = {k: [v[i] for i in idx] for k, v in self.columns.items()}
         return part
@@ -171,12 +150,12 @@ class ImageFolderDataset(_MapDataset):
 
     def __init__(self, root, size: int | None, *, masks=None, augment=False, seed=0, paths=None):
         super().__init__(root, size, augment, seed)
-        self.paths = list(paths) if paths is not None else list_images(root)  # open_dataset lists them
+        self.paths = list(paths) if paths is not None else readers.list_images(root)  # open_dataset lists them
         if not self.paths:
             raise ValueError(f"no PNG/JPEG/DICOM images found in {root}")
         self.masks = None
         if masks is not None:
-            found = {p.relative_to(masks).with_suffix(""): p for p in list_images(masks)}
+            found = {p.relative_to(masks).with_suffix(""): p for p in readers.list_images(masks)}
             keys = [Path(p).relative_to(root).with_suffix("") for p in self.paths]
             missing = [str(k) for k in keys if k not in found]
             if missing:
@@ -196,9 +175,9 @@ class CSVDataset(_MapDataset):
     def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0,
                  path_column=None, image_root=None):
         super().__init__(csv_path, size, augment, seed)
-        self.paths, matrix, extras = read_labels_csv(csv_path, labels, uncertain=uncertain,
+        self.paths, matrix, extras = readers.read_labels_csv(csv_path, labels, uncertain=uncertain,
                                                      path_column=path_column, image_root=image_root)
-        self.label_names = label_columns(csv_columns(csv_path), labels, f"label CSV {csv_path}")
+        self.label_names = readers.label_columns(readers.csv_columns(csv_path), labels, f"label CSV {csv_path}")
         self.labels = torch.from_numpy(matrix) if self.label_names else None  # [N, C]
         self.columns = extras  # every other column (ids, patient ids, metadata): {name: [str per row]}
         self.masks = None
@@ -207,7 +186,7 @@ class CSVDataset(_MapDataset):
             blank = [k + 2 for k, m in enumerate(extras["mask"]) if not m.strip()]
             if blank:
                 raise ValueError(f"label CSV {csv_path}: empty 'mask' on line(s) {blank[:5]}")
-            self.masks = [resolve_path(m.strip(), root) for m in extras["mask"]]
+            self.masks = [readers.resolve_path(m.strip(), root) for m in extras["mask"]]
         missing = [p for p in self.paths if not os.path.exists(p)]
         if len(missing) == len(self.paths):
             raise ValueError(f"none of the {len(missing)} images listed in {csv_path} exist, e.g. "
@@ -250,7 +229,7 @@ class ShardDataset(_SkipLog, IterableDataset):
     def __init__(self, shards, size: int | None, *, labels=None, augment=False, seed=0, rank=0,
                  world_size=1, shuffle=False, shuffle_buffer=1000, uncertain=0.0):
         self.source = str(shards)
-        self.shards = list_shards(shards) if isinstance(shards, str | Path) else [str(s) for s in shards]
+        self.shards = readers.list_shards(shards) if isinstance(shards, str | Path) else [str(s) for s in shards]
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.size, self.augment, self.seed, self.rank, self.world_size = size, augment, seed, rank, world_size
@@ -277,7 +256,7 @@ class ShardDataset(_SkipLog, IterableDataset):
         for number, shard in shards:
             pos = 0
             try:
-                for key, files in iter_tar_samples(shard):
+                for key, files in readers.iter_tar_samples(shard):
                     if seen % stride == offset:
                         yield number * SHARD_INDEX_STRIDE + pos, shard, key, files
                     seen, pos = seen + 1, pos + 1
@@ -304,19 +283,9 @@ class ShardDataset(_SkipLog, IterableDataset):
             stream = self._shuffled(stream, gen)
         skipped_before = len(self.skipped)
         for index, shard, key, files in stream:
-            ext = next((e for e in IMAGE_EXTENSIONS if e[1:] in files), None)
-            where = f"{shard}:{key}" + (ext or "")
             try:
-                if ext is None:
-                    raise ImageReadError(f"{where}: no png/jpg/jpeg/dcm image in sample ({sorted(files)})")
-                img = decode_image(files[ext[1:]], where)
-                mask_ext = next((e for e in files if e.startswith("mask.")), None)
-                mask = mask_ext and decode_image(files[mask_ext], f"{shard}:{key}.{mask_ext}")
-                if mask is not None and mask.shape != img.shape:
-                    raise ImageReadError(f"{where}: mask shape {mask.shape}, image {img.shape}")
-                labels = None
-                if self.label_names is not None:
-                    labels = sample_labels(files, self.label_names, self.uncertain, where)
+                img, mask, labels, where = readers.decode_sample(files, f"{shard}:{key}", self.label_names,
+                                                                 self.uncertain)
             except ValueError as e:  # ImageReadError, bad label values or JSON
                 self._skip(e)
                 continue
@@ -329,21 +298,19 @@ class ShardDataset(_SkipLog, IterableDataset):
             warnings.warn(f"{self.source}: skipped {len(self.skipped) - skipped_before} sample(s) in this "
                           f"pass (rank {self.rank}); see .report()", DataWarning, stacklevel=2)
 
-
     def diagnose(self) -> str:
         """Why a full pass gave no usable sample: one line naming the shards and what their samples hold."""
         n, with_image, exts, first_error = 0, 0, collections.Counter(), None
         for _, shard, key, files in self._raw(list(enumerate(self.shards)), 1, 0):
             n += 1
             exts.update(files)
-            ext = next((e[1:] for e in IMAGE_EXTENSIONS if e[1:] in files), None)
-            if ext is not None:
+            if any(e[1:] in files for e in readers.IMAGE_EXTENSIONS):
                 with_image += 1
-                if first_error is None:
-                    try:
-                        decode_image(files[ext], f"{shard}:{key}.{ext}")
-                    except ImageReadError as e:
-                        first_error = str(e)
+                try:
+                    if first_error is None:
+                        readers.decode_sample(files, f"{shard}:{key}")
+                except ImageReadError as e:
+                    first_error = str(e)
         names = ", ".join(Path(s).name for s in self.shards[:3]) + (" ..." if len(self.shards) > 3 else "")
         where = f"{self.source} ({len(self.shards)} shard(s): {names})"
         if with_image < n or n == 0:
@@ -370,12 +337,13 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
                           path_column=path_column, image_root=image_root)
     shards = dict(labels=labels, augment=augment, seed=seed, rank=rank, world_size=world_size,
                   shuffle=shuffle, uncertain=uncertain)
-    if is_shard_source(source):
+    if readers.is_shard_source(source):
         return ShardDataset(source, size, **shards)
     if not path.exists():
         raise FileNotFoundError(f"data source {source} does not exist")
-    images = list_images(path) if path.is_dir() else [path] if path.suffix.lower() in IMAGE_EXTENSIONS else []
-    if not images and path.is_dir() and any(is_shard_source(p) for p in path.iterdir()):
+    is_image = path.suffix.lower() in readers.IMAGE_EXTENSIONS
+    images = readers.list_images(path) if path.is_dir() else [path] if is_image else []
+    if not images and path.is_dir() and any(readers.is_shard_source(p) for p in path.iterdir()):
         return ShardDataset(source, size, **shards)
     if labels is not None:
         raise ValueError(f"labels {labels} requested but {source} is not a CSV or .tar shards; "

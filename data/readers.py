@@ -219,6 +219,23 @@ def sample_labels(files: dict[str, bytes], names: list[str], uncertain: float, w
 
 
 # ----------------------------------------------------------------------------------------------- shards
+def decode_sample(files: dict[str, bytes], where: str, label_names=None, uncertain: float = 0.0):
+    """A shard sample's members (`where` = shard:key, for messages) -> (image, mask or None, labels float32 [C]
+    or None, its name shard:key.ext). ImageReadError (a ValueError) for a sample without a png/jpg/jpeg/dcm
+    image, an undecodable one or a mask of another shape; ValueError for bad labels."""
+    ext = next((e[1:] for e in IMAGE_EXTENSIONS if e[1:] in files), None)
+    if ext is None:
+        raise ImageReadError(f"{where}: no png/jpg/jpeg/dcm image in sample ({sorted(files)})")
+    name = f"{where}.{ext}"
+    img = decode_image(files[ext], name)
+    mask_ext = next((e for e in files if e.startswith("mask.")), None)
+    mask = mask_ext and decode_image(files[mask_ext], f"{where}.{mask_ext}")
+    if mask is not None and mask.shape != img.shape:
+        raise ImageReadError(f"{name}: mask shape {mask.shape}, image {img.shape}")
+    labels = None if label_names is None else sample_labels(files, label_names, uncertain, name)
+    return img, mask, labels, name
+
+
 def _expand_braces(pattern: str) -> list[str]:
     """webdataset/bash brace expansion: `a-{000..009}.tar` (zero padding kept) and `{x,y}`."""
     m = re.search(r"\{([^{}]*)\}", pattern)
