@@ -41,25 +41,13 @@ from torch.utils.data import Dataset, IterableDataset, default_collate, get_work
 
 from . import LABELS, readers
 from .readers import ImageReadError, read_image
-from .transforms import augment, preprocess_cxr, preprocess_mask
+from .transforms import augment, preprocess_cxr, preprocess_mask, seeded
 
 SHARD_INDEX_STRIDE = 1_000_000  # shard items get index = shard number * stride + position in the shard
 
 
 class DataWarning(UserWarning):
     """A sample was skipped (unreadable image, missing label); the message names it."""
-
-
-def seeded(*keys: int) -> torch.Generator:
-    """The one keyed-randomness helper: a CPU generator determined by integer keys (seed, purpose, epoch,
-    item, ...), the same on every rank, in every DataLoader worker and after a resume. Keys are mixed by
-    numpy's SeedSequence (taken modulo 2**64, so negative ones are fine)."""
-    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
-
-
-def _label_list(labels) -> list[str] | None:
-    return None if labels is None else [labels] if isinstance(labels, str) else list(labels)
 
 
 def make_item(img: np.ndarray, mask: np.ndarray | None, labels: torch.Tensor | None, path: str, index: int,
@@ -153,15 +141,7 @@ class ImageFolderDataset(_MapDataset):
         self.paths = list(paths) if paths is not None else readers.list_images(root)  # open_dataset lists them
         if not self.paths:
             raise ValueError(f"no PNG/JPEG/DICOM images found in {root}")
-        self.masks = None
-        if masks is not None:
-            found = {p.relative_to(masks).with_suffix(""): p for p in readers.list_images(masks)}
-            keys = [Path(p).relative_to(root).with_suffix("") for p in self.paths]
-            missing = [str(k) for k in keys if k not in found]
-            if missing:
-                raise ValueError(f"no mask in {masks} for {len(missing)} image(s) of {root}, "
-                                 f"e.g. {missing[:3]}")
-            self.masks = [found[k] for k in keys]
+        self.masks = None if masks is None else readers.pair_masks(self.paths, root, masks)
 
     def _load(self, i):
         img = read_image(self.paths[i])
@@ -176,7 +156,7 @@ class CSVDataset(_MapDataset):
                  path_column=None, image_root=None):
         super().__init__(csv_path, size, augment, seed)
         self.paths, matrix, extras = readers.read_labels_csv(csv_path, labels, uncertain=uncertain,
-                                                     path_column=path_column, image_root=image_root)
+                                                             path_column=path_column, image_root=image_root)
         self.label_names = readers.label_columns(readers.csv_columns(csv_path), labels, f"label CSV {csv_path}")
         self.labels = torch.from_numpy(matrix) if self.label_names else None  # [N, C]
         self.columns = extras  # every other column (ids, patient ids, metadata): {name: [str per row]}
@@ -208,15 +188,12 @@ class PhantomDataset(_MapDataset):
     def __init__(self, n: int, size: int | None, *, labels=None, augment=False, seed=0):
         super().__init__("phantom", size, augment, seed)
         self.paths = [f"phantom-{seed + i:06d}" for i in range(n)]
-        self.label_names = _label_list(labels) or list(LABELS)
+        self.label_names = readers.label_columns(LABELS, labels, "the phantoms' labels (data.LABELS)")
 
     def _load(self, i):
         from .phantom import make_phantom
 
         img, mask, found = make_phantom(self.seed + i, self.size or 256)
-        missing = [k for k in self.label_names if k not in found]
-        if missing:
-            raise KeyError(f"make_phantom labels have no {missing} (it gives {list(found)})")
         return img, mask, torch.tensor([float(found[k]) for k in self.label_names])
 
 
@@ -234,22 +211,23 @@ class ShardDataset(_SkipLog, IterableDataset):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.size, self.augment, self.seed, self.rank, self.world_size = size, augment, seed, rank, world_size
         self.shuffle, self.shuffle_buffer, self.uncertain = shuffle, shuffle_buffer, uncertain
-        self.label_names = _label_list(labels)  # None: images only (the diffusion model needs no labels)
+        # None: images only (the diffusion model needs no labels)
+        self.label_names = None if labels is None else [labels] if isinstance(labels, str) else list(labels)
         self.epoch, self.skipped = 0, []
 
     def _assignment(self) -> tuple[list[tuple[int, str]], int, int]:
         """(this reader's numbered shards, sample stride, sample offset) for this rank and worker."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        readers, me = self.world_size * nw, self.rank * nw + wid
+        n_readers, me = self.world_size * nw, self.rank * nw + wid
         shards = list(enumerate(self.shards))
         if self.shuffle:
             gen = seeded(self.seed, self.epoch, -1)  # the same order on every rank and worker
             order = torch.randperm(len(shards), generator=gen)
             shards = [shards[k] for k in order.tolist()]
-        if len(shards) >= readers:
-            return shards[me::readers], 1, 0
-        return shards, readers, me
+        if len(shards) >= n_readers:
+            return shards[me::n_readers], 1, 0
+        return shards, n_readers, me
 
     def _raw(self, shards, stride, offset) -> Iterator[tuple[int, str, str, dict]]:
         seen = 0
@@ -329,6 +307,9 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
     `image_root` (`readers.read_labels_csv`). `uncertain`: what label -1 becomes (nan = ignore)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if masks is not None and (source is None or str(source) == "phantom" or str(source).lower().endswith(".csv")
+                              or readers.is_shard_source(source)):  # CSV: a `mask` column; shards: `.mask.png`
+        raise ValueError(f"masks={masks} pairs masks with a folder of images, but {source} is not one")
     if source is None or str(source) == "phantom":
         return PhantomDataset(phantoms, size, labels=labels, augment=augment, seed=seed)
     path = Path(source)
@@ -343,7 +324,7 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
         raise FileNotFoundError(f"data source {source} does not exist")
     is_image = path.suffix.lower() in readers.IMAGE_EXTENSIONS
     images = readers.list_images(path) if path.is_dir() else [path] if is_image else []
-    if not images and path.is_dir() and any(readers.is_shard_source(p) for p in path.iterdir()):
+    if not images and path.is_dir() and any(readers.is_shard_source(p) for p in path.iterdir()) and masks is None:
         return ShardDataset(source, size, **shards)
     if labels is not None:
         raise ValueError(f"labels {labels} requested but {source} is not a CSV or .tar shards; "

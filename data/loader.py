@@ -2,7 +2,7 @@
 
 A diffusion run trains by steps, and every optimizer step must see exactly batch_size x grad_accum x
 world_size samples, in an order that does not depend on how the work is spread or interrupted:
-- `seeded(*keys)` (from datasets.py, which uses it too): a generator keyed by integers (seed, purpose, step,
+- `seeded(*keys)` (from transforms.py; datasets.py uses it too): a generator keyed by integers (seed, purpose, step,
   ...), the same on every rank, in every DataLoader worker and after a resume; all of a run's randomness.
 - `Batches`: a map-style dataset (folder, CSV, phantoms, latent cache) as a per-epoch permutation cut into
   global batches; rank r takes every N-th place, so N ranks with batch B see what one process with batch N*B
@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 import hub
 
-from .datasets import DataWarning, PhantomDataset, open_dataset, seeded  # seeded: train.py, vae/fit.py
+from .datasets import DataWarning, PhantomDataset, open_dataset
 from .readers import ImageReadError
 from .transforms import augment as augment_image
+from .transforms import seeded  # also imported from here by train.py and vae/fit.py
 
 VAL_PHANTOM_SEED_OFFSET = 10_000_000  # held-out phantoms: seeds no training phantom uses
 

@@ -107,6 +107,19 @@ def list_images(folder: str | Path) -> list[Path]:
                   and (p.suffix.lower() in IMAGE_EXTENSIONS or (p.suffix == "" and is_dicom_file(p))))
 
 
+def pair_masks(paths, root: str | Path, masks: str | Path) -> list[Path]:
+    """The mask of each image under `root`: the file under the folder `masks` with the image's relative path
+    and stem (any image extension). ValueError naming the images that have none."""
+    if not Path(masks).is_dir():
+        raise FileNotFoundError(f"mask folder {masks} does not exist")
+    found = {p.relative_to(masks).with_suffix(""): p for p in list_images(masks)}
+    keys = [Path(p).relative_to(root).with_suffix("") for p in paths]
+    missing = [str(k) for k in keys if k not in found]
+    if missing:
+        raise ValueError(f"no mask in {masks} for {len(missing)} image(s) of {root}, e.g. {missing[:3]}")
+    return [found[k] for k in keys]
+
+
 # ----------------------------------------------------------------------------------------------- labels
 def parse_label(value, where: str, uncertain: float = 0.0) -> float:
     """One label value -> float: 1 / 0; blank or nan -> 0 (not mentioned); -1 -> `uncertain`."""

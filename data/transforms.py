@@ -26,7 +26,8 @@ Augmentation (Sec. 3: "random sharpening, random affine (shear 5 %, translate 5 
   tan(angle) = 0.05, about 2.9 degrees), translation ~ U(-translate, translate) * (W, H), scale ~ U(0.9,
   1.4). Pixels are resampled bilinearly with `F.affine_grid` / `F.grid_sample`; outside is 0 (black),
   torchvision's default fill.
-All randomness comes from an explicit `torch.Generator`: the same seed gives the same images. Every
+All randomness comes from an explicit `torch.Generator` (`seeded(*keys)` makes one from integer keys such as
+(seed, epoch, item): the one keyed-RNG helper of the data sets, loader and train.py): same seed, same images. Every
 function takes [C, H, W] or [B, C, H, W] floats in [0, 1]; a batch draws independent parameters per image.
 """
 
@@ -128,6 +129,15 @@ def preprocess_mask(mask: np.ndarray, img: np.ndarray, size: int | None, *, tol:
     m = mask[top : top + side, left : left + side].astype(np.float32)
     m = torch.from_numpy((m > m.max() / 2) if m.max() > 0 else m).float()[None]  # [1, s, s]
     return m if size is None else (resize(m, size) >= 0.5).float()
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """The one keyed-randomness helper: a CPU generator determined by integer keys (seed, purpose, epoch,
+    item, ...), the same on every rank, in every DataLoader worker and after a resume. Keys are mixed by
+    numpy's SeedSequence (taken modulo 2**64, so negative ones are fine)."""
+    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
 
 
 # ------------------------------------------------------------------------------------------- augmentation
