@@ -126,16 +126,16 @@ def _ctr(p):
 
 
 def _findings(p, side, lung, lateral, v, in_lung, textures, edge):
-    """The findings on one side: air replaced (opac, 0..1), extra density dA, the visible (possibly collapsed)
+    """The findings on one side: air replaced (opac, 0..1), extra density `extra`, the visible (possibly collapsed)
     lung and the coordinates its vessels are drawn in."""
-    f, opac, dA, md, mv, visible = p.f, np.zeros_like(lateral), np.zeros_like(lateral), lateral, v, in_lung
+    f, opac, extra, md, mv, visible = p.f, np.zeros_like(lateral), np.zeros_like(lateral), lateral, v, in_lung
     t, q = (v - lung.apex) / (lung.base - lung.apex), np.clip((lateral - lung.med) / (lung.lat - lung.med), 0, 1)
     if "ptx" in f and f.ptx[0] == side:  # the lung collapses toward the hilum and the medial base
         k, ax, ay = f.ptx[1], lung.med + 0.03, lung.hy + 0.3 * (lung.base - lung.hy)
         md, mv = ax + (lateral - ax) / k, ay + (v - ay) / k
         visible = soft(lung_sd(lung, md, mv), edge) * in_lung
         inner = soft(lung_sd(lung, ax + (lateral - ax) / (k - 0.012), ay + (v - ay) / (k - 0.012)), edge)
-        dA += 0.05 * (visible - inner) * in_lung  # the visceral pleural line
+        extra += 0.05 * (visible - inner) * in_lung  # the visceral pleural line
         opac += 0.25 * visible
     if "atel" in f and f.atel[0] == side:  # plate-like bands
         for q0, t0, ln, a0, th in f.atel[1]:
@@ -145,7 +145,7 @@ def _findings(p, side, lung, lateral, v, in_lung, textures, edge):
     for es, h, rise in f.get("eff", []):
         if es == side:  # fluid up to a meniscus that climbs the lateral wall
             wet = in_lung * soft(v - (lung.base - h - rise * q**3), 0.02)
-            opac, dA = opac + wet, dA + 0.03 * wet
+            opac, extra = opac + wet, extra + 0.03 * wet
     if "lobar" in f and f.lobar[0] == side:  # a lung zone filled up to a straight fissure
         _, tf, tilt, upper = f.lobar
         sdf = (tf - t) + tilt * (q - 0.5)  # > 0 above the fissure
@@ -161,7 +161,7 @@ def _findings(p, side, lung, lateral, v, in_lung, textures, edge):
         kerley = soft(0.004 - np.abs(kv - 0.5) / 60, edge) * soft(0.035 - (lung.lat - lateral), 0.01)
         kerley *= soft(t - 0.55, 0.05)
         opac += in_lung * (f.edema * (bat * (0.75 + 0.25 * np.tanh(textures[0])) + 0.25) + 0.7 * kerley)
-    return opac, dA, md, mv, visible
+    return opac, extra, md, mv, visible
 
 
 def _body(p, u, v, dabs, edge):
@@ -187,9 +187,9 @@ def _lung_field(p, side, lung, lateral, v, sd, in_lung, ty, tx, fine, edge):
     Returns the box, the attenuation change there and how clear (unopacified) the lung is."""
     rows, cs = np.flatnonzero(in_lung.any(1)), np.flatnonzero(in_lung.any(0))
     box = (slice(rows[0], rows[-1] + 1), slice(cs[0], cs[-1] + 1))
-    bd, bv, bf, ty, tx = lateral[box], v[box], in_lung[box], ty[box[0]], tx[box[1]]
+    box_lateral, box_v, box_lung, ty, tx = lateral[box], v[box], in_lung[box], ty[box[0]], tx[box[1]]
     textures = [texture(g, ty, tx) for g in p.grids[4:]] if {"lobar", "patchy", "edema"} & set(p.f) else None
-    opac, extra, md, mv, visible = _findings(p, side, lung, bd, bv, bf, textures, edge)
+    opac, extra, md, mv, visible = _findings(p, side, lung, box_lateral, box_v, box_lung, textures, edge)
     opac = np.clip(opac, 0, 1)
     # Vessels: ridges of angular noise around the hilum, thinning and fading toward the periphery.
     hx, hy = md - lung.med - 0.03, mv - lung.hy
@@ -199,8 +199,8 @@ def _lung_field(p, side, lung, lateral, v, sd, in_lung, ty, tx, fine, edge):
     vessels = visible * (ridge * np.exp(-rr / 0.22) + 0.8 * np.exp(-((rr / 0.05) ** 2)))
     extra += (0.11 * (1 - opac) - 0.03 * np.clip(opac - 0.5, 0, 0.5)) * vessels  # air bronchograms in opacity
     depth = np.sqrt(np.clip(sd[box] / 0.1, 0, 1))  # more air in the middle of a lung than at its edges
-    extra -= bf * ((1 - opac) * (0.26 * depth - 0.012 * texture(fine, ty, tx))) + 0.04 * (bf - visible)
-    return box, extra, bf * (1 - opac)
+    extra -= box_lung * ((1 - opac) * (0.26 * depth - 0.012 * texture(fine, ty, tx))) + 0.04 * (box_lung - visible)
+    return box, extra, box_lung * (1 - opac)
 
 
 def _chest_wall(p, lung, lateral, v, dia, clear, edge):
