@@ -2,8 +2,8 @@
 
 A diffusion run trains by steps, and every optimizer step must see exactly batch_size x grad_accum x
 world_size samples, in an order that does not depend on how the work is spread or interrupted:
-- `seeded(*keys)`: a generator keyed by integers (seed, purpose, step, ...), the same on every rank, in every
-  DataLoader worker and after a resume; all of a run's randomness comes from it.
+- `seeded(*keys)` (from transforms.py; datasets.py uses it too): a generator keyed by integers (seed, purpose, step,
+  ...), the same on every rank, in every DataLoader worker and after a resume; all of a run's randomness.
 - `Batches`: a map-style dataset (folder, CSV, phantoms, latent cache) as a per-epoch permutation cut into
   global batches; rank r takes every N-th place, so N ranks with batch B see what one process with batch N*B
   sees. Its position is the micro-step, so a resume needs nothing more.
@@ -31,16 +31,9 @@ import hub
 from .datasets import DataWarning, PhantomDataset, open_dataset
 from .readers import ImageReadError
 from .transforms import augment as augment_image
+from .transforms import seeded  # also imported from here by train.py and vae/fit.py
 
 VAL_PHANTOM_SEED_OFFSET = 10_000_000  # held-out phantoms: seeds no training phantom uses
-
-
-def seeded(*keys) -> torch.Generator:
-    """A CPU generator determined by integer keys (seed, purpose, step, ...): same on every rank/resume."""
-    h = 0
-    for k in keys:
-        h = (h * 1_000_003 + int(k)) % (2**61 - 1)
-    return torch.Generator().manual_seed(h)
 
 
 class KeyedImages(Dataset):
