@@ -191,8 +191,7 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
 
     @torch.no_grad()
     def encode(x):
-        """Images [B, 1 or 3 (--channels), S, S] in [0, 1] -> VAE posterior (mean, std) and c_GLB; grey is
-        repeated to the VAE's 3 channels, colour goes in as it is."""
+        """Images [B, 1 or 3 (--channels), S, S] in [0, 1] -> VAE posterior (mean, std) and c_GLB."""
         x = x.to(device)
         post = vae.encode(x.expand(-1, 3, -1, -1) * 2 - 1)
         return post.mean, post.std, pipeline.condition(dino, x)

@@ -1,7 +1,8 @@
 """torch Datasets over every image source the scripts accept, with one entry point: `open_dataset`.
 
 `source` may be (API.md, `--data` / `--images`):
-- None or "phantom": the built-in phantom CXRs, item i = `data.phantom.make_phantom(seed + i, size)`;
+- None or "phantom": the built-in phantoms, item i = `make_phantom(seed + i, size)` (CXRs, data/phantom.py) or
+  with `channels=3` `make_colour_phantom` (endoscopy-like frames, data/colour_phantom.py);
 - a folder: every PNG/JPEG/DICOM under it, recursively, in sorted order (`masks=DIR` pairs each image with
   the mask of the same relative name in DIR);
 - a .csv with a path column (`path`, `Path` or `image`, or `path_column`; relative to `image_root`, default
@@ -13,10 +14,11 @@
   shards and keeps every (R * W)-th sample instead. Either way each sample goes to exactly one reader.
   Shards hold different sample counts, so ranks may see different numbers of samples: train by steps.
 
-Every item is a dict: `image` float32 [1, S, S] in [0, 1] (`transforms.preprocess_cxr`), `path` (str),
-`index` (int), `labels` float32 [C] when the source has labels, `mask` float32 {0, 1} [1, S, S] when it has
-masks. With `augment=True` the paper's augmentation (`transforms.augment`) is applied with a generator seeded
-by (seed, epoch, item), so a run is reproducible; call `set_epoch(e)` to draw new augmentations each epoch.
+Every item is a dict: `image` float32 [1, S, S] in [0, 1] (`transforms.preprocess_cxr`; RGB [3, S, S] with
+`channels=3`), `path` (str), `index` (int), `labels` float32 [C] when the source has labels, `mask` float32
+{0, 1} [1, S, S] when it has masks. With `augment=True` the paper's augmentation (`transforms.augment`) is
+applied with a generator seeded by (seed, epoch, item), so a run is reproducible; call `set_epoch(e)` to draw
+new augmentations each epoch.
 
 Unreadable images never stop a long run: they are skipped with a `DataWarning` naming the file and recorded
 in `dataset.skipped` (`dataset.report()` summarises). A map-style dataset returns the next readable item
@@ -40,6 +42,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from . import LABELS, readers
+from .colour_phantom import COLOUR_LABELS, make_colour_phantom
 from .readers import ImageReadError, read_image
 from .transforms import augment, preprocess_cxr, preprocess_mask, seeded
 
@@ -83,8 +86,8 @@ class _SkipLog:
 class _MapDataset(_SkipLog, Dataset):
     """Shared logic of the map-style datasets; subclasses define `paths` and `_load(i)`."""
 
-    def __init__(self, source, size: int | None, augment: bool, seed: int):
-        self.source, self.size, self.augment, self.seed = str(source), size, augment, seed
+    def __init__(self, source, size: int | None, augment: bool, seed: int, channels: int = 1):
+        self.source, self.size, self.augment, self.seed, self.channels = str(source), size, augment, seed, channels
         self.epoch, self.skipped, self._bad = 0, [], set()
 
     def __len__(self) -> int:
@@ -127,8 +130,8 @@ class _MapDataset(_SkipLog, Dataset):
 
 def _read_mask(path, img: np.ndarray) -> np.ndarray:
     mask = read_image(path)
-    if mask.shape != img.shape:
-        raise ImageReadError(f"mask {path} has shape {mask.shape}, its image {img.shape}")
+    if mask.shape != img.shape[:2]:
+        raise ImageReadError(f"mask {path} has shape {mask.shape}, its image {img.shape[:2]}")
     return mask
 
 
@@ -136,15 +139,15 @@ class ImageFolderDataset(_MapDataset):
     """Every PNG/JPEG/DICOM under `root` (sorted); `masks`: a folder with one mask per image under the same
     relative path and stem (any image extension)."""
 
-    def __init__(self, root, size: int | None, *, masks=None, augment=False, seed=0, paths=None):
-        super().__init__(root, size, augment, seed)
+    def __init__(self, root, size: int | None, *, masks=None, augment=False, seed=0, paths=None, channels=1):
+        super().__init__(root, size, augment, seed, channels)
         self.paths = list(paths) if paths is not None else readers.list_images(root)  # open_dataset lists them
         if not self.paths:
             raise ValueError(f"no PNG/JPEG/DICOM images found in {root}")
         self.masks = None if masks is None else readers.pair_masks(self.paths, root, masks)
 
     def _load(self, i):
-        img = read_image(self.paths[i])
+        img = read_image(self.paths[i], self.channels)
         return img, None if self.masks is None else _read_mask(self.masks[i], img), None
 
 
@@ -153,8 +156,8 @@ class CSVDataset(_MapDataset):
     optional `mask` column, resolved like the image paths."""
 
     def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0,
-                 path_column=None, image_root=None):
-        super().__init__(csv_path, size, augment, seed)
+                 path_column=None, image_root=None, channels=1):
+        super().__init__(csv_path, size, augment, seed, channels)
         self.paths, matrix, extras = readers.read_labels_csv(csv_path, labels, uncertain=uncertain,
                                                              path_column=path_column, image_root=image_root)
         self.label_names = readers.label_columns(readers.csv_columns(csv_path), labels, f"label CSV {csv_path}")
@@ -176,24 +179,26 @@ class CSVDataset(_MapDataset):
                           f"e.g. {missing[:3]}", DataWarning, stacklevel=2)
 
     def _load(self, i):
-        img = read_image(self.paths[i])
+        img = read_image(self.paths[i], self.channels)
         mask = None if self.masks is None else _read_mask(self.masks[i], img)
         return img, mask, None if self.labels is None else self.labels[i]
 
 
 class PhantomDataset(_MapDataset):
-    """`n` built-in phantom CXRs: item i = make_phantom(seed + i, size) (data/phantom.py), with lung mask
-    and labels (`labels` names, default all of data.LABELS)."""
+    """`n` built-in phantoms: item i = make_phantom(seed + i, size) (data/phantom.py: lung mask, data.LABELS) or
+    make_colour_phantom (`channels=3`, data/colour_phantom.py: lesion mask, COLOUR_LABELS); `labels`: default all."""
 
-    def __init__(self, n: int, size: int | None, *, labels=None, augment=False, seed=0):
-        super().__init__("phantom", size, augment, seed)
-        self.paths = [f"phantom-{seed + i:06d}" for i in range(n)]
-        self.label_names = readers.label_columns(LABELS, labels, "the phantoms' labels (data.LABELS)")
+    def __init__(self, n: int, size: int | None, *, labels=None, augment=False, seed=0, channels=1):
+        super().__init__("phantom", size, augment, seed, channels)
+        self.paths = [f"{'colour-' if channels == 3 else ''}phantom-{seed + i:06d}" for i in range(n)]
+        known, where = (LABELS, "data.LABELS") if channels == 1 else (COLOUR_LABELS, "COLOUR_LABELS")
+        self.label_names = readers.label_columns(known, known if labels is None else labels, f"the phantoms' ({where})")
 
     def _load(self, i):
         from .phantom import make_phantom
 
-        img, mask, found = make_phantom(self.seed + i, self.size or 256)
+        make = make_phantom if self.channels == 1 else make_colour_phantom
+        img, mask, found = make(self.seed + i, self.size or 256)
         return img, mask, torch.tensor([float(found[k]) for k in self.label_names])
 
 
@@ -204,13 +209,13 @@ class ShardDataset(_SkipLog, IterableDataset):
     and mixes samples through a `shuffle_buffer`-long buffer (webdataset's `shuffle(n)`)."""
 
     def __init__(self, shards, size: int | None, *, labels=None, augment=False, seed=0, rank=0,
-                 world_size=1, shuffle=False, shuffle_buffer=1000, uncertain=0.0):
+                 world_size=1, shuffle=False, shuffle_buffer=1000, uncertain=0.0, channels=1):
         self.source = str(shards)
         self.shards = readers.list_shards(shards) if isinstance(shards, str | Path) else [str(s) for s in shards]
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.size, self.augment, self.seed, self.rank, self.world_size = size, augment, seed, rank, world_size
-        self.shuffle, self.shuffle_buffer, self.uncertain = shuffle, shuffle_buffer, uncertain
+        self.shuffle, self.shuffle_buffer, self.uncertain, self.channels = shuffle, shuffle_buffer, uncertain, channels
         # None: images only (the diffusion model needs no labels)
         self.label_names = None if labels is None else [labels] if isinstance(labels, str) else list(labels)
         self.epoch, self.skipped = 0, []
@@ -263,7 +268,7 @@ class ShardDataset(_SkipLog, IterableDataset):
         for index, shard, key, files in stream:
             try:
                 img, mask, labels, where = readers.decode_sample(files, f"{shard}:{key}", self.label_names,
-                                                                 self.uncertain)
+                                                                 self.uncertain, self.channels)
             except ValueError as e:  # ImageReadError, bad label values or JSON
                 self._skip(e)
                 continue
@@ -299,25 +304,25 @@ class ShardDataset(_SkipLog, IterableDataset):
         return f"{where}: no usable sample: {n} of {n} samples had an image but none was usable, e.g. {why}"
 
 
-def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1,
+def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1, channels=1,
                  masks=None, phantoms=1000, shuffle=False, uncertain=0.0, path_column=None, image_root=None):
     """The dataset for `source` (see the module docstring). `rank`/`world_size` split .tar shards between
     processes; map-style datasets are split by the sampler instead (e.g. DistributedSampler), so the
     arguments are checked but unused there. `phantoms`: the number of phantom images. CSV: `path_column`,
-    `image_root` (`readers.read_labels_csv`). `uncertain`: what label -1 becomes (nan = ignore)."""
+    `image_root` (`readers.read_labels_csv`). `uncertain`: label -1's value (nan = ignore). `channels`: 1 or 3 (RGB)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if masks is not None and (source is None or str(source) == "phantom" or str(source).lower().endswith(".csv")
                               or readers.is_shard_source(source)):  # CSV: a `mask` column; shards: `.mask.png`
         raise ValueError(f"masks={masks} pairs masks with a folder of images, but {source} is not one")
     if source is None or str(source) == "phantom":
-        return PhantomDataset(phantoms, size, labels=labels, augment=augment, seed=seed)
+        return PhantomDataset(phantoms, size, labels=labels, augment=augment, seed=seed, channels=channels)
     path = Path(source)
     if path.suffix.lower() == ".csv":
         return CSVDataset(path, size, labels=labels, augment=augment, seed=seed, uncertain=uncertain,
-                          path_column=path_column, image_root=image_root)
+                          path_column=path_column, image_root=image_root, channels=channels)
     shards = dict(labels=labels, augment=augment, seed=seed, rank=rank, world_size=world_size,
-                  shuffle=shuffle, uncertain=uncertain)
+                  shuffle=shuffle, uncertain=uncertain, channels=channels)
     if readers.is_shard_source(source):
         return ShardDataset(source, size, **shards)
     if not path.exists():
@@ -331,7 +336,7 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
                          "give a CSV with a 'path' column and one column per label")
     if path.is_dir() or images:
         root = path if path.is_dir() else path.parent
-        return ImageFolderDataset(root, size, masks=masks, augment=augment, seed=seed, paths=images)
+        return ImageFolderDataset(root, size, masks=masks, augment=augment, seed=seed, paths=images, channels=channels)
     raise ValueError(f"data source {source}: expected a folder, a .csv, .tar shards or an image file")
 
 

@@ -1,4 +1,4 @@
-"""DICOM files -> grey arrays, following the display pipeline of DICOM PS3.3 C.11 with pydicom's own functions.
+"""DICOM files -> grey (or RGB) arrays, following the display pipeline of DICOM PS3.3 C.11 with pydicom's own functions.
 
 pydicom (>= 3, for `pydicom.pixels`) is an optional extra: `pip install -r requirements-dicom.txt`; compressed
 transfer syntaxes (JPEG, JPEG-LS, JPEG 2000) also need a decoder plugin (pylibjpeg or python-gdcm, see that
@@ -17,6 +17,9 @@ file). Multi-frame files give their first frame. What comes out, by Photometric 
   weights of Pillow's `convert("L")`, so a colour DICOM reads like a colour PNG). 8-bit samples -> uint8 via
   Pillow; deeper samples (BitsStored, or the palette's entry depth, up to 32) -> uint16, scaled by
   65535 / (2**bits - 1), never wrapped.
+With `channels=3` (colour modalities: dermoscopy, endoscopy or slide DICOMs) the RGB of the last two items is
+kept as [H, W, 3] (uint8 for 8-bit samples, else uint16 scaled the same way) instead of its luminance, and a
+grey image comes out as above, repeated to 3 channels.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from PIL import Image
 BT601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights, as Pillow's convert("L")
 
 
-def decode_dicom(data: bytes) -> np.ndarray:
-    """DICOM bytes -> grey [H, W] uint8 or uint16 (module docstring). ImportError without pydicom."""
+def decode_dicom(data: bytes, channels: int = 1) -> np.ndarray:
+    """DICOM bytes -> grey [H, W] (`channels=1`) or RGB [H, W, 3] (`channels=3`), uint8 or uint16 (module
+    docstring). ImportError without pydicom."""
     import pydicom
     from pydicom.pixels import apply_color_lut
 
@@ -39,12 +43,14 @@ def decode_dicom(data: bytes) -> np.ndarray:
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    colour = luminance if channels == 1 else keep_rgb
     if photometric == "PALETTE COLOR":
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])  # bits per palette entry (PS3.3 C.7.6.3.1.5)
-        return luminance(apply_color_lut(arr, ds)[..., :3], bits)
+        return colour(apply_color_lut(arr, ds)[..., :3], bits)
     if arr.ndim == 3:
-        return luminance(arr[..., :3], int(ds.get("BitsStored", arr.dtype.itemsize * 8)))
-    return _grey(arr, ds)
+        return colour(arr[..., :3], int(ds.get("BitsStored", arr.dtype.itemsize * 8)))
+    grey = _grey(arr, ds)
+    return grey if channels == 1 else np.repeat(grey[..., None], 3, axis=2)
 
 
 def luminance(rgb: np.ndarray, bits: int) -> np.ndarray:
@@ -53,6 +59,13 @@ def luminance(rgb: np.ndarray, bits: int) -> np.ndarray:
         return np.array(Image.fromarray(np.ascontiguousarray(rgb).astype(np.uint8)).convert("L"))
     luma = rgb.astype(np.float64) @ np.array(BT601)
     return np.rint(np.clip(luma * (65535 / (2.0**bits - 1)), 0, 65535)).astype(np.uint16)
+
+
+def keep_rgb(rgb: np.ndarray, bits: int) -> np.ndarray:
+    """RGB [H, W, 3] of `bits`-bit samples -> uint8 for 8 bits, else uint16 scaled by 65535 / (2**bits - 1)."""
+    if bits <= 8:
+        return np.ascontiguousarray(rgb).astype(np.uint8)
+    return np.rint(np.clip(rgb.astype(np.float64) * (65535 / (2.0**bits - 1)), 0, 65535)).astype(np.uint16)
 
 
 def _grey(arr: np.ndarray, ds) -> np.ndarray:

@@ -150,10 +150,11 @@ def split_data(cfg, rank: int, world: int):
     """(train, held-out) datasets for a TrainConfig: phantoms (disjoint seeds), --val-data, or held out of
     --data (the last --val-count images, or the last whole --val-group groups)."""
     common = {k: v for k in ("path_column", "image_root") if (v := getattr(cfg, k, None)) is not None}
+    common["channels"] = getattr(cfg, "channels", 1)  # 3: RGB images; without --data the colour phantoms
     if not cfg.data:
-        train = open_dataset("phantom", cfg.image_size, phantoms=cfg.phantom_count, seed=cfg.seed)
+        train = open_dataset("phantom", cfg.image_size, phantoms=cfg.phantom_count, seed=cfg.seed, **common)
         val = open_dataset("phantom", cfg.image_size, phantoms=cfg.val_count,
-                           seed=cfg.seed + VAL_PHANTOM_SEED_OFFSET)
+                           seed=cfg.seed + VAL_PHANTOM_SEED_OFFSET, **common)
         return train, val
     train = open_dataset(cfg.data, cfg.image_size, rank=rank, world_size=world, shuffle=True, **common)
     if cfg.val_data:

@@ -1,4 +1,4 @@
-"""Readers: image files (PNG/JPEG/DICOM) -> grayscale arrays, label CSVs, and webdataset-style .tar shards.
+"""Readers: image files (PNG/JPEG/DICOM) -> grey (or RGB) arrays, label CSVs, and webdataset-style .tar shards.
 
 The paper trains on 868k CXRs from several public sets (MIMIC-CXR, CheXpert, PadChest, ...; DiNO-Diffusion
 Sec. 3) that arrive as 8-bit JPEG, 16-bit PNG or DICOM, streamed with webdataset. Everything here returns the
@@ -8,10 +8,13 @@ is `transforms.py`'s job.
 - PNG/JPEG go through Pillow. Modes: L -> uint8; I;16* -> uint16; I (32-bit, how old Pillows open 16-bit
   PNGs) -> uint16 when the values fit, else min-max scaled; F -> min-max scaled to uint16; everything else
   (RGB, RGBA, P, CMYK, 1, LA) -> luminance via Pillow's `convert("L")` (ITU-R 601-2: 0.299 R + 0.587 G +
-  0.114 B). EXIF orientation is applied.
+  0.114 B). EXIF orientation is applied. With `channels=3` (colour modalities, `train.py --channels 3`) colour
+  files are kept as RGB [H, W, 3] uint8 (`convert("RGB")`: alpha dropped, palettes and CMYK converted) and grey
+  ones (L, LA, 1, I, F, I;16) are read as above and repeated to 3 channels, so every image has the same shape.
 - DICOM (optional extra: pydicom >= 3, `pip install -r requirements-dicom.txt`) follows the display pipeline
   of DICOM PS3.3 C.11 with pydicom's own functions (data/dicom.py): modality LUT, VOI LUT or window, a
-  single inversion for MONOCHROME1 or Presentation LUT Shape INVERSE, palettes and colour to luminance.
+  single inversion for MONOCHROME1 or Presentation LUT Shape INVERSE, palettes and colour to luminance (or,
+  with `channels=3`, kept as RGB: YBR converted by pydicom, palettes applied).
   In folders, DICOM files without an extension (`IM0001`, as PACS exports them) are found by their `DICM`
   marker.
 - Anything unreadable raises `ImageReadError` naming the file, so a dataset can skip it and carry on.
@@ -53,43 +56,54 @@ class ImageReadError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- images
-def read_image(path: str | Path) -> np.ndarray:
-    """Grayscale [H, W] array of a PNG/JPEG/DICOM file, uint8 or uint16 as stored."""
+def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
+    """A PNG/JPEG/DICOM file, uint8 or uint16 as stored: grey [H, W] (`channels=1`; colour as luminance) or
+    RGB [H, W, 3] (`channels=3`; grey repeated to 3 channels)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from e
-    return decode_image(data, str(path))
+    return decode_image(data, str(path), channels)
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
+def decode_image(data: bytes, name: str, channels: int = 1) -> np.ndarray:
     """Decode image bytes (a file's or a tar member's); `name` picks the format (.dcm) and names errors."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     is_dicom = name.lower().endswith(".dcm") or data[128:132] == b"DICM"
     try:
-        img = decode_dicom(data) if is_dicom else _decode_pil(data)
+        img = decode_dicom(data, channels) if is_dicom else _decode_pil(data, channels)
     except ImportError as e:
         raise ImportError(f"reading {name} needs pydicom >= 3: pip install -r requirements-dicom.txt ({e})") from e
     except Exception as e:  # any decoder failure becomes one error type that names the file
         raise ImageReadError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
-    if img.ndim != 2 or img.size == 0:
+    if img.ndim != (2 if channels == 1 else 3) or img.size == 0:
         raise ImageReadError(f"cannot decode image {name}: got an array of shape {img.shape}")
     return img
 
 
-def _decode_pil(data: bytes) -> np.ndarray:
+def _decode_pil(data: bytes, channels: int = 1) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # decode now: truncated files fail here, not later
         img = ImageOps.exif_transpose(img)
-        if img.mode == "L":
-            return np.array(img)
-        if img.mode.startswith("I;16"):
-            return np.array(img).astype(np.uint16)
-        if img.mode in ("I", "F"):
-            arr = np.array(img)
-            if img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535:
-                return arr.astype(np.uint16)
-            return _minmax(arr.astype(np.float64), 65535).astype(np.uint16)
-        return np.array(img.convert("L"))
+        if channels == 3:
+            grey = img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;16")
+            return np.repeat(_grey_pil(img)[..., None], 3, axis=2) if grey else np.array(img.convert("RGB"))
+        return _grey_pil(img)
+
+
+def _grey_pil(img: Image.Image) -> np.ndarray:
+    """A decoded Pillow image -> grey [H, W] uint8 / uint16 (the modes of the module docstring)."""
+    if img.mode == "L":
+        return np.array(img)
+    if img.mode.startswith("I;16"):
+        return np.array(img).astype(np.uint16)
+    if img.mode in ("I", "F"):
+        arr = np.array(img)
+        if img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535:
+            return arr.astype(np.uint16)
+        return _minmax(arr.astype(np.float64), 65535).astype(np.uint16)
+    return np.array(img.convert("L"))
 
 
 def _minmax(arr: np.ndarray, top: float) -> np.ndarray:
@@ -232,18 +246,18 @@ def sample_labels(files: dict[str, bytes], names: list[str], uncertain: float, w
 
 
 # ----------------------------------------------------------------------------------------------- shards
-def decode_sample(files: dict[str, bytes], where: str, label_names=None, uncertain: float = 0.0):
-    """A shard sample's members (`where` = shard:key, for messages) -> (image, mask or None, labels float32 [C]
-    or None, its name shard:key.ext). ImageReadError (a ValueError) for a sample without a png/jpg/jpeg/dcm
-    image, an undecodable one or a mask of another shape; ValueError for bad labels."""
+def decode_sample(files: dict[str, bytes], where: str, label_names=None, uncertain: float = 0.0, channels: int = 1):
+    """A shard sample's members (`where` = shard:key, for messages) -> (image (`channels` as in read_image), grey
+    mask or None, labels float32 [C] or None, its name shard:key.ext). ImageReadError (a ValueError) for a sample
+    without a png/jpg/jpeg/dcm image, an undecodable one or a mask of another shape; ValueError for bad labels."""
     ext = next((e[1:] for e in IMAGE_EXTENSIONS if e[1:] in files), None)
     if ext is None:
         raise ImageReadError(f"{where}: no png/jpg/jpeg/dcm image in sample ({sorted(files)})")
     name = f"{where}.{ext}"
-    img = decode_image(files[ext], name)
+    img = decode_image(files[ext], name, channels)
     mask_ext = next((e for e in files if e.startswith("mask.")), None)
     mask = mask_ext and decode_image(files[mask_ext], f"{where}.{mask_ext}")
-    if mask is not None and mask.shape != img.shape:
+    if mask is not None and mask.shape != img.shape[:2]:
         raise ImageReadError(f"{name}: mask shape {mask.shape}, image {img.shape}")
     labels = None if label_names is None else sample_labels(files, label_names, uncertain, name)
     return img, mask, labels, name

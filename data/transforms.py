@@ -15,6 +15,9 @@ applied by `preprocess_cxr` in this order:
 4. `resize`: bilinear with antialiasing (a triangle filter as wide as the downscale factor, as Pillow's
    BILINEAR resize does) so that 2-3k px radiographs do not alias on their way down to 256/512 px.
 The result is a float32 tensor [1, S, S] in [0, 1]; the VAE side maps it to [-1, 1] (x * 2 - 1) itself.
+Colour images (RGB [H, W, 3], `read_image(path, channels=3)`) take the same four steps and give [3, S, S]: a
+border row or column is constant when it is in every channel, and a 16-bit image is scaled by one [min, max]
+over all channels, so its colour balance is kept.
 
 Augmentation (Sec. 3: "random sharpening, random affine (shear 5 %, translate 5 %, scale 0.9-1.4)"):
 - `RandomSharpen(p, factors)`: torchvision's `adjust_sharpness`, reimplemented: the image is blended with
@@ -29,6 +32,10 @@ Augmentation (Sec. 3: "random sharpening, random affine (shear 5 %, translate 5 
 All randomness comes from an explicit `torch.Generator` (`seeded(*keys)` makes one from integer keys such as
 (seed, epoch, item): the one keyed-RNG helper of the data sets, loader and train.py): same seed, same images. Every
 function takes [C, H, W] or [B, C, H, W] floats in [0, 1]; a batch draws independent parameters per image.
+Colour images get exactly this augmentation, the same parameters for every channel (sharpening smooths each
+channel with the same kernel): no flips (anatomy and scope orientation are not mirror-symmetric, and the paper
+uses none) and no colour jitter (the paper's recipe has none, and colour is what a colour modality's
+condition c_GLB must carry: a reconstruction keeps its source's tint).
 """
 
 from __future__ import annotations
@@ -60,12 +67,14 @@ def to_uint8(img: np.ndarray, percentiles: tuple[float, float] | None = None) ->
 
 def border_box(img: np.ndarray, tol: float = BORDER_TOL) -> tuple[int, int, int, int]:
     """(top, bottom, left, right), bottom/right exclusive: the box left after peeling constant edge rows
-    and columns (intensity range <= tol) off a 2-D image, repeated until no edge changes."""
+    and columns (intensity range <= tol) off a grey [H, W] or RGB [H, W, 3] image, repeated until no edge
+    changes."""
     top, bottom, left, right = 0, img.shape[0], 0, img.shape[1]
+    spread = lambda a: a if a.ndim == 1 else a.max(-1)  # RGB [H, W, 3]: constant in every channel
     while True:
         sub = img[top:bottom, left:right]
-        rows = (sub.max(1) - sub.min(1)) <= tol  # [h'] True = constant row
-        cols = (sub.max(0) - sub.min(0)) <= tol  # [w']
+        rows = spread(sub.max(1) - sub.min(1)) <= tol  # [h'] True = constant row
+        cols = spread(sub.max(0) - sub.min(0)) <= tol  # [w']
         if rows.all() or cols.all():  # nothing but constant lines (a blank image): stop here
             return top, bottom, left, right
         t, b = int(np.argmin(rows)), int(np.argmin(rows[::-1]))
@@ -110,12 +119,14 @@ def crop_box(img: np.ndarray, tol: float = BORDER_TOL, percentiles=None) -> tupl
 
 def preprocess_cxr(img: np.ndarray, size: int | None, *, tol: float = BORDER_TOL,
                    percentiles: tuple[float, float] | None = None) -> torch.Tensor:
-    """Stored grayscale CXR [H, W] (uint8, uint16, ...) -> float32 [1, S, S] in [0, 1] (None: no resize)."""
-    if img.ndim != 2:
-        raise ValueError(f"preprocess_cxr: expected a grayscale image [H, W], got shape {img.shape}")
+    """Stored grey CXR [H, W] (uint8, uint16, ...) -> float32 [1, S, S] in [0, 1] (None: no resize); an RGB
+    image [H, W, 3] (colour modalities) -> [3, S, S]."""
+    if img.ndim != 2 and (img.ndim != 3 or img.shape[2] != 3):
+        raise ValueError(f"preprocess_cxr: expected a grey image [H, W] or RGB [H, W, 3], got shape {img.shape}")
     top, left, side = crop_box(img, tol, percentiles)
     square = to_uint8(img[top : top + side, left : left + side], percentiles)
-    x = torch.from_numpy(np.ascontiguousarray(square)).float().div_(255)[None]  # [1, s, s]
+    x = torch.from_numpy(np.ascontiguousarray(square)).float().div_(255)
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # [C, s, s]
     return x if size is None else resize(x, size).clamp_(0, 1)
 
 
@@ -123,8 +134,8 @@ def preprocess_mask(mask: np.ndarray, img: np.ndarray, size: int | None, *, tol:
                     percentiles: tuple[float, float] | None = None) -> torch.Tensor:
     """A mask drawn on `img` -> float32 {0, 1} [1, S, S], cropped and resized exactly like `img`.
     Foreground is > half the mask's maximum (works for 0/1, 0/255 and bool masks)."""
-    if mask.shape != img.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {img.shape}")
+    if mask.shape != img.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {img.shape[:2]}")
     top, left, side = crop_box(img, tol, percentiles)
     m = mask[top : top + side, left : left + side].astype(np.float32)
     m = torch.from_numpy((m > m.max() / 2) if m.max() > 0 else m).float()[None]  # [1, s, s]
