@@ -77,6 +77,7 @@ def parse_args(argv=None):
                    help="tiny: a ~30k-parameter DenseNet for CPU runs")
     p.add_argument("--weights", help="DenseNet-121 state dict to start from (torchvision ImageNet or XRV: "
                    "inputs scaled as each expects; default: random init, inputs 2x-1)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grey; 3 = RGB (ImageNet-normalised)")
     p.add_argument("--in-channels", type=cli.positive_int, help="input channels (default: the weights', else 1)")
     p.add_argument("--drop-rate", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0,
                    help="dropout probability after each dense layer")
@@ -101,13 +102,13 @@ _fraction = cli.number(float, 0.0, 1.0, lo_open=True, hi_open=True)  # in (0, 1)
 
 # ------------------------------------------------------------------------------------------------ inputs
 class ImageBank:
-    """Preprocessed images kept as uint8 [1, S, S] (quantised the same way whether cached or not)."""
+    """Preprocessed images kept as uint8 [C, S, S], C = --channels (quantised the same way whether cached or not)."""
 
-    def __init__(self, paths: list[str], size: int, threads: int):
-        self.paths, self.size, self.threads, self.images = paths, size, max(1, threads), {}
+    def __init__(self, paths: list[str], size: int, threads: int, channels: int = 1):
+        self.paths, self.size, self.threads, self.channels, self.images = paths, size, max(1, threads), channels, {}
 
     def _read(self, i: int) -> torch.Tensor:
-        x = preprocess_cxr(read_image(self.paths[i]), self.size)  # float [1, S, S] in [0, 1]
+        x = preprocess_cxr(read_image(self.paths[i], self.channels), self.size)  # float [C, S, S] in [0, 1]
         return (x * 255).round().to(torch.uint8)
 
     def load(self, ids):
@@ -117,7 +118,7 @@ class ImageBank:
                 self.images[i] = img
 
     def batch(self, ids) -> torch.Tensor:
-        return torch.stack([self.images[int(i)] for i in ids]).float() / 255  # [B, 1, S, S]
+        return torch.stack([self.images[int(i)] for i in ids]).float() / 255  # [B, C, S, S]
 
 
 def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -133,15 +134,18 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # to
 
 def build_model(args, num_labels: int) -> tuple[nn.Module, int, str]:
     """-> (DenseNet with a new head of `num_labels` outputs, input channels, input scaling): 'unit' (2x-1)
-    without weights, 'imagenet' for 3-channel (torchvision) weights, 'xrv' for 1-channel (XRV) ones."""
+    without weights, 'imagenet' for 3-channel weights or colour (--channels 3), 'xrv' for 1-channel XRV ones."""
+    if args.channels == 3 and args.in_channels not in (None, 3):
+        cli.fail(f"--in-channels {args.in_channels}: --channels 3 images have 3 channels")
     if args.weights is None:
-        cfg = dict(in_channels=args.in_channels or 1, num_classes=num_labels, drop_rate=args.drop_rate)
-        return (DenseNet121.tiny if args.model == "tiny" else DenseNet121)(**cfg), cfg["in_channels"], "unit"
+        cfg = dict(in_channels=args.in_channels or args.channels, num_classes=num_labels, drop_rate=args.drop_rate)
+        net = (DenseNet121.tiny if args.model == "tiny" else DenseNet121)(**cfg)
+        return net, cfg["in_channels"], "imagenet" if args.channels == 3 else "unit"
     if args.model != "densenet121":
         cli.fail("--weights holds a DenseNet-121; use --model densenet121")
     net = DenseNet121.from_pretrained(args.weights)
     w_in = net.config.in_channels
-    in_ch = args.in_channels or w_in
+    in_ch = args.in_channels or max(w_in, args.channels)
     if in_ch != w_in:  # average the stem filters over input channels, keeping their summed response
         w = net.features.conv0.weight.detach()  # [64, w_in, 7, 7]
         net.features.conv0 = nn.Conv2d(in_ch, w.shape[0], 7, stride=2, padding=3, bias=False)
@@ -154,7 +158,7 @@ def build_model(args, num_labels: int) -> tuple[nn.Module, int, str]:
 
 
 def model_input(x: torch.Tensor, in_ch: int, norm: str) -> torch.Tensor:
-    """[B, 1, S, S] in [0, 1] -> the network's input [B, in_ch, S, S]."""
+    """[B, 1 or 3, S, S] in [0, 1] -> the network's input [B, in_ch, S, S]."""
     x = x.expand(-1, in_ch, -1, -1)
     if norm != "imagenet":
         return (2 * x - 1) * (1024 if norm == "xrv" else 1)  # xrv: torchxrayvision's [-1024, 1024] range
@@ -230,8 +234,7 @@ def write_summary(out: Path, rows: list[dict]) -> str:
 def split_real(args, names) -> tuple[ex.Table, ex.Table]:
     """-> (pool of real training candidates, fixed test set); patient-level when --real has patient ids."""
     patient = args.patient_column or "patient_id"
-    csv_args = dict(uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column,
-                    image_root=args.image_root)
+    csv_args = dict(uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column, image_root=args.image_root)
     real = ex.load_table(args.real, names, patient, "--real", **csv_args)
     if args.patient_column and args.patient_column not in real.extras:
         cli.fail(f"--patient-column: {args.real} has no {args.patient_column!r} column")
@@ -302,7 +305,7 @@ def main(argv=None):
     ex.check_files(test, range(len(test.paths)), "--test" if args.test else "--real")
     syn, syn_sources = ex.load_synthetic(args, names, pool, order)
     off_syn, off_test = len(pool.paths), len(pool.paths) + len(syn.paths)  # one bank: pool, synthetic, test
-    bank = ImageBank(pool.paths + syn.paths + test.paths, args.image_size, args.num_workers)
+    bank = ImageBank(pool.paths + syn.paths + test.paths, args.image_size, args.num_workers, args.channels)
     labels = np.concatenate([pool.labels, syn.labels, test.labels]).astype(np.float32)
     test_ids = np.arange(off_test, off_test + len(test.paths))
 
