@@ -185,21 +185,22 @@ def list_inputs(args) -> list[tuple[str, Path, Path | None]]:
     return list(zip(stems, images, masks or [None] * len(images)))
 
 
-def load_inputs(items, size: int, resize_masks: bool):
-    """-> kept items, images float32 [N, 1, S, S], masks bool [N, S, S] or None, skipped [(path, reason)]."""
+def load_inputs(items, size: int, resize_masks: bool, channels: int = 1):
+    """-> kept items, images float32 [N, channels, S, S] (3: a colour run's RGB), masks bool [N, S, S] or None,
+    skipped [(path, reason)]."""
     kept, images, masks, skipped = [], [], [], []
     for stem, path, mask_path in tqdm(items, desc="reading", leave=False):
         try:
-            img, mask = read_image(path), None if mask_path is None else read_image(mask_path)
+            img, mask = read_image(path, channels), None if mask_path is None else read_image(mask_path)
         except ImageReadError as e:
             warnings.warn(f"skipping {path}: {e}", stacklevel=2)
             skipped.append((str(path), str(e)))
             continue
-        if mask is not None and mask.shape != img.shape:
+        if mask is not None and mask.shape != img.shape[:2]:
             if not resize_masks:
                 raise SystemExit(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {path} "
                                  f"is {img.shape[1]}x{img.shape[0]} (W x H); --resize-masks resizes masks")
-            mask = np.array(Image.fromarray(mask).resize(img.shape[::-1], Image.NEAREST))
+            mask = np.array(Image.fromarray(mask).resize(img.shape[1::-1], Image.NEAREST))
         images.append(preprocess_cxr(img, size))
         if mask is not None:
             masks.append(preprocess_mask(mask, img, size)[0].bool())
@@ -256,7 +257,7 @@ def prepare(args, combos, device):
     multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
     if size % multiple:
         raise SystemExit(f"--size {size} must be a multiple of {multiple} (VAE factor x UNet downsampling)")
-    items, images, masks, skipped = load_inputs(list_inputs(args), size, args.resize_masks)
+    items, images, masks, skipped = load_inputs(list_inputs(args), size, args.resize_masks, pipeline.run_channels(cfg))
     batches = [slice(i, i + args.batch_size) for i in range(0, len(items), args.batch_size)]
     latents = torch.cat([encode_images(vae, images[b].to(device)) for b in batches])
     contexts = {"zeros": latents.new_zeros(len(items), 1, unet.config.cross_attention_dim)}

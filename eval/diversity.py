@@ -153,6 +153,7 @@ def parse_args(argv=None):
     p.add_argument("--sources-root", default=None, help="folder to find `source` paths under when they exist "
                    "neither as given (from the current folder) nor relative to the CSV's folder")
     p.add_argument("--size", type=cli.positive_int, default=None, help="image side (None: the first image's)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="3: MS-SSIM on RGB (colour runs)")
     p.add_argument("--max-pairs", type=cli.positive_int, default=1000,
                    help="random pairs scored, of synthetic images and of sources")
     p.add_argument("--max-pairs-per-source", type=cli.positive_int, default=45,
@@ -166,9 +167,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_images(paths, size: int, desc: str) -> torch.Tensor:
-    """Image files -> float32 [N, 1, size, size] in [0, 1], preprocessed like the training data."""
-    return torch.stack([preprocess_cxr(read_image(p), size) for p in tqdm(paths, desc=desc, unit="img")])
+def load_images(paths, size: int, desc: str, channels: int = 1) -> torch.Tensor:
+    """Image files -> float32 [N, channels, size, size] in [0, 1], preprocessed like the training data."""
+    return torch.stack([preprocess_cxr(read_image(p, channels), size) for p in tqdm(paths, desc=desc, unit="img")])
 
 
 def read_synthetic(source: Path) -> tuple[list[str], list[tuple[str, str]], list[int] | None]:
@@ -190,7 +191,7 @@ def read_synthetic(source: Path) -> tuple[list[str], list[tuple[str, str]], list
     return paths, keys, [ids[k] if k[0] else len(ids) + i for i, k in enumerate(keys)]
 
 
-def load_sources(keys, csv_dir: Path, root: Path | None, size: int):
+def load_sources(keys, csv_dir: Path, root: Path | None, size: int, channels: int = 1):
     """(source images [M, 1, S, S], source_index [N], -1: none) of the reconstructions (rows without
     source_b), found as given, relative to the CSV's folder or under `root`; (None, None) if none is found."""
     wanted = list(dict.fromkeys(a for a, b in keys if a and not b))
@@ -204,8 +205,8 @@ def load_sources(keys, csv_dir: Path, root: Path | None, size: int):
     if not kept:
         return None, None
     where = {s: i for i, s in enumerate(kept)}
-    return load_images([found[s] for s in kept], size, "sources"), [where.get(a, -1) if not b else -1
-                                                                     for a, b in keys]
+    index = [where.get(a, -1) if not b else -1 for a, b in keys]
+    return load_images([found[s] for s in kept], size, "sources", channels), index
 
 
 def _fmt(values: torch.Tensor | None, i: int, digits: int = 6) -> str:
@@ -221,11 +222,11 @@ def main(argv=None):
     source = Path(args.synthetic)
     paths, keys, groups = read_synthetic(source)
     size = args.size or min(read_image(paths[0]).shape)
-    synthetic = load_images(paths, size, "synthetic")
+    synthetic = load_images(paths, size, "synthetic", args.channels)
     sources = source_index = None
     if groups is not None:  # reconstructions (no source_b) are compared with their source image
         root = Path(args.sources_root) if args.sources_root else None
-        sources, source_index = load_sources(keys, source.parent, root, size)
+        sources, source_index = load_sources(keys, source.parent, root, size, args.channels)
 
     report = diversity_report(synthetic, groups, sources, source_index, max_pairs=args.max_pairs,
                               max_pairs_per_group=args.max_pairs_per_source,

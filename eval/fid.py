@@ -151,9 +151,11 @@ def load_extractor(features="xrv", weights=None, device=None) -> nn.Module:
 
 def _read(path, extractor) -> torch.Tensor:
     """An image file -> float32 [in_channels, S, S] in [0, 1], resized as the extractor resizes tensors
-    (XRV bilinear with antialias, Inception without), so folders and tensors give the same features."""
-    img = read_image(path)  # grey [H, W], uint8 or uint16
-    x = torch.from_numpy(img.astype(np.float32) / np.iinfo(img.dtype).max)[None, None]
+    (XRV bilinear with antialias, Inception without), so folders and tensors give the same features. A 3-channel
+    extractor reads colour files as RGB (as pytorch-fid does; grey files are repeated)."""
+    img = read_image(path, 3 if extractor.in_channels == 3 else 1)  # [H, W] or [H, W, 3], uint8 or uint16
+    x = torch.from_numpy(img.astype(np.float32) / np.iinfo(img.dtype).max)
+    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
     r = extractor.resolution
     if x.shape[-2:] != (r, r):
         antialias = isinstance(extractor, XRVDenseNetFeatures)

@@ -191,8 +191,7 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
     flagged = sim > threshold
     summary = {
         "n_synthetic": len(synthetic), "n_train": len(train), "n_heldout": len(held),
-        "feature_dim": synthetic.shape[1], "centered": True,
-        "threshold_quantile": quantile, "threshold": threshold,
+        "feature_dim": synthetic.shape[1], "centered": True, "threshold_quantile": quantile, "threshold": threshold,
         "flagged_count": int(flagged.sum()), "flagged_fraction": float(flagged.float().mean()),
         "heldout_above_threshold": float((held > threshold).float().mean()),
         "synthetic_similarity": _quantiles(sim), "heldout_similarity": _quantiles(held),
@@ -238,6 +237,7 @@ def parse_args(argv=None):
     p.add_argument("--threshold-quantile", type=cli.probability, default=0.99,
                    help="flag images closer to the training set than this quantile of the held-out ones")
     p.add_argument("--size", type=cli.positive_int, default=None, help="image size (None: the extractor's)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="3: images read as RGB (colour runs)")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per batch")
     p.add_argument("--chunk-size", type=cli.positive_int, default=4096, help="similarity block side")
     p.add_argument("--grid", type=cli.nonneg_int, default=16, help="closest pairs per closest_<space>.png")
@@ -308,12 +308,13 @@ def main(argv=None):
     extractors, described, default_size = build_extractors(args, device)
     size = args.size or default_size
 
-    train_ds, synth_ds = open_dataset(args.train, size), open_dataset(args.synthetic, size)
+    ds = lambda source: open_dataset(source, size, channels=args.channels)  # pixel and DINO features see RGB
+    train_ds, synth_ds = ds(args.train), ds(args.synthetic)
     train, train_paths = extract_features(train_ds, extractors, args, device, "train")
     synth, synth_paths = extract_features(synth_ds, extractors, args, device, "synthetic")
     heldout, heldout_index = {}, None
     if args.heldout:
-        heldout, _ = extract_features(open_dataset(args.heldout, size), extractors, args, device, "held-out")
+        heldout, _ = extract_features(ds(args.heldout), extractors, args, device, "held-out")
         heldout_desc, n_held = f"--heldout {args.heldout}", len(heldout["pixel"])
     else:
         heldout_index, heldout_desc = heldout_split(args, len(train_paths))
