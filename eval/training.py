@@ -88,5 +88,6 @@ def evaluate(unet, vae, dino, real, extractor, cfg, step: int, out: Path, device
     score = fid(real, fake, features=extractor, batch_size=cfg.batch_size, device=device, progress=False,
                 cache=out / "fid_reference.npz")
     with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "fid": score, "fid_features": cfg.fid_features, "fid_n": n}) + "\n")
+        f.write(json.dumps({"step": step, "fid": score, "fid_features": cfg.fid_features,
+                            "fid_network": extractor.name, "fid_n": n}) + "\n")
     print(f"step {step}: FID ({cfg.fid_features}, n={n}) = {score:.3f}", file=sys.stderr)
