@@ -63,12 +63,19 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_local(model, folder: Path, weights_name: str):
     """Save a model built from a config (not a pretrained source) with its dataclass config, atomically:
-    written into `.NAME.tmp` beside `folder`, then renamed, so `folder` is complete or absent."""
+    written into `.NAME.tmp` beside `folder`, then renamed, so `folder` is complete or absent (a failed write,
+    e.g. a full disk, removes the temporary folder and names `folder`)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    hub.save_pretrained(model, tmp, weights_name=weights_name)
+    try:
+        hub.save_pretrained(model, tmp, weights_name=weights_name)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {folder}: {e}") from e
+        raise
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

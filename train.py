@@ -252,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         flag, help_ = "--" + f.name.replace("_", "-"), HELP[f.name] + _default_text(f.name)
         if f.name == "preset":
-            p.add_argument(flag, choices=sorted(PRESETS), default="tiny", help=HELP["preset"] + " (default: tiny)")
+            p.add_argument(flag, choices=sorted(PRESETS), default=None, help=HELP["preset"] + " (default: tiny)")
         elif f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif f.type == "dict":
@@ -264,10 +264,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_flags(argv=None) -> tuple[TrainConfig, dict]:
-    """(config, the flags given on the command line as {field: value})."""
+    """(config, the flags given on the command line as {field: value}; an unset --preset is not given, so
+    `--resume` alone continues a run of any preset)."""
     args = vars(parser().parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None}
-    base = PRESETS[args["preset"]]
+    base = PRESETS[args["preset"] or "tiny"]
     return replace(base, **{k: v for k, v in given.items() if k != "preset"}), given
 
 
@@ -343,7 +344,7 @@ def newest_checkpoint(out: Path, model, ema, optimizer, scaler) -> tuple[int, di
             _, meta = checkpoint.restore(p["state"], optimizer=optimizer, scaler=scaler)
         except (hub.CheckpointError, OSError, ValueError) as e:
             for f in p.values():
-                if f.is_file():
+                with contextlib.suppress(FileNotFoundError):  # absent, or set aside by another DDP rank
                     checkpoint.set_aside(f)
             warnings.warn(f"checkpoint step {step} is unreadable ({str(e).splitlines()[0]}); set aside as "
                           f"*.unreadable, falling back to an older one", stacklevel=2)
@@ -356,10 +357,18 @@ def newest_checkpoint(out: Path, model, ema, optimizer, scaler) -> tuple[int, di
 
 
 def truncate_metrics(out: Path, step: int):
-    """Keep the metrics of steps <= `step` (a resume re-logs the steps after its checkpoint)."""
+    """Keep the metrics of steps <= `step` (a resume re-logs the steps after its checkpoint); a line torn by a
+    kill mid-write is dropped."""
+
+    def line_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return float("inf")
+
     path = out / "metrics.jsonl"
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [line for line in path.read_text().splitlines() if line_step(line) <= step]
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
@@ -414,6 +423,9 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ models
     train_set, val_set = split_data(cfg, rank, world)
+    if cfg.cache_latents and not hasattr(train_set, "__len__"):
+        raise ValueError(f"--cache-latents: --data {cfg.data} is .tar shards, which are streamed, not cached; "
+                         "use --no-cache-latents, or a folder or CSV --data")
     torch.manual_seed(cfg.seed)
     vae = pipeline.build_vae(cfg.vae, cfg.vae_config, cfg.vae_subfolder).to(device)
     dino = pipeline.freeze(pipeline.build_dino(cfg.dino, cfg.dino_config).to(device))
@@ -530,7 +542,7 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not master)
     t0, seen, held_out = time.time(), 0, None  # held_out: (images [N, 1, S, S], FID network), built once
     checked = step  # the last step whose loss was checked finite (a host sync: only at log/save/eval steps)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    nonfinite = torch.zeros(2, dtype=torch.bool, device=device)  # [loss, gradient norm] since the last check
     while step < cfg.max_steps:
         loss_sum = torch.zeros((), device=device)
         for k in range(cfg.grad_accum):
@@ -546,9 +558,11 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
                 loss = diffusion_loss(forward, scheduler, z0, c, t, eps, cfg.min_snr_gamma, amp_dtype).mean()
                 scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
-            nonfinite |= ~torch.isfinite(loss.detach())
+            nonfinite[0] |= ~torch.isfinite(loss.detach())
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        if not scaler.is_enabled():  # a finite loss with inf/NaN gradients still ruins the weights (fp16's
+            nonfinite[1] |= ~torch.isfinite(grad_norm)  # GradScaler skips such steps instead)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -562,17 +576,19 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
         saving, evaluating = step % cfg.save_every == 0 or last, (cfg.eval_every and step % cfg.eval_every == 0)
         if not (step % cfg.log_every == 0 or saving or evaluating or last):
             continue
-        stats = torch.stack([loss_sum, nonfinite.float()])
+        stats = torch.cat([loss_sum[None], nonfinite.float()])
         if ddp:
             dist.all_reduce(stats)
-        loss_value, bad = stats[0].item() / world, stats[1].item() > 0
-        if bad:
+        loss_value, bad = stats[0].item() / world, (stats[1:] > 0).tolist()
+        if any(bad):
             done = checkpoint.complete_steps(out)
             newest = (f"The newest checkpoint, step {done[-1]} ({checkpoint.paths(out, done[-1])['weights']}), was "
-                      f"saved after a finite-loss check at that step" if done else "no checkpoint was saved yet")
+                      f"saved after a finite-loss check at that step (loss and gradient norm): resume from it" if done
+                      else "No checkpoint was saved yet: rerun")
             when = f"at step {step}" if checked + 1 == step else f"between step {checked + 1} and step {step}"
-            cli.fail(f"non-finite loss {when}; stopped without saving. "
-                     f"{newest}: resume from it with a lower --lr (or --mixed-precision bf16/no)")
+            what = "loss" if bad[0] else "gradient norm"
+            cli.fail(f"non-finite {what} {when}; stopped without saving. "
+                     f"{newest} with a lower --lr (or --mixed-precision bf16/no)")
         checked = step
         if master and (step % cfg.log_every == 0 or last):
             rec = {"step": step, "loss": loss_value, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm.item(),
@@ -667,7 +683,10 @@ def cache_latents(train, vae, dino, cfg: TrainConfig, path: Path, device):
         mean.append(post.mean.cpu())
         std.append(post.std.cpu())
         cond.append(pipeline.condition(dino, x).cpu())
-    hub.save_file_atomic({"mean": torch.cat(mean), "std": torch.cat(std), "cond": torch.cat(cond)}, path)
+    try:
+        hub.save_file_atomic({"mean": torch.cat(mean), "std": torch.cat(std), "cond": torch.cat(cond)}, path)
+    except OSError as e:  # a full disk: name the file (the temporary one is already removed)
+        raise OSError(f"cannot write the latent cache {path}: {e}") from e
 
 
 def fid_extractor(cfg: TrainConfig, reference: torch.Tensor, device=None):
@@ -686,7 +705,10 @@ def fid_extractor(cfg: TrainConfig, reference: torch.Tensor, device=None):
         features = XRVDenseNetFeatures(net, name="xrv-tiny-random-init", resolution=cfg.image_size)
     else:
         features = XRVDenseNetFeatures(name="xrv-random-init")
-    return calibrate_batchnorm(features, reference, cfg.batch_size).eval()
+    batch_size = max(2, cfg.batch_size)  # BatchNorm in train mode needs 2+ images in every batch, the last too
+    while len(reference) % batch_size == 1:
+        batch_size += 1
+    return calibrate_batchnorm(features, reference, batch_size).eval()
 
 
 def evaluate(unet, vae, dino, real, extractor, cfg: TrainConfig, step: int, out: Path, device):

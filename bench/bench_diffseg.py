@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import make_row, measure, print_table
+from diffseg import AttentionAggregator, diffseg
 from tests.helpers import heavy_lock
 from unet import UNet2DConditionModel, UNetConfig, attention_with_probs
-from unet.diffseg import AttentionAggregator, diffseg
 
 TIMESTEP, GRID, THRESHOLD = 300, 16, 0.05  # DiNO-Diffusion's DiffSeg settings (notes/method.md)
 QUICK = UNetConfig(block_out_channels=(64, 128, 256, 256), attention_head_dim=(2, 4, 8, 8))

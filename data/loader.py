@@ -162,6 +162,9 @@ def split_data(cfg, rank: int, world: int):
     train = open_dataset(cfg.data, cfg.image_size, rank=rank, world_size=world, shuffle=True, **common)
     if cfg.val_data:
         val = open_dataset(cfg.val_data, cfg.image_size, **common)
+        if not hasattr(val, "__len__"):
+            raise ValueError(f"--val-data {cfg.val_data} is .tar shards: give the held-out images as a folder or a "
+                             "CSV (they are indexed for FID, sample grids and val.csv)")
         val = val.select(_readable(val, list(range(len(val))), f"--val-data {cfg.val_data}"))
         if hasattr(train, "paths"):
             shared = set(map(os.path.realpath, train.paths)) & set(map(os.path.realpath, val.paths))

@@ -1,41 +1,35 @@
-"""Lung Dice of a zero-shot label map: deciding which unlabeled segments are "the lung".
+"""Lung Dice of a zero-shot label map: which unlabeled segments are "the lung", and image-blind baselines.
 
-DiffSeg (unet/diffseg.py) splits an image into K segments with no names; the ground truth (GT) is one binary
-lung mask. A rule must pick the lung segments before Dice can be computed. Three rules, for one image [H, W]:
-
-1. `best_union_dice` (oracle upper bound): the union of segments with the highest Dice against GT. With
-   a_k = |S_k & GT|, s_k = |S_k| and G = |GT|, the segments being disjoint, a union U scores
-   Dice(U) = 2 A(U) / (S(U) + G). If U* is optimal with value d*, adding a segment k changes the
-   value by the sign of 2 a_k - d* s_k and removing it by the opposite sign, so U* holds every segment with
-   precision a_k / s_k > d* / 2 and none below: the optimum is a PREFIX of the segments sorted by precision.
-   Scoring the K + 1 prefixes is therefore exact in O(K log K); no 2^K search or greedy heuristic is needed
-   (the tests check it against brute-force enumeration).
-2. `nms_dice`: DiNO-Diffusion (Sec. 2.4.4) says only that "candidate masks were evaluated by their Dice
-   score and selected via non-maximum suppression"; its code is not public. Our reading, stated precisely:
-   candidates = the K segments, ranked by the fraction of their pixels inside GT (precision, ties: more lung
-   pixels, then lower label); walk the ranking and keep each candidate whose fraction exceeds `min_overlap`
-   (0.5: a majority of its pixels are lung); the first one at or below it suppresses itself and every later
-   one. The lung mask is the union of the kept segments. Segments of a label map are disjoint, so NMS's
-   usual IoU suppression between kept candidates never fires and the rule equals per-segment majority voting.
-   It is rule 1 with the cutoff min_overlap instead of d* / 2, hence never better than rule 1.
-3. `hungarian_dice`: the DiffSeg benchmark protocol (google/diffseg, diffseg/utils.py `hungarian_matching`,
-   after PiCIE): per image the histogram hist[c, k] = |GT_c & S_k| for the classes c in {background, lung};
-   `linear_sum_assignment(hist, maximize=True)` gives each class one distinct segment (the rest stay
-   unmatched) and the lung prediction is the segment matched to lung. `criterion="iou"` matches on
-   |GT_c & S_k| / |GT_c | S_k| instead. A GT class with no pixel is left out of the matching.
-
-Also here: `mask_baselines` (image-blind reference scores) and `overlay` (a label map drawn in colour over
-the CXR with the GT lung contour, segment.py's overlays).
-
-Empty GT (no lung pixel) is accepted with a warning: every rule then selects no segment, and the empty
-prediction scores 1.0 by `eval.metrics.dice`'s both-empty convention.
+DiffSeg (diffseg.py) splits an image into K segments with no names; the ground truth (GT) is one binary lung
+mask, so a rule must pick the lung segments before Dice can be computed (segment.py reports all three).
+With a_k = |S_k & GT|, s_k = |S_k| and G = |GT| (segments are disjoint), for one image [H, W]:
+1. `best_union_dice` (oracle upper bound): a union U scores Dice(U) = 2 A(U) / (S(U) + G). If U* is optimal with
+   value d*, adding a segment k changes the value by the sign of 2 a_k - d* s_k and removing it by the opposite
+   sign, so U* holds every segment with precision a_k / s_k > d* / 2 and none below: a PREFIX of the segments
+   sorted by precision. Scoring the K + 1 prefixes is exact in O(K log K) (tested against brute force).
+2. `nms_dice`, the headline `dice`: the paper says only that "candidate masks were evaluated by their Dice score
+   and selected via non-maximum suppression". Our reading: rank the segments by precision (ties: more lung
+   pixels, then lower label) and keep them while it exceeds 0.5 (a majority of lung pixels). Segments are
+   disjoint, so NMS's IoU suppression never fires: per-segment majority voting, i.e. rule 1 with the cutoff
+   0.5 instead of d* / 2, hence never better than rule 1.
+3. `hungarian_dice`: the DiffSeg benchmark protocol (google/diffseg utils.py `hungarian_matching`, after PiCIE):
+   background and lung each get one distinct segment, maximising the matched overlap |GT_c & S_k| (or IoU);
+   the lung's segment is the prediction. A GT class with no pixel is left out.
+An empty GT warns; every rule then selects nothing and scores 1.0 (`eval.metrics.dice`'s both-empty rule).
+Also here: `mask_baselines` and `block_partition` (image-blind reference scores), `overlay` (a label map in
+colour over the CXR with the GT lung contour: segment.py's overlays, eval/report.py's figure) and segment.py's
+reports: `segment_image` (one image's label map, overlay and dice.csv row), `report` (dice.csv, summary.json,
+overlays.png, the one-segment warning) and `write_table` (the sweep/search summary).
 """
 
 from __future__ import annotations
 
 import colorsys
+import csv
+import itertools
 import math
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -43,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import hub
+from eval import figures
 from eval.metrics import dice
 
 
@@ -53,26 +49,23 @@ class Selection(NamedTuple):
 
 
 def _segments(labels, gt):
-    """-> labels, gt (bool), ids [K], inverse [H*W], s_k [K] (pixels), a_k [K] (lung pixels), G."""
+    """-> labels, gt (bool), ids [K], s_k [K] (pixels), a_k [K] (lung pixels), G, indices by precision."""
     labels, gt = torch.as_tensor(labels), torch.as_tensor(gt)
     if labels.shape != gt.shape or labels.ndim != 2:
         raise ValueError(f"labels {list(labels.shape)} and gt {list(gt.shape)} must be two [H, W] maps of "
                          "the same shape (diffseg(out_size=...) gives the label map the image size)")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer label map, got dtype {labels.dtype}")
-    if gt.dtype != torch.bool:
-        if not torch.all((gt == 0) | (gt == 1)):
-            raise ValueError("gt must be a binary mask (bool or 0/1); threshold it first, e.g. mask > 127 "
-                             "for a 0/255 PNG")
-        gt = gt.bool()
+    if gt.dtype != torch.bool and not torch.all((gt == 0) | (gt == 1)):
+        raise ValueError("gt must be a binary mask (bool or 0/1); threshold it first, e.g. mask > 127 for a 0/255 PNG")
+    gt = gt.bool()
     ids, inverse = torch.unique(labels.reshape(-1), return_inverse=True)
-    sizes = torch.bincount(inverse, minlength=len(ids))
-    inside = torch.bincount(inverse[gt.reshape(-1)], minlength=len(ids))
-    g = int(gt.sum())
-    if g == 0:
-        warnings.warn("gt lung mask is empty: no segment is selected and the empty prediction scores 1.0",
-                      stacklevel=3)
-    return labels, gt, ids, sizes, inside, g
+    s = torch.bincount(inverse, minlength=len(ids)).tolist()
+    a = torch.bincount(inverse[gt.reshape(-1)], minlength=len(ids)).tolist()
+    if not gt.any():
+        warnings.warn("gt lung mask is empty: no segment is selected and the empty prediction scores 1.0", stacklevel=3)
+    order = sorted(range(len(ids)), key=lambda k: (-a[k] / s[k], -a[k], k))  # precision, then lung pixels
+    return labels, gt, ids, s, a, int(gt.sum()), order
 
 
 def _select(labels, gt, ids, chosen) -> Selection:
@@ -81,48 +74,47 @@ def _select(labels, gt, ids, chosen) -> Selection:
     return Selection(float(dice(mask, gt)), tuple(chosen), mask)
 
 
-def _precision_order(sizes, inside) -> list[int]:
-    """Segment indices by precision a_k / s_k, descending; ties: more lung pixels, then lower label."""
-    return sorted(range(len(sizes)), key=lambda k: (-int(inside[k]) / int(sizes[k]), -int(inside[k]), k))
-
-
 def best_union_dice(labels, gt) -> Selection:
-    """The union of segments with the highest Dice vs gt (exact, module docstring). Ties: fewer segments."""
-    labels, gt, ids, sizes, inside, g = _segments(labels, gt)
-    order = _precision_order(sizes, inside)
-    best, best_n, a, s = (1.0 if g == 0 else 0.0), 0, 0, 0  # the empty union first
+    """The union of segments with the highest Dice vs gt (rule 1: the best prefix by precision). Ties: fewer."""
+    labels, gt, ids, s, a, g, order = _segments(labels, gt)
+    best, best_n, lung, size = (1.0 if g == 0 else 0.0), 0, 0, 0  # the empty union first
     for n, k in enumerate(order, 1):
-        a, s = a + int(inside[k]), s + int(sizes[k])
-        d = 2 * a / (s + g)
-        if d > best:
-            best, best_n = d, n
+        lung, size = lung + a[k], size + s[k]
+        if 2 * lung / (size + g) > best:
+            best, best_n = 2 * lung / (size + g), n
     return _select(labels, gt, ids, order[:best_n])
 
 
 def nms_dice(labels, gt, min_overlap: float = 0.5) -> Selection:
-    """Keep segments, by descending fraction inside gt, while it exceeds min_overlap (module docstring, 2)."""
-    labels, gt, ids, sizes, inside, g = _segments(labels, gt)
-    kept = []
-    for k in _precision_order(sizes, inside):
-        if int(inside[k]) / int(sizes[k]) <= min_overlap:
-            break  # this and every later candidate are suppressed
-        kept.append(k)
-    return _select(labels, gt, ids, kept)
+    """Keep segments, by descending precision, while it exceeds min_overlap (rule 2)."""
+    labels, gt, ids, s, a, g, order = _segments(labels, gt)
+    return _select(labels, gt, ids, list(itertools.takewhile(lambda k: a[k] / s[k] > min_overlap, order)))
 
 
 def hungarian_dice(labels, gt, criterion: str = "overlap") -> Selection:
-    """Match {background, lung} to distinct segments maximising overlap (or IoU); Dice of the lung's match."""
-    labels, gt, ids, sizes, inside, g = _segments(labels, gt)
-    hist = torch.stack([sizes - inside, inside]).double()  # [2 classes, K segments]
-    if criterion == "iou":
-        class_sizes = hist.sum(1, keepdim=True)
-        hist = hist / (class_sizes + sizes.double()[None] - hist)
-    elif criterion != "overlap":
+    """Rule 3: {background, lung} matched to distinct segments maximising overlap (or IoU); Dice of the lung's.
+
+    Two classes need no general Hungarian algorithm: each class wants its best segment (first maximum); if
+    they differ, that is the optimum. If both want the same one, the class that loses less by moving takes its
+    best other segment (the cheapest move; ties: lung moves); with no other segment, the larger score keeps it
+    (ties: background). An optimal assignment, as scipy's linear_sum_assignment (tested), with ties resolved
+    as the Kuhn-Munkres algorithm it replaces (rows added in class order).
+    """
+    labels, gt, ids, s, a, g, _ = _segments(labels, gt)
+    if criterion not in ("overlap", "iou"):
         raise ValueError(f"criterion must be 'overlap' or 'iou', got {criterion!r}")
-    present = [c for c, n in enumerate((labels.numel() - g, g)) if n > 0]
-    rows, cols = linear_sum_assignment(hist[present], maximize=True)
-    lung = [int(k) for r, k in zip(rows.tolist(), cols.tolist()) if present[r] == 1]
-    return _select(labels, gt, ids, lung)
+    hist = torch.tensor([[si - ai for si, ai in zip(s, a)], a], dtype=torch.float64)  # [2 classes, K segments]
+    if criterion == "iou":
+        hist = hist / (hist.sum(1, keepdim=True) + torch.tensor(s, dtype=torch.float64)[None] - hist)
+    bg, lung = hist.tolist()
+    want_bg, want_lung = (max(range(len(row)), key=row.__getitem__) for row in (bg, lung))  # first maxima
+    if g == 0 or g == labels.numel() or want_bg != want_lung:  # no lung; no background; or no conflict
+        return _select(labels, gt, ids, [] if g == 0 else [want_lung])
+    k, others = want_bg, [j for j in range(len(bg)) if j != want_bg]  # both want segment k
+    if not others:
+        return _select(labels, gt, ids, [k] if lung[k] > bg[k] else [])
+    j = min(others, key=lambda j: min(lung[k] - lung[j], bg[k] - bg[j]))  # the cheapest move, to segment j
+    return _select(labels, gt, ids, [k] if bg[k] - bg[j] < lung[k] - lung[j] else [j])  # background moves?
 
 
 RULES = {"best_union": best_union_dice, "nms": nms_dice, "hungarian": hungarian_dice}  # name -> rule
@@ -135,110 +127,106 @@ def lung_scores(labels, gt) -> dict:
         scores = {f"dice_{name}": rule(labels, gt).dice for name, rule in RULES.items()}
     if not torch.as_tensor(gt).bool().any():
         warnings.warn("gt lung mask is empty: every rule selects nothing and scores 1.0", stacklevel=2)
-    scores["num_segments"] = len(torch.unique(torch.as_tensor(labels)))
-    return scores
+    return scores | {"num_segments": len(torch.unique(torch.as_tensor(labels)))}
 
 
 def mask_baselines(masks) -> dict[str, torch.Tensor]:
-    """Per-image Dice of two segmenters that never look at the image, for masks bool [N, H, W] -> {name: [N]}.
-
-    `all_foreground`: every pixel is lung (Dice = 2|GT| / (|GT| + HW), i.e. it rewards large lungs).
-    `prior`: a fixed lung-shaped mask, the pixel-wise mean of the OTHER N - 1 masks thresholded at 0.5
-    (leave-one-out, so an image's own mask never helps it); needs N >= 2.
-    A segmenter that cannot beat `prior` has learned nothing about the particular image.
-    """
+    """Per-image Dice of two image-blind segmenters, masks bool [N, H, W] -> {name: [N]}: `all_foreground`
+    (every pixel lung: 2|GT| / (|GT| + HW), it rewards large lungs) and `prior` (the pixel-wise mean of the
+    OTHER N - 1 masks at 0.5: leave-one-out, needs N >= 2). A segmenter that cannot beat `prior` has learned
+    nothing about the particular image."""
     m = torch.as_tensor(masks).bool()
     if m.ndim != 3 or len(m) < 2:
         raise ValueError(f"mask_baselines: expected masks [N >= 2, H, W], got shape {list(m.shape)}")
-    f = m.double()
-    prior = (f.sum(0) - f) / (len(m) - 1) >= 0.5  # [N, H, W]: leave-one-out mean mask
+    prior = (m.double().sum(0) - m.double()) / (len(m) - 1) >= 0.5  # [N, H, W]
     return {"all_foreground": dice(torch.ones_like(m), m), "prior": dice(prior, m)}
 
 
 def block_partition(num_segments: int, height: int, width: int) -> torch.Tensor:
-    """An image-blind label map [H, W] of about `num_segments` equal square-ish blocks (side round(sqrt(K))).
-
-    The fair baseline for the GT-selected rules: with K small segments, majority voting (nms_dice) or the
-    oracle union can trace the GT at the segments' resolution whatever the segments are. Scoring this
-    partition with the same rule and the same K shows how much of a Dice comes from the segment count
-    alone; segments that know the anatomy must beat it.
-    """
+    """An image-blind label map [H, W] of round(sqrt(K))^2 equal blocks: with K small segments, majority voting
+    or the oracle union trace the GT at the segments' resolution whatever they are, so the same rule on this
+    partition shows how much Dice the segment count alone buys; segments that know the anatomy must beat it."""
     side = max(1, round(math.sqrt(num_segments)))
-    rows = torch.arange(height) * side // height
-    cols = torch.arange(width) * side // width
-    return rows[:, None] * side + cols[None, :]
-
-
-CONTOUR = (255, 255, 0)  # ground-truth lung contour colour in the overlays
-
-
-def palette(k: int) -> np.ndarray:
-    """k distinct colours uint8 [k, 3]: golden-ratio hue steps (deterministic, no colormap dependency)."""
-    return np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.7, 1.0) for i in range(k)]) * 255
+    return (torch.arange(height) * side // height)[:, None] * side + (torch.arange(width) * side // width)[None, :]
 
 
 def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) -> Image.Image:
-    """CXR [S, S] in [0, 1] + label map [S, S] (+ lung mask) -> RGB: 45 % segment colour, GT contour."""
-    gray = image.float().numpy()[..., None] * 255
-    rgb = 0.55 * gray + 0.45 * palette(int(labels.max()) + 1)[labels.numpy()]
+    """CXR [S, S] in [0, 1] + label map [S, S] (+ lung mask) -> RGB: 45 % segment colour (golden-ratio hue
+    steps), the GT contour (mask minus its erosion) in yellow."""
+    colours = np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.7, 1.0) for i in range(int(labels.max()) + 1)])
+    rgb = 0.55 * (image.float().numpy()[..., None] * 255) + 0.45 * (colours * 255)[labels.numpy()]
     if gt is not None:
         m = gt.float()[None, None]
-        contour = (m - -F.max_pool2d(-m, 3, 1, 1))[0, 0].bool().numpy()  # mask minus its erosion
-        rgb[contour] = CONTOUR
+        rgb[(m + F.max_pool2d(-m, 3, 1, 1))[0, 0].bool().numpy()] = (255, 255, 0)
     return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
 
 
-def linear_sum_assignment(cost, maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimum-cost assignment of a rectangular [n, m] matrix, as scipy.optimize.linear_sum_assignment.
+# ---------------------------------------------------------------------------------------------- segment.py's reports
 
-    Returns (row_ind, col_ind), LongTensors of min(n, m) pairs sorted by row. Hungarian algorithm with
-    potentials (Kuhn-Munkres in the O(n^2 m) shortest-augmenting-path form of e-maxx.ru "Hungarian
-    algorithm"): rows are added one at a time; Dijkstra-like growth over columns with reduced costs
-    c[i, j] - u[i] - v[j] >= 0 finds the cheapest augmenting path, and the potentials keep reduced costs
-    non-negative. Needs n <= m, so a tall matrix is solved transposed.
-    """
-    c = torch.as_tensor(cost, dtype=torch.float64).cpu()
-    if c.ndim != 2:
-        raise ValueError(f"cost must be a 2-D matrix, got shape {list(c.shape)}")
-    if not torch.isfinite(c).all():
-        raise ValueError("cost matrix contains NaN or infinite entries")
-    if maximize:
-        c = -c
-    transposed = c.shape[0] > c.shape[1]
-    if transposed:
-        c = c.T
-    n, m = c.shape
-    a = c.tolist()
-    u, v = [0.0] * (n + 1), [0.0] * (m + 1)  # potentials (1-based; index 0 is the virtual start)
-    p, way = [0] * (m + 1), [0] * (m + 1)  # p[j]: row matched to column j; way[j]: previous path column
-    for i in range(1, n + 1):
-        p[0], j0 = i, 0
-        minv, used = [math.inf] * (m + 1), [False] * (m + 1)
-        while True:  # grow the tree of alternating paths until a free column is reached
-            used[j0] = True
-            i0, delta, j1 = p[j0], math.inf, 0
-            for j in range(1, m + 1):
-                if not used[j]:
-                    cur = a[i0 - 1][j - 1] - u[i0] - v[j]
-                    if cur < minv[j]:
-                        minv[j], way[j] = cur, j0
-                    if minv[j] < delta:
-                        delta, j1 = minv[j], j
-            for j in range(m + 1):
-                if used[j]:
-                    u[p[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while j0:  # augment along the path
-            j1 = way[j0]
-            p[j0], j0 = p[j1], j1
-    pairs = sorted((p[j] - 1, j - 1) for j in range(1, m + 1) if p[j])
-    if transposed:
-        pairs = sorted((j, i) for i, j in pairs)
-    rows = torch.tensor([r for r, _ in pairs], dtype=torch.long)
-    cols = torch.tensor([k for _, k in pairs], dtype=torch.long)
-    return rows, cols
+
+def segment_image(lab, image, gt, stem: str, path, folder: Path) -> dict:
+    """Save one label map [S, S] and its overlay -> the image's dice.csv row (scores when gt is given)."""
+    lab = (torch.bincount(lab.flatten()) > 0).cumsum(0)[lab] - 1  # consecutive ids 0..K-1, order kept
+    Image.fromarray(lab.numpy().astype(np.uint8 if lab.max() < 256 else np.uint16)).save(
+        folder / "labels" / f"{stem}.png")
+    overlay(image, lab, gt).save(folder / "overlays" / f"{stem}.png")
+    if gt is None:
+        return {"image": stem, "path": str(path), "num_segments": int(lab.max()) + 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # empty masks were reported, by name, while reading
+        scores = lung_scores(lab, gt)
+        blocks = block_partition(scores["num_segments"], *lab.shape)  # image-blind, same segment count
+        scores["dice_baseline_blocks"] = nms_dice(blocks, gt).dice
+    return {"image": stem, "path": str(path), "dice": scores["dice_nms"]} | scores
+
+
+def write_csv(path: Path, rows: list[dict]):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def report(folder: Path, rows: list[dict], meta: dict, images) -> dict:
+    """dice.csv (with masks), summary.json, overlays.png, the one-segment warning and a printed line -> summary."""
+    summary = {"n": len(rows), "mean_num_segments": float(np.mean([r["num_segments"] for r in rows]))}
+    if "dice" in rows[0]:
+        write_csv(folder / "dice.csv", rows)
+        d = np.array([r["dice"] for r in rows])
+        summary |= {"mean_dice": float(d.mean()), "std_dice": float(d.std()), "dice_rule": "nms"}
+        summary |= {f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("dice_")}
+    hub.write_json_atomic(summary | meta, folder / "summary.json")
+    pick, index = rows[:8], {r["image"]: i for i, r in enumerate(rows)}  # overlays.png: the first 8 images
+    over = [torch.from_numpy(np.array(Image.open(folder / "overlays" / f"{r['image']}.png"))).permute(2, 0, 1)
+            .float() / 255 for r in pick]
+    info = [f"{r['num_segments']} segments" + (f", Dice {r['dice']:.2f}" if "dice" in r else "") for r in pick]
+    figures.caption_grid([[images[index[r["image"]], 0] for r in pick], over], ["image", "DiffSeg"],
+                         [r["image"] for r in pick], [[""] * len(pick), info],
+                         title="DiffSeg segments in colour, ground-truth lung contour in yellow").save(
+        folder / "overlays.png")
+    single, threshold = sum(r["num_segments"] == 1 for r in rows), meta["settings"]["threshold"]
+    if single * 2 > len(rows):  # blank label maps: Dice of 'every pixel lung' at best
+        hint = "a smaller --threshold" if threshold == "auto" else "--threshold auto or a smaller value"
+        warnings.warn(f"{folder}: {single} of {len(rows)} images ended as ONE segment (blank label maps) at "
+                      f"--threshold {threshold}, which does not suit this model: try {hint} "
+                      "(--search threshold=... compares several)", stacklevel=2)
+    if "mean_dice" in summary:
+        blind = ", ".join(f"{k.removeprefix('mean_dice_baseline_')} {v:.4f}" for k, v in summary.items()
+                          if k.startswith("mean_dice_baseline_"))
+        print(f"{folder}: mean Dice (nms) {summary['mean_dice']:.4f} +- {summary['std_dice']:.4f} over "
+              f"{len(rows)} images; image-blind baselines: {blind}; {summary['mean_num_segments']:.1f} segments")
+    return summary | meta
+
+
+def write_table(out: Path, summaries: list[dict], columns: list[str]):
+    """The sweep/search summary (summary.csv, summary.json, printed): one row per report, best mean Dice first."""
+    rows = sorted(summaries, key=lambda s: -s.get("mean_dice", 0.0))
+    keys = columns + [k for k in ("mean_dice", "std_dice", "mean_dice_best_union", "mean_dice_nms",
+                                  "mean_dice_hungarian", "mean_dice_baseline_blocks", "mean_num_segments", "n")
+                      if k in rows[0]]
+    table = [{k: (r["settings"] | r)[k] for k in keys} for r in rows]
+    write_csv(out / "summary.csv", table)
+    hub.write_json_atomic({"reports": table}, out / "summary.json")
+    widths = [max(8, len(k)) for k in keys]
+    for r in [dict(zip(keys, keys)), *table]:
+        print("  ".join(f"{v:>{w}.4f}" if isinstance(v, float) else f"{v!s:>{w}}" for v, w in zip(r.values(), widths)))

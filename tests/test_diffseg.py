@@ -1,16 +1,15 @@
-"""DiffSeg (unet/diffseg.py) on synthetic attention maps, and the lung evaluation rules (eval/segmentation.py)."""
+"""DiffSeg (diffseg.py) on synthetic attention maps, and the lung evaluation rules (eval/segmentation.py)."""
 
 import functools
 import itertools
+import warnings
 from collections import namedtuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.metrics import dice
-from eval.segmentation import best_union_dice, hungarian_dice, linear_sum_assignment, lung_scores, nms_dice
-from unet.diffseg import (
+from diffseg import (
     AttentionAggregator,
     anchor_grid,
     auto_threshold,
@@ -20,6 +19,8 @@ from unet.diffseg import (
     merge_attention,
     symmetric_kl,
 )
+from eval.metrics import dice
+from eval.segmentation import best_union_dice, hungarian_dice, lung_scores, nms_dice
 
 AttentionMap = namedtuple("AttentionMap", "name resolution probs")  # the unet.AttentionMap contract
 
@@ -80,13 +81,16 @@ def synthetic():
 
 
 def region_dice(labels, truth):
-    """Per-region Dice after matching regions to predicted labels (Hungarian on Dice)."""
+    """Per-region Dice after matching regions to distinct predicted labels (the best matching, by search)."""
     ids = torch.unique(labels)
     d = torch.tensor([[2 * ((truth == r) & (labels == i)).sum().item()
                        / ((truth == r).sum() + (labels == i).sum()).item() for i in ids]
                       for r in torch.unique(truth)])
-    rows, cols = linear_sum_assignment(d, maximize=True)
-    return d[rows, cols]
+    rows = torch.arange(len(d))
+    if len(ids) < len(d):  # fewer labels than regions: the unmatched regions score 0
+        d = torch.cat([d, torch.zeros(len(d), len(d) - len(ids))], 1)
+    cols = max(itertools.permutations(range(d.shape[1]), len(d)), key=lambda c: d[rows, list(c)].sum())
+    return d[rows, list(cols)]
 
 
 # ------------------------------------------------------------------------------------------ symmetric KL
@@ -248,20 +252,31 @@ def test_diffseg_bad_inputs():
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (5, 2), (4, 4), (6, 9), (9, 6)])
-def test_linear_sum_assignment_matches_scipy(shape):
+def test_hungarian_matches_scipy_assignment():
+    """The two-class rule of hungarian_dice finds an optimal assignment of hist [2, K], as scipy's
+    linear_sum_assignment: the same matched total always, the same lung segment when the optimum is unique."""
     scipy_lsa = pytest.importorskip("scipy.optimize").linear_sum_assignment
-    g = torch.Generator().manual_seed(shape[0] * 10 + shape[1])
-    for maximize in (False, True):
-        cost = torch.randn(shape, generator=g, dtype=torch.float64)
-        rows, cols = linear_sum_assignment(cost, maximize=maximize)
-        ref_rows, ref_cols = scipy_lsa(cost.numpy(), maximize=maximize)
-        assert rows.tolist() == ref_rows.tolist() and cols.tolist() == ref_cols.tolist()
-        ties = torch.randint(0, 3, shape, generator=g).double()  # many optima: compare the cost only
-        rows, cols = linear_sum_assignment(ties, maximize=maximize)
-        ref_rows, ref_cols = scipy_lsa(ties.numpy(), maximize=maximize)
-        assert ties[rows, cols].sum() == ties.numpy()[ref_rows, ref_cols].sum()
-        assert len(set(cols.tolist())) == len(cols) == min(shape)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        k, side = 1 + trial % 5, 2 + trial % 4
+        labels = torch.randint(0, k, (side, side), generator=g) * 3
+        gt = torch.rand(side, side, generator=g) < (0.5, 0.5, 0.5, 0.5, 0.5, 0.0, 1.0)[trial % 7]  # + no/all lung
+        ids = torch.unique(labels)
+        sizes = torch.stack([(labels == i).sum() for i in ids]).double()
+        for criterion in ("overlap", "iou"):
+            h = torch.stack([torch.stack([((labels == i) & (gt == c)).sum() for i in ids]) for c in (0, 1)]).double()
+            h = h / (h.sum(1, keepdim=True) + sizes - h) if criterion == "iou" else h
+            present = [c for c in (0, 1) if (gt == c).any()]
+            rows, cols = scipy_lsa(h[present].numpy(), maximize=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # empty gt
+                ours = [int((ids == s).nonzero()) for s in hungarian_dice(labels, gt, criterion).segments]
+            bg = [j for j in range(len(ids)) if j not in ours] if 0 in present else []
+            total = sum(float(h[1, j]) for j in ours) + max([float(h[0, j]) for j in bg], default=0.0)
+            assert total == pytest.approx(float(h[present].numpy()[rows, cols].sum()), abs=1e-12)
+            lung = [int(c) for r, c in zip(rows, cols) if present[r] == 1]
+            pairs = [float(h[0, a] + h[1, b]) for a in range(len(ids)) for b in range(len(ids)) if a != b]
+            assert ours == lung or len(present) < 2 or len(ids) < 2 or pairs.count(max(pairs)) > 1
 
 
 def greedy_union(labels, gt):

@@ -158,7 +158,7 @@ def test_search_one_report_per_combination(run_dir, phantoms, tmp_path, monkeypa
     # (batch, timestep), reused by 4 threshold/grid pairs
     table = read_csv(out / "summary.csv")
     assert len(table) == len(summaries) == 8
-    assert list(table[0])[:3] == ["timestep", "threshold", "grid"]  # searched keys in segment.SEARCH_KEYS order
+    assert list(table[0])[:3] == ["timestep", "threshold", "grid"]  # searched keys in segment.SEARCH order
     means = [float(r["mean_dice"]) for r in table]
     assert means == sorted(means, reverse=True)
     assert {(r["timestep"], r["threshold"], r["grid"]) for r in table} == {

@@ -1,26 +1,24 @@
-"""DiffSeg: zero-shot segmentation from the UNet's self-attention maps.
+"""DiffSeg: zero-shot segmentation from the UNet's self-attention maps, the whole algorithm in one file.
 
-Tian et al., "Diffuse, Attend, and Segment" (CVPR 2024; reference code google/diffseg, diffseg/segmentor.py),
-used by DiNO-Diffusion (Jimenez-Perez et al., arXiv 2407.11594, Sec. 2.4.4) to segment lungs with no training.
+Tian et al., "Diffuse, Attend, and Segment" (CVPR 2024, Sec. 3; reference google/diffseg, segmentor.py), used
+by DiNO-Diffusion (arXiv 2407.11594, Sec. 2.4.4) to segment lungs with no training. A self-attention row
+p_q = softmax(q_q . K / sqrt(d)) is a distribution over the locations query q looks at. Queries on one object
+look at the same places, so their rows are close; DiffSeg clusters rows:
 
-A self-attention row p_q = softmax(q_q . K / sqrt(d)) is a distribution over the locations that query q looks
-at. Queries on one object look at the same places, so their rows are close; DiffSeg clusters rows:
-
-1. Aggregate (`AttentionAggregator`). One UNet forward (t = 300, no noise) yields 16 head-averaged maps
-   [B, h*w, h*w] on 64/32/16/8 grids for a 512-px image (32/16/8/4 for 256 px). Layers of one grid are
-   averaged; each grid's KEY dims are upsampled bilinearly to the finest grid and renormalised to sum 1, its
-   QUERY dims are repeated (nearest), and grids are summed with weights proportional to their side
-   ([64, 32, 16, 8] / 120). Result A [B, N, N], N = 64 * 64: row q is where location q attends.
-2. Anchor (`anchor_grid`). M x M query locations on a regular grid (M = 16 on 64x64: rows/cols 1, 5, ..., 61).
-3. Merge (`merge_attention`), distance D(x, y) = (KL(x||y) + KL(y||x)) / 2 (`symmetric_kl`).
-   Iteration 0: each anchor's proposal = mean of ALL N rows of A within `threshold` of the anchor's row.
-   Iterations 1, 2, ...: walk the proposals in order; each not yet matched one is replaced by the mean of
-   every proposal within `threshold` of it (matched or not, exactly as the reference); those become matched.
-   The survivors are K object maps, each a distribution over the N locations.
-4. Label (`labels_from_objects`). Upsample the object maps bilinearly to the output size and give every pixel
-   the index of the largest map there (the reference's "non-maximum suppression"). `upsample="nearest"`
-   instead takes the argmax on the attention grid and repeats it (the variant of our notes, diffseg.md).
-Optional (`refine=True`, the reference's `refine`): k-means over the N rows, initialised at the object maps.
+1. Attention aggregation (Sec. 3.2, Eq. 2; `AttentionAggregator`). One UNet forward (t = 300, no noise) gives
+   16 head-averaged maps [B, h*w, h*w] on 64/32/16/8 grids for a 512-px image (32/16/8/4 for 256 px). Layers
+   of one grid are averaged; each grid's KEY dims are upsampled bilinearly to the finest grid and renormalised
+   to sum 1, its QUERY dims repeated (nearest), and grids summed with weights proportional to their side
+   ([64, 32, 16, 8] / 120). Result A [B, N, N], N = 64 * 64.
+2. Anchors (Sec. 3.3, sampling grid; `anchor_grid`): M x M query locations (M = 16 on 64x64: 1, 5, ..., 61).
+3. Iterative attention merging (Sec. 3.3, Eq. 3-4; `merge_attention`) with D(x, y) = (KL(x||y) + KL(y||x)) / 2
+   (`symmetric_kl`). Iteration 0: each anchor's proposal = mean of ALL N rows of A within `threshold` of the
+   anchor's row. Iterations 1, 2, ...: walk the proposals in order; each not yet matched one is replaced by the
+   mean of every proposal within `threshold` of it (matched or not, exactly as the reference); those become
+   matched. The survivors are K object maps, distributions over the N locations.
+4. Non-maximum suppression (Sec. 3.4; `labels_from_objects`): upsample the object maps bilinearly to the
+   output size, every pixel takes the index of the largest map there (`upsample="nearest"`: argmax on the
+   attention grid, then repeat). Optional (`refine=True`, the reference's): k-means from the object maps.
 
 Threshold (`threshold="auto"`, `auto_threshold`). A fixed KL threshold suits one model only: the distances
 scale with how sharp its attention is and with log N. SD-size models merge well at 0.05-1.1 (DiNO-Diffusion;
@@ -34,12 +32,11 @@ of the image apart, whatever the model's distance scale (a relative rule: it is 
 distance). Measured on the tiny preset's held-out phantoms (README): quantile 0.1 gives ~4-5 segments
 (lungs, body, background), 0.05 ~10, 0.3 mostly one.
 
-Precision: float32 throughout (the reference uses float16 for iteration 0 and float64 after).
+Memory stays bounded at any grid: nothing [N, N]-sized is built beyond A itself (distances and upsampling go
+chunk by chunk). Precision: float32 throughout (the reference uses float16 for iteration 0, float64 after).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -61,17 +58,12 @@ class AttentionAggregator:
     """Step 1: average, upsample, renormalise and weight self-attention maps into one [B, N, N] tensor.
 
     `add(m)` (or calling the aggregator, so it can be `unet.capture_self_attention`'s callback) takes any
-    object with `.name`, `.resolution` (h, w) and `.probs` [B, h*w, h*w].
-
-    Memory, per image at 512 px: one float32 running sum per grid at its native size (64 MiB for 64x64,
-    4 MiB for 32x32, 0.3 MiB for 16x16 and 8x8 together). `result()` turns the finest grid's sum into the
-    output in place when that grid is the output grid (the default) and adds the other grids chunk-wise over
-    `chunk_rows` output queries (temporaries: 4 MiB of upsampled rows + 16 MiB gathered), so the peak is
-    about 68 MiB + 20 MiB (256 px: 4.3 MiB + 5 MiB). A larger `out_res` adds a new [B, N, N] output buffer.
-    `result()` empties the aggregator, which can then take the next batch.
-
+    object with `.name`, `.resolution` (h, w) and `.probs` [B, h*w, h*w]; it keeps one float32 running sum per
+    grid. `result()` turns the finest grid's sum into the output in place and adds the coarser grids chunk-wise
+    over `chunk_rows` output queries, so the peak at 512 px is about 68 MiB + 20 MiB of temporaries per image
+    (256 px: 4.3 + 5 MiB). It empties the aggregator, which can then take the next batch.
     out_res: output grid (int or (h, w)); default = the largest grid added. weights: {grid side or (h, w):
-    weight}, used as given (as the reference's `weight_ratio`); default = sqrt(h*w) / sum over grids present.
+    weight}, used as given (the reference's `weight_ratio`); default = sqrt(h*w) / sum over grids present.
     Upsampling the keys after averaging equals averaging the upsampled layers exactly: half-pixel bilinear
     upsampling by an integer factor r multiplies every row sum by r^2, so renormalising is linear.
     """
@@ -79,13 +71,8 @@ class AttentionAggregator:
     def __init__(self, out_res=None, weights=None, chunk_rows: int = CHUNK_ROWS):
         self.out_res = None if out_res is None else _pair(out_res)
         self.weights = None if weights is None else {_pair(k): float(v) for k, v in weights.items()}
-        self.chunk_rows = chunk_rows
-        self.resolution: tuple[int, int] | None = None
-        self.reset()
-
-    def reset(self):
-        self.sums: dict[tuple[int, int], torch.Tensor] = {}  # grid -> running sum [B, h*w, h*w]
-        self.counts: dict[tuple[int, int], int] = {}  # layers added per grid (for logging)
+        self.chunk_rows, self.resolution = chunk_rows, None  # resolution: the grid of the last result
+        self.sums, self.counts = {}, {}  # grid -> running sum [B, h*w, h*w]; grid -> layers added
 
     def add(self, m):
         (h, w), probs = _pair(m.resolution), m.probs
@@ -94,8 +81,7 @@ class AttentionAggregator:
                              f"[B, {h * w}, {h * w}] for resolution {(h, w)}")
         batch = {s.shape[0] for s in self.sums.values()}
         if batch and probs.shape[0] not in batch:
-            raise ValueError(f"attention map {m.name!r} has batch {probs.shape[0]}, "
-                             f"earlier maps {batch.pop()}")
+            raise ValueError(f"attention map {m.name!r} has batch {probs.shape[0]}, earlier maps {batch.pop()}")
         if (h, w) in self.sums:
             self.sums[h, w] += probs.float()
         else:
@@ -104,35 +90,31 @@ class AttentionAggregator:
 
     __call__ = add
 
-    def extend(self, maps: Iterable):
+    def extend(self, maps):
         for m in maps:
             self.add(m)
         return self
 
     def grid_weights(self) -> dict[tuple[int, int], float]:
-        if self.weights is not None:
-            missing = [g for g in self.sums if g not in self.weights]
-            if missing:
-                raise ValueError(f"weights has no entry for grid(s) {missing}; "
-                                 f"it covers {list(self.weights)}")
-            return {g: self.weights[g] for g in self.sums}
-        sides = {g: (g[0] * g[1]) ** 0.5 for g in self.sums}
-        return {g: s / sum(sides.values()) for g, s in sides.items()}
+        if self.weights is None:
+            sides = {g: (g[0] * g[1]) ** 0.5 for g in self.sums}
+            return {g: s / sum(sides.values()) for g, s in sides.items()}
+        missing = [g for g in self.sums if g not in self.weights]
+        if missing:
+            raise ValueError(f"weights has no entry for grid(s) {missing}; it covers {list(self.weights)}")
+        return {g: self.weights[g] for g in self.sums}
 
     def result(self) -> torch.Tensor:
         """-> float32 [B, H*W, H*W] (H, W = out_res); every row sums to 1 when the weights sum to 1."""
         if not self.sums:
             raise ValueError("AttentionAggregator.result(): no attention maps were added")
-        weights = self.grid_weights()
-        out_h, out_w = self.out_res or max(self.sums, key=lambda g: g[0] * g[1])
-        for g in self.sums:
+        weights, sums = self.grid_weights(), self.sums
+        out_h, out_w = self.out_res or max(sums, key=lambda g: g[0] * g[1])
+        for g in sums:
             if g[0] > out_h or g[1] > out_w:
                 raise ValueError(f"attention grid {g} is finer than out_res {(out_h, out_w)}")
-        sums = self.sums
-        self.reset()
-        self.resolution = (out_h, out_w)  # grid of the last result
-        first = next(iter(sums.values()))
-        n_out = out_h * out_w
+        self.sums, self.counts, self.resolution = {}, {}, (out_h, out_w)
+        n_out, first = out_h * out_w, next(iter(sums.values()))
         if (out_h, out_w) in sums:  # in place: the finest grid's sum becomes the output
             out = sums.pop((out_h, out_w))
             out /= out.sum(-1, keepdim=True)  # mean of the layers, renormalised as the reference does
@@ -140,7 +122,7 @@ class AttentionAggregator:
         else:
             out = first.new_zeros(first.shape[0], n_out, n_out)
         for (h, w), s in sums.items():
-            # native query feeding each output query: nearest = repeat for integer ratios  [n_out]
+            # the native query feeding each output query: nearest = repeat for integer ratios  [n_out]
             src = ((torch.arange(out_h, device=s.device) * h // out_h)[:, None] * w
                    + (torch.arange(out_w, device=s.device) * w // out_w)[None, :]).reshape(-1)
             for start in range(0, n_out, self.chunk_rows):
@@ -153,17 +135,10 @@ class AttentionAggregator:
         return out
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products [R, D], [R, D] -> [R] without an [R, D] product temporary."""
-    return (a[:, None, :] @ b[:, :, None]).reshape(-1)
-
-
-def symmetric_kl(x: torch.Tensor, y: torch.Tensor, eps: float = KL_EPS,
-                 chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+def symmetric_kl(x: torch.Tensor, y: torch.Tensor, eps: float = KL_EPS, chunk_rows: int = CHUNK_ROWS):
     """Pairwise D(x_i, y_j) = (KL(x_i||y_j) + KL(y_j||x_i)) / 2 of row distributions [M, D], [N, D] -> [M, N].
 
-    KL(x||y) = sum x log x - sum x log y, so
-        D = (sum x log x + sum y log y - x . log y - log x . y) / 2:
+    KL(x||y) = sum x log x - sum x log y, so D = (sum x log x + sum y log y - x . log y - log x . y) / 2:
     two matrix products, with log y built chunk by chunk over the rows of y (never an [M, N, D] tensor).
     x is the small set (anchors, proposals) and is held whole. float32; log(clamp(p, eps)) guards log 0.
     """
@@ -171,19 +146,18 @@ def symmetric_kl(x: torch.Tensor, y: torch.Tensor, eps: float = KL_EPS,
         raise ValueError(f"symmetric_kl needs x [M, D] and y [N, D], got {list(x.shape)} and {list(y.shape)}")
     x = x.float()
     log_x = x.clamp_min(eps).log_()
-    hx = _rowdot(x, log_x)  # [M]
+    hx = (x[:, None, :] @ log_x[:, :, None]).reshape(-1)  # row-wise sum x log x, no [M, D] temporary
     out = x.new_empty(x.shape[0], y.shape[0])
     for start in range(0, y.shape[0], chunk_rows):
         yc = y[start:start + chunk_rows].float()
         log_yc = yc.clamp_min(eps).log_()  # the only [chunk, D] temporary
-        hy = _rowdot(yc, log_yc)
-        cross = x @ log_yc.T + log_x @ yc.T  # [M, n]
-        out[:, start:start + chunk_rows] = 0.5 * (hx[:, None] + hy[None, :] - cross)
+        hy = (yc[:, None, :] @ log_yc[:, :, None]).reshape(-1)
+        out[:, start:start + chunk_rows] = 0.5 * (hx[:, None] + hy[None, :] - x @ log_yc.T - log_x @ yc.T)
     return out
 
 
 def anchor_grid(resolution, grid: int = 16, device=None) -> torch.Tensor:
-    """Query indices (row-major, y * w + x) of the M x M anchors: [M * M] LongTensor.
+    """Step 2: query indices (row-major, y * w + x) of the M x M anchors: [M * M] LongTensor.
 
     Per axis of side s, as the reference's `generate_sampling_grid` (written there for s = 64):
     step = (s - 1) // (M - 1), points = start + step * arange(M), start = (s - 1 - step * (M - 1)) // 2.
@@ -200,17 +174,6 @@ def anchor_grid(resolution, grid: int = 16, device=None) -> torch.Tensor:
     return (axis(h)[:, None] * w + axis(w)[None, :]).reshape(-1)
 
 
-def _thresholds(threshold, iterations: int) -> list[float]:
-    many = isinstance(threshold, (list, tuple))
-    ts = [float(t) for t in threshold] if many else [float(threshold)] * iterations
-    if len(ts) != iterations or iterations < 1:
-        raise ValueError(f"threshold {threshold} must be one value or one per iteration "
-                         f"(iterations={iterations})")
-    if min(ts) <= 0:
-        raise ValueError(f"threshold must be > 0, got {threshold}")
-    return ts
-
-
 def auto_threshold(attn: torch.Tensor, resolution, grid: int = 16, quantile: float = AUTO_QUANTILE) -> float:
     """The "auto" merge threshold of ONE image attn [N, N]: the `quantile` of the symmetric KL distances
     between its M x M anchors' attention rows, all pairs i != j (module docstring, "Threshold").
@@ -218,8 +181,7 @@ def auto_threshold(attn: torch.Tensor, resolution, grid: int = 16, quantile: flo
     float64 (M*M rows only): the float32 expansion in `symmetric_kl` rounds by ~1e-6, which is the whole
     scale of very smooth maps. Never below AUTO_FLOOR, so that the threshold stays > 0.
     """
-    anchors = anchor_grid(resolution, grid, device=attn.device)
-    rows = attn[anchors].double()
+    rows = attn[anchor_grid(resolution, grid, device=attn.device)].double()
     log = rows.clamp_min(KL_EPS).log()
     h = (rows * log).sum(1)
     d = 0.5 * (h[:, None] + h[None, :] - rows @ log.T - log @ rows.T)  # [M*M, M*M]
@@ -227,8 +189,7 @@ def auto_threshold(attn: torch.Tensor, resolution, grid: int = 16, quantile: flo
     return max(float(torch.quantile(off, quantile)), AUTO_FLOOR)
 
 
-def merge_attention(attn: torch.Tensor, resolution, grid: int = 16, threshold=0.05,
-                    iterations: int = 3) -> torch.Tensor:
+def merge_attention(attn: torch.Tensor, resolution, grid: int = 16, threshold=0.05, iterations: int = 3):
     """Steps 2-3 for ONE image: attn [N, N] (rows = queries) -> object maps [K, N] (rows sum to 1).
 
     threshold: one value, one per iteration (the reference takes a list), or "auto" (`auto_threshold`, the
@@ -238,12 +199,17 @@ def merge_attention(attn: torch.Tensor, resolution, grid: int = 16, threshold=0.
     attn = attn.float()
     if threshold == "auto":
         threshold = auto_threshold(attn, resolution, grid)
-    ts = _thresholds(threshold, iterations)
+    many = isinstance(threshold, (list, tuple))
+    ts = [float(t) for t in threshold] if many else [float(threshold)] * iterations
+    if len(ts) != iterations or iterations < 1:
+        raise ValueError(f"threshold {threshold} must be one value or one per iteration (iterations={iterations})")
+    if min(ts) <= 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
     anchors = anchor_grid(resolution, grid, device=attn.device)
     close = symmetric_kl(attn[anchors], attn) < ts[0]  # [M*M, N]
     close[torch.arange(len(anchors), device=attn.device), anchors] = True
     close = close.float()
-    objects = (close @ attn) / close.sum(1, keepdim=True)  # [M*M, N]
+    objects = (close @ attn) / close.sum(1, keepdim=True)  # iteration 0: proposals [M*M, N]
     for t in ts[1:]:
         close = symmetric_kl(objects, objects) < t  # [K, K]
         close.fill_diagonal_(True)
@@ -257,22 +223,20 @@ def merge_attention(attn: torch.Tensor, resolution, grid: int = 16, threshold=0.
     return objects
 
 
-def kmeans_refine(attn: torch.Tensor, objects: torch.Tensor, max_iter: int = 300,
-                  tol: float = 1e-4) -> torch.Tensor:
+def kmeans_refine(attn: torch.Tensor, objects: torch.Tensor, max_iter: int = 300, tol: float = 1e-4):
     """The reference's optional refinement: k-means (Lloyd) over the N rows of attn [N, N], started at the
     object maps [K, N]; returns the means of the non-empty clusters [K', N].
 
     Stops as sklearn's KMeans(n_init=1): when no label changes or the squared center shift falls to
     tol * mean per-feature variance. An emptied cluster keeps its center (sklearn relocates it instead).
     """
-    attn = attn.float()
+    attn, centers = attn.float(), objects.float()
     tol = tol * attn.var(0, correction=0).mean()
     sq = (attn * attn).sum(1, keepdim=True)  # [N, 1]
 
     def assign(c):
         return (sq - 2 * attn @ c.T + (c * c).sum(1)).argmin(1)  # squared Euclidean, [N]
 
-    centers = objects.float()
     labels = assign(centers)
     for _ in range(max_iter):
         onehot = F.one_hot(labels, len(centers)).float()  # [N, K]
@@ -280,8 +244,7 @@ def kmeans_refine(attn: torch.Tensor, objects: torch.Tensor, max_iter: int = 300
         new = torch.where(counts[:, None] > 0, (onehot.T @ attn) / counts.clamp_min(1)[:, None], centers)
         shift, centers = ((new - centers) ** 2).sum(), new
         new_labels = assign(centers)
-        converged = torch.equal(new_labels, labels) or shift <= tol
-        labels = new_labels
+        converged, labels = torch.equal(new_labels, labels) or shift <= tol, new_labels
         if converged:
             break
     onehot = F.one_hot(labels, len(centers)).float()
@@ -300,19 +263,16 @@ def labels_from_objects(objects: torch.Tensor, resolution, out_size=None, upsamp
     size = (h, w) if out_size is None else _pair(out_size)
     maps = objects.float().reshape(-1, 1, h, w)
     if upsample == "nearest":
-        labels = maps[:, 0].argmax(0)
-        return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        return F.interpolate(maps[:, 0].argmax(0)[None, None].float(), size=size, mode="nearest")[0, 0].long()
     if upsample != "bilinear":
         raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-    best = labels = None
+    best = torch.full(size, -torch.inf, device=maps.device)
+    labels = torch.zeros(size, dtype=torch.long, device=maps.device)
     for start in range(0, len(maps), chunk):
-        up = F.interpolate(maps[start:start + chunk], size=size, mode="bilinear", align_corners=False)[:, 0]
-        value, index = up.max(0)
-        if best is None:
-            best, labels = value, index + start
-        else:
-            better = value > best  # strict: earlier objects win ties
-            best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
+        value, index = F.interpolate(maps[start:start + chunk], size=size, mode="bilinear",
+                                     align_corners=False)[:, 0].max(0)
+        better = value > best  # strict: earlier objects win ties
+        best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
     return labels
 
 
@@ -328,30 +288,24 @@ def diffseg(attn: torch.Tensor, grid: int = 16, threshold=0.05, iterations: int 
     if attn.ndim != 3 or attn.shape[1] != attn.shape[2]:
         raise ValueError(f"diffseg needs attention [B, N, N], got {list(attn.shape)}")
     n = attn.shape[1]
-    if resolution is None:
-        side = round(n ** 0.5)
-        if side * side != n:
-            raise ValueError(f"attention has N = {n} locations, not a square grid: pass resolution=(h, w)")
-        resolution = (side, side)
-    h, w = _pair(resolution)
+    side = round(n ** 0.5)
+    if resolution is None and side * side != n:
+        raise ValueError(f"attention has N = {n} locations, not a square grid: pass resolution=(h, w)")
+    h, w = _pair(resolution or side)
     if h * w != n:
         raise ValueError(f"resolution {(h, w)} does not match N = {n} attention locations")
     labels, objects = [], []
     for a in attn:
         obj = merge_attention(a, (h, w), grid, threshold, iterations)
-        if refine:
-            obj = kmeans_refine(a, obj)
+        obj = kmeans_refine(a, obj) if refine else obj
         labels.append(labels_from_objects(obj, (h, w), out_size, upsample))
         objects.append(obj.reshape(-1, h, w))
-    labels = torch.stack(labels)
-    return (labels, objects) if return_objects else labels
+    return (torch.stack(labels), objects) if return_objects else torch.stack(labels)
 
 
-def diffseg_from_maps(maps: Iterable, grid: int = 16, threshold=0.05, iterations: int = 3, out_size=None,
-                      out_res=None, weights=None, upsample: str = "bilinear", refine: bool = False,
-                      return_objects: bool = False):
+def diffseg_from_maps(maps, grid: int = 16, threshold=0.05, iterations: int = 3, out_size=None, out_res=None,
+                      weights=None, upsample: str = "bilinear", refine: bool = False, return_objects: bool = False):
     """AttentionMaps (e.g. the list `unet.capture_self_attention()` yields) -> label maps [B, H, W] (1-4)."""
     agg = AttentionAggregator(out_res, weights).extend(maps)
     attn = agg.result()
-    return diffseg(attn, grid, threshold, iterations, out_size, agg.resolution, upsample, refine,
-                   return_objects)
+    return diffseg(attn, grid, threshold, iterations, out_size, agg.resolution, upsample, refine, return_objects)
