@@ -52,6 +52,20 @@ def close():
         dist.destroy_process_group()
 
 
+def is_main() -> bool:
+    """Rank 0 (or no process group): the process that writes the folder-wide files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def gather(items: list) -> list:
+    """Every rank's `items` (picklable), concatenated rank by rank, on every rank."""
+    if not dist.is_initialized():
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def total(n: int) -> int:
     """Sum of `n` over all ranks."""
     if not dist.is_initialized():

@@ -8,10 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sample
-from tests import test_sample
+import segment
+from tests import test_sample, test_segment
 from tests.helpers import REPO
 from tests.test_train import _free_port
 
@@ -83,3 +85,29 @@ def test_sample_killed_then_rerun_completes_identically(run_dir, phantoms, tmp_p
         assert (tmp_path / "whole" / r["path"]).read_bytes() == (tmp_path / "resumed" / r["path"]).read_bytes()
     assert json.loads((tmp_path / "resumed" / "settings.json").read_text()) == json.loads(
         (tmp_path / "whole" / "settings.json").read_text())
+
+
+@pytest.mark.slow
+def test_segment_two_ranks_equal_one_process(tmp_path):
+    """5 images over 2 ranks (3 + 2) with a 2-value search: every report equals the one-process run's."""
+    torch.manual_seed(0)
+    run = test_segment.make_run(tmp_path / "run")
+    images, masks = test_segment.write_phantoms(tmp_path / "data", n=5)
+    args = ["--run", run, "--images", images, "--masks", masks, "--grid", 4, "--batch-size", 2,
+            "--search", "threshold=0.0025,0.003"]  # thresholds where these random models give 4-8 segments
+    segment.main([*map(str, args), "--out", str(tmp_path / "one")])
+    torchrun("segment.py", *args, "--out", tmp_path / "two")
+    for sub in ("threshold0.0025", "threshold0.003"):
+        one, two = tmp_path / "one" / sub, tmp_path / "two" / sub
+        a, b = csv_rows(one / "dice.csv"), csv_rows(two / "dice.csv")
+        assert [r["image"] for r in a] == [r["image"] for r in b] == [f"p{i}" for i in range(5)]
+        for ra, rb in zip(a, b):  # float rounding of another batch composition only
+            assert ra.keys() == rb.keys() and all(float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-6)
+                                                  for k in ra if k not in ("image", "path"))
+        sa, sb = json.loads((one / "summary.json").read_text()), json.loads((two / "summary.json").read_text())
+        assert sa.keys() == sb.keys() and sa["n"] == sb["n"] == 5
+        assert sa["mean_num_segments"] > 2  # label maps with several segments, not blank ones
+        assert all(sa[k] == pytest.approx(sb[k], abs=1e-6) for k in sa if k.startswith("mean_"))
+        assert all(np.array_equal(pixels(one / "labels" / f"p{i}.png"), pixels(two / "labels" / f"p{i}.png"))
+                   for i in range(5))
+    assert csv_rows(tmp_path / "one" / "summary.csv") == csv_rows(tmp_path / "two" / "summary.csv")
