@@ -20,13 +20,13 @@ from tests.test_train import _free_port
 run_dir, phantoms = test_sample.run_dir, test_sample.phantoms  # its module-scoped fixtures (a micro run)
 
 
-def torchrun(script, *args):
+def torchrun(script, *args, ok=True):
     """`torchrun --nproc_per_node 2 -- SCRIPT ARGS` (the `--` form the README uses) on gloo, one thread each."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), "--", script, *map(str, args)]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert (p.returncode == 0) == ok, p.stderr[-3000:]
     return p
 
 
@@ -56,6 +56,11 @@ def test_sample_two_ranks_equal_one_process(run_dir, phantoms, tmp_path):
     # a rerun with another world size is the same job: it continues (nothing left to do) instead of refusing
     sample.main([*map(str, args), "--out", str(tmp_path / "two")])
     assert csv_rows(tmp_path / "two" / "synthetic.csv") == one
+    # other settings: rank 0 refuses (naming --overwrite), rank 1 stops with it, nothing is touched
+    before = sorted(f.stat().st_mtime_ns for f in (tmp_path / "two").rglob("*"))
+    p = torchrun("sample.py", *args, "--seed", "1", "--out", tmp_path / "two", ok=False)
+    assert "--overwrite" in p.stderr and "seed" in p.stderr
+    assert sorted(f.stat().st_mtime_ns for f in (tmp_path / "two").rglob("*")) == before
 
 
 def test_sample_killed_then_rerun_completes_identically(run_dir, phantoms, tmp_path, monkeypatch):
