@@ -6,7 +6,8 @@ decode), same weights and noise. Two rows:
   --batch-size B), ours vs diffusers' DDIM pipeline math on the same UNet and VAE. A k-step call costs
   fixed + k * step (noise, k UNet+scheduler steps, one VAE decode), so both are timed at k = 1 and k = K and
   the 50-step time is fixed + 50 * step: exact up to timing noise, and affordable at SD v1.5 / 512 px on a CPU.
-  Quick: tiny preset at 64 px, B=8, K=5. Full: SD v1.5 UNet and VAE (random weights) at 512 px, B=1, K=3.
+  Quick: tiny preset at 64 px, B=8, K=5. Full: SD v1.5 UNet and VAE (random weights) at 512 px, B=1 on a CPU
+  (B=16 on a GPU, where it runs with bf16 autocast), K=3.
   `ours_s` / `ref_s` are then seconds per batch of B at 50 steps; `ours_img_s` / `ref_img_s` the rates.
 Run: `python -m bench.bench_sample [--quick]`.
 """
@@ -43,40 +44,49 @@ def models(ucfg: UNetConfig, vcfg: VAEConfig):
     return unet, vae, unet_ref, vae_ref
 
 
-def reference_sampler(unet_ref, vae_ref, ctx, seeds, steps: int):
-    """diffusers' DDIM pipeline math: per-sample seeded noise, UNet + DDIMScheduler.step, VAE decode."""
+def reference_sampler(unet_ref, vae_ref, ctx, seeds, steps: int, amp=None):
+    """diffusers' DDIM pipeline math: per-sample seeded noise, UNet (under autocast `amp`) + DDIMScheduler.step,
+    VAE decode in float32 -> grey images on the CPU."""
     import diffusers
 
     sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     sched.set_timesteps(steps)
     shape = (unet_ref.config.in_channels, unet_ref.config.sample_size, unet_ref.config.sample_size)
-    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(ctx.device)
     for t in sched.timesteps:
-        x = sched.step(unet_ref(x, t, encoder_hidden_states=ctx).sample, t, x).prev_sample
-    return ((vae_ref.decode(x / 0.18215).sample + 1) / 2).clamp(0, 1).mean(1, keepdim=True)
+        with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
+            eps = unet_ref(x, t, encoder_hidden_states=ctx).sample.float()
+        x = sched.step(eps, t, x).prev_sample
+    return ((vae_ref.decode(x / 0.18215).sample + 1) / 2).clamp(0, 1).mean(1, keepdim=True).cpu()
 
 
 def throughput_row(unet, vae, unet_ref, vae_ref, label: str, batch: int, k: int, repeats: int) -> dict:
-    """Images/s of a 50-step DDIM job at batch `batch` from calls of 1 and `k` steps (module docstring)."""
+    """Images/s of a 50-step DDIM job at batch `batch` from calls of 1 and `k` steps (module docstring); on a
+    GPU when there is one, with the UNets under bf16 autocast (sample.py --mixed-precision bf16)."""
+    device, amp = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", None)
+    for model in (unet, vae, unet_ref, vae_ref):
+        model.to(device)
     size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    ctx = torch.randn(batch, 5, unet.config.cross_attention_dim)  # c_GLB of DINOv2-reg4: CLS + 4 registers
+    ctx = torch.randn(batch, 5, unet.config.cross_attention_dim, device=device)  # DINOv2-reg4 c_GLB: CLS + 4 regs
     seeds = list(range(batch))
 
     def timed(steps):
-        def ours():
+        def ours():  # .cpu(): the images are on the host (and a GPU has finished) when the timer stops
             return to_grayscale(generate(unet, vae, DDIMScheduler(), ctx, seeds=seeds, height=size, width=size,
-                                         steps=steps))
+                                         steps=steps, autocast_dtype=amp)).cpu()
 
         with torch.inference_mode():
-            return measure(ours, lambda: reference_sampler(unet_ref, vae_ref, ctx, seeds, steps),
+            return measure(ours, lambda: reference_sampler(unet_ref, vae_ref, ctx, seeds, steps, amp),
                            repeats=repeats)
 
     lo, hi = timed(1), timed(k)
     # fixed + 50 * step = t(1) + 49 * step; a step never costs less than nothing (else: timing noise)
     at50 = [a + max(b - a, 0.0) / (k - 1) * 49 for a, b in zip((lo.ours_s, lo.ref_s), (hi.ours_s, hi.ref_s))]
     m = Measurement(at50[0], max(lo.ours_mb, hi.ours_mb), at50[1], max(lo.ref_mb, hi.ref_mb))
-    return make_row(f"sampling throughput, DDIM 50 steps, B={batch} ({label}, {size} px; from 1 and {k} steps)",
+    where = "GPU bf16" if device == "cuda" else "CPU fp32"
+    return make_row(f"sampling throughput, DDIM 50 steps, B={batch} ({label}, {size} px, {where}; from 1 and {k} "
+                    "steps)",
                     m, ours_img_s=batch / m.ours_s, ref_img_s=batch / m.ref_s)
 
 
@@ -113,7 +123,7 @@ def run(quick: bool) -> list[dict]:
     if quick:
         return rows + [throughput_row(unet, vae, unet_ref, vae_ref, "tiny preset", 8, 5, repeats=3)]
     sd = models(UNetConfig(), VAEConfig())  # SD v1.5 sizes, random weights
-    return rows + [throughput_row(*sd, "SD v1.5", 1, 3, repeats=1)]
+    return rows + [throughput_row(*sd, "SD v1.5", 16 if torch.cuda.is_available() else 1, 3, repeats=1)]
 
 
 if __name__ == "__main__":
