@@ -12,10 +12,12 @@ Nothing is pickled: nested optimizer state is flattened to `optim.state.{param}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -153,3 +155,45 @@ def prune(run_dir, keep_last: int):
     for step in complete_steps(run_dir)[:-keep_last]:
         for p in paths(run_dir, step).values():
             p.unlink(missing_ok=True)
+
+
+def load_newest(out: Path, model, ema, optimizer, scaler) -> tuple[int, dict]:
+    """Load the newest checkpoint that reads completely into the models (unreadable newer ones are set aside
+    with a warning naming them). Returns (step, its metadata); (0, {}) when there is none."""
+    for step in reversed(complete_steps(out)):
+        p = paths(out, step)
+        try:
+            state = hub.load_state_dict_file(p["weights"])
+            hub.check_state_dict(model, state, source=str(p["weights"]))
+            ema_state = hub.load_state_dict_file(p["ema"]) if ema is not None else None
+            _, meta = restore(p["state"], optimizer=optimizer, scaler=scaler)
+        except (hub.CheckpointError, OSError, ValueError) as e:
+            for f in p.values():
+                with contextlib.suppress(FileNotFoundError):  # absent, or set aside by another DDP rank
+                    set_aside(f)
+            warnings.warn(f"checkpoint step {step} is unreadable ({str(e).splitlines()[0]}); set aside as "
+                          f"*.unreadable, falling back to an older one", stacklevel=2)
+            continue
+        model.load_state_dict(state)
+        if ema is not None:
+            ema.load_state_dict({k: v.to(ema.state_dict()[k].dtype) for k, v in ema_state.items()})
+        return step, meta
+    return 0, {}
+
+
+def truncate_metrics(out: Path, step: int):
+    """Keep the metrics of steps <= `step` (a resume re-logs the steps after its checkpoint); a line torn by a
+    kill mid-write is dropped."""
+
+    def line_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return float("inf")
+
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line_step(line) <= step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)

@@ -37,25 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
-from . import LABELS
-from .readers import (
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    csv_columns,
-    decode_image,
-    is_shard_source,
-    iter_tar_samples,
-    label_columns,
-    list_images,
-    list_shards,
-    read_image,
-    read_labels_csv,
-    resolve_path,
-    sample_labels,
-)
-from .transforms import augment_with_mask, preprocess_cxr, preprocess_mask
+from . import LABELS, readers
+from .readers import ImageReadError, read_image
+from .transforms import augment, preprocess_cxr, preprocess_mask, seeded
 
 SHARD_INDEX_STRIDE = 1_000_000  # shard items get index = shard number * stride + position in the shard
 
@@ -64,30 +50,15 @@ class DataWarning(UserWarning):
     """A sample was skipped (unreadable image, missing label); the message names it."""
 
 
-def item_generator(*keys: int) -> torch.Generator:
-    """An independent, reproducible generator per key tuple, e.g. (seed, epoch, item), mixed by numpy's
-    SeedSequence (keys are taken modulo 2**64, so negative ones are fine)."""
-    state = np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
-
-
-def _label_list(labels) -> list[str] | None:
-    return None if labels is None else [labels] if isinstance(labels, str) else list(labels)
-
-
 def make_item(img: np.ndarray, mask: np.ndarray | None, labels: torch.Tensor | None, path: str, index: int,
               size: int | None, generator: torch.Generator | None) -> dict:
     """Stored arrays -> an item: preprocess (and augment, when a generator is given); optional fields."""
     image = preprocess_cxr(img, size)
     mask = None if mask is None else preprocess_mask(mask, img, size)
     if generator is not None:
-        image, mask = augment_with_mask(image, mask, generator)
-    item = {"image": image, "path": path, "index": index}
-    if labels is not None:
-        item["labels"] = labels
-    if mask is not None:
-        item["mask"] = mask
-    return item
+        image, mask = (augment(image, generator), None) if mask is None else augment(image, generator, mask=mask)
+    item = {"image": image, "path": path, "index": index, "labels": labels, "mask": mask}
+    return {k: v for k, v in item.items() if v is not None}
 
 
 class _SkipLog:
@@ -128,11 +99,10 @@ class _MapDataset(_SkipLog, Dataset):
         idx = list(indices)
         part = copy.copy(self)
         part.skipped, part._bad = [], set()
-        part.paths = [self.paths[i] for i in idx]
-        if getattr(self, "masks", None) is not None:
-            part.masks = [self.masks[i] for i in idx]
-        if getattr(self, "labels", None) is not None:
-            part.labels = self.labels[idx]
+        for name in ("paths", "masks", "labels"):  # per-item fields; labels: a tensor [N, C]
+            values = getattr(self, name, None)
+            if values is not None:
+                setattr(part, name, values[idx] if torch.is_tensor(values) else [values[i] for i in idx])
         if getattr(self, "columns", None):
             part.columns = {k: [v[i] for i in idx] for k, v in self.columns.items()}
         return part
@@ -150,7 +120,7 @@ class _MapDataset(_SkipLog, Dataset):
                 self._bad.add(j)
                 self._skip(e)
                 continue
-            gen = item_generator(self.seed, self.epoch, j) if self.augment else None
+            gen = seeded(self.seed, self.epoch, j) if self.augment else None
             return make_item(img, mask, labels, str(self.paths[j]), j, self.size, gen)
         raise ValueError(f"no readable image in {self.source}: all {n} failed\n{self.report()}")
 
@@ -168,18 +138,10 @@ class ImageFolderDataset(_MapDataset):
 
     def __init__(self, root, size: int | None, *, masks=None, augment=False, seed=0, paths=None):
         super().__init__(root, size, augment, seed)
-        self.paths = list(paths) if paths is not None else list_images(root)  # open_dataset lists them
+        self.paths = list(paths) if paths is not None else readers.list_images(root)  # open_dataset lists them
         if not self.paths:
             raise ValueError(f"no PNG/JPEG/DICOM images found in {root}")
-        self.masks = None
-        if masks is not None:
-            found = {p.relative_to(masks).with_suffix(""): p for p in list_images(masks)}
-            keys = [Path(p).relative_to(root).with_suffix("") for p in self.paths]
-            missing = [str(k) for k in keys if k not in found]
-            if missing:
-                raise ValueError(f"no mask in {masks} for {len(missing)} image(s) of {root}, "
-                                 f"e.g. {missing[:3]}")
-            self.masks = [found[k] for k in keys]
+        self.masks = None if masks is None else readers.pair_masks(self.paths, root, masks)
 
     def _load(self, i):
         img = read_image(self.paths[i])
@@ -193,9 +155,9 @@ class CSVDataset(_MapDataset):
     def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0,
                  path_column=None, image_root=None):
         super().__init__(csv_path, size, augment, seed)
-        self.paths, matrix, extras = read_labels_csv(csv_path, labels, uncertain=uncertain,
-                                                     path_column=path_column, image_root=image_root)
-        self.label_names = label_columns(csv_columns(csv_path), labels, f"label CSV {csv_path}")
+        self.paths, matrix, extras = readers.read_labels_csv(csv_path, labels, uncertain=uncertain,
+                                                             path_column=path_column, image_root=image_root)
+        self.label_names = readers.label_columns(readers.csv_columns(csv_path), labels, f"label CSV {csv_path}")
         self.labels = torch.from_numpy(matrix) if self.label_names else None  # [N, C]
         self.columns = extras  # every other column (ids, patient ids, metadata): {name: [str per row]}
         self.masks = None
@@ -204,7 +166,7 @@ class CSVDataset(_MapDataset):
             blank = [k + 2 for k, m in enumerate(extras["mask"]) if not m.strip()]
             if blank:
                 raise ValueError(f"label CSV {csv_path}: empty 'mask' on line(s) {blank[:5]}")
-            self.masks = [resolve_path(m.strip(), root) for m in extras["mask"]]
+            self.masks = [readers.resolve_path(m.strip(), root) for m in extras["mask"]]
         missing = [p for p in self.paths if not os.path.exists(p)]
         if len(missing) == len(self.paths):
             raise ValueError(f"none of the {len(missing)} images listed in {csv_path} exist, e.g. "
@@ -226,15 +188,12 @@ class PhantomDataset(_MapDataset):
     def __init__(self, n: int, size: int | None, *, labels=None, augment=False, seed=0):
         super().__init__("phantom", size, augment, seed)
         self.paths = [f"phantom-{seed + i:06d}" for i in range(n)]
-        self.label_names = _label_list(labels) or list(LABELS)
+        self.label_names = readers.label_columns(LABELS, labels, "the phantoms' labels (data.LABELS)")
 
     def _load(self, i):
         from .phantom import make_phantom
 
         img, mask, found = make_phantom(self.seed + i, self.size or 256)
-        missing = [k for k in self.label_names if k not in found]
-        if missing:
-            raise KeyError(f"make_phantom labels have no {missing} (it gives {list(found)})")
         return img, mask, torch.tensor([float(found[k]) for k in self.label_names])
 
 
@@ -247,34 +206,35 @@ class ShardDataset(_SkipLog, IterableDataset):
     def __init__(self, shards, size: int | None, *, labels=None, augment=False, seed=0, rank=0,
                  world_size=1, shuffle=False, shuffle_buffer=1000, uncertain=0.0):
         self.source = str(shards)
-        self.shards = list_shards(shards) if isinstance(shards, str | Path) else [str(s) for s in shards]
+        self.shards = readers.list_shards(shards) if isinstance(shards, str | Path) else [str(s) for s in shards]
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.size, self.augment, self.seed, self.rank, self.world_size = size, augment, seed, rank, world_size
         self.shuffle, self.shuffle_buffer, self.uncertain = shuffle, shuffle_buffer, uncertain
-        self.label_names = _label_list(labels)  # None: images only (the diffusion model needs no labels)
+        # None: images only (the diffusion model needs no labels)
+        self.label_names = None if labels is None else [labels] if isinstance(labels, str) else list(labels)
         self.epoch, self.skipped = 0, []
 
     def _assignment(self) -> tuple[list[tuple[int, str]], int, int]:
         """(this reader's numbered shards, sample stride, sample offset) for this rank and worker."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        readers, me = self.world_size * nw, self.rank * nw + wid
+        n_readers, me = self.world_size * nw, self.rank * nw + wid
         shards = list(enumerate(self.shards))
         if self.shuffle:
-            gen = item_generator(self.seed, self.epoch, -1)  # the same order on every rank and worker
+            gen = seeded(self.seed, self.epoch, -1)  # the same order on every rank and worker
             order = torch.randperm(len(shards), generator=gen)
             shards = [shards[k] for k in order.tolist()]
-        if len(shards) >= readers:
-            return shards[me::readers], 1, 0
-        return shards, readers, me
+        if len(shards) >= n_readers:
+            return shards[me::n_readers], 1, 0
+        return shards, n_readers, me
 
     def _raw(self, shards, stride, offset) -> Iterator[tuple[int, str, str, dict]]:
         seen = 0
         for number, shard in shards:
             pos = 0
             try:
-                for key, files in iter_tar_samples(shard):
+                for key, files in readers.iter_tar_samples(shard):
                     if seen % stride == offset:
                         yield number * SHARD_INDEX_STRIDE + pos, shard, key, files
                     seen, pos = seen + 1, pos + 1
@@ -297,51 +257,38 @@ class ShardDataset(_SkipLog, IterableDataset):
         info = get_worker_info()
         stream = self._raw(shards, stride, offset)
         if self.shuffle and self.shuffle_buffer > 1:
-            gen = item_generator(self.seed, self.epoch, -2, self.rank, info.id if info else 0)
+            gen = seeded(self.seed, self.epoch, -2, self.rank, info.id if info else 0)
             stream = self._shuffled(stream, gen)
         skipped_before = len(self.skipped)
         for index, shard, key, files in stream:
-            files = sample_files(files)
-            ext = next((e for e in IMAGE_EXTENSIONS if e[1:] in files), None)
-            where = f"{shard}:{key}" + (ext or "")
             try:
-                if ext is None:
-                    raise ImageReadError(f"{where}: no png/jpg/jpeg/dcm image in sample ({sorted(files)})")
-                img = decode_image(files[ext[1:]], where)
-                mask_ext = next((e for e in files if e.startswith("mask.")), None)
-                mask = mask_ext and decode_image(files[mask_ext], f"{shard}:{key}.{mask_ext}")
-                if mask is not None and mask.shape != img.shape:
-                    raise ImageReadError(f"{where}: mask shape {mask.shape}, image {img.shape}")
-                labels = None
-                if self.label_names is not None:
-                    labels = sample_labels(files, self.label_names, self.uncertain, where)
+                img, mask, labels, where = readers.decode_sample(files, f"{shard}:{key}", self.label_names,
+                                                                 self.uncertain)
             except ValueError as e:  # ImageReadError, bad label values or JSON
                 self._skip(e)
                 continue
             labels = None if labels is None else torch.from_numpy(labels)
             gen = None
             if self.augment:  # seeded by the sample's name: the same augmentation however shards are split
-                gen = item_generator(self.seed, self.epoch, zlib.crc32(f"{Path(shard).name}/{key}".encode()))
+                gen = seeded(self.seed, self.epoch, zlib.crc32(f"{Path(shard).name}/{key}".encode()))
             yield make_item(img, mask, labels, where, index, self.size, gen)
         if len(self.skipped) > skipped_before:
             warnings.warn(f"{self.source}: skipped {len(self.skipped) - skipped_before} sample(s) in this "
                           f"pass (rank {self.rank}); see .report()", DataWarning, stacklevel=2)
 
-
     def diagnose(self) -> str:
         """Why a full pass gave no usable sample: one line naming the shards and what their samples hold."""
         n, with_image, exts, first_error = 0, 0, collections.Counter(), None
         for _, shard, key, files in self._raw(list(enumerate(self.shards)), 1, 0):
-            n, files = n + 1, sample_files(files)
+            n += 1
             exts.update(files)
-            ext = next((e[1:] for e in IMAGE_EXTENSIONS if e[1:] in files), None)
-            if ext is not None:
+            if any(e[1:] in files for e in readers.IMAGE_EXTENSIONS):
                 with_image += 1
-                if first_error is None:
-                    try:
-                        decode_image(files[ext], f"{shard}:{key}.{ext}")
-                    except ImageReadError as e:
-                        first_error = str(e)
+                try:
+                    if first_error is None:
+                        readers.decode_sample(files, f"{shard}:{key}")
+                except ImageReadError as e:
+                    first_error = str(e)
         names = ", ".join(Path(s).name for s in self.shards[:3]) + (" ..." if len(self.shards) > 3 else "")
         where = f"{self.source} ({len(self.shards)} shard(s): {names})"
         if with_image < n or n == 0:
@@ -352,18 +299,6 @@ class ShardDataset(_SkipLog, IterableDataset):
         return f"{where}: no usable sample: {n} of {n} samples had an image but none was usable, e.g. {why}"
 
 
-def sample_files(files: dict[str, bytes]) -> dict[str, bytes]:
-    """A shard sample's members by plain extension: webdataset's multi-dot keys (`x.image.png`,
-    `x.label.json`, written by its ShardWriter from {"image.png": ..., "label.json": ...}) become `png`,
-    `json`; masks keep their `mask.` prefix (`x.mask.png`, `x.seg.mask.png` -> `mask.png`)."""
-    out = {}
-    for ext, data in files.items():
-        parts = ext.split(".")
-        name = f"mask.{parts[-1]}" if "mask" in parts[:-1] else parts[-1]
-        out.setdefault(name, data)
-    return out
-
-
 def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1,
                  masks=None, phantoms=1000, shuffle=False, uncertain=0.0, path_column=None, image_root=None):
     """The dataset for `source` (see the module docstring). `rank`/`world_size` split .tar shards between
@@ -372,6 +307,9 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
     `image_root` (`readers.read_labels_csv`). `uncertain`: what label -1 becomes (nan = ignore)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if masks is not None and (source is None or str(source) == "phantom" or str(source).lower().endswith(".csv")
+                              or readers.is_shard_source(source)):  # CSV: a `mask` column; shards: `.mask.png`
+        raise ValueError(f"masks={masks} pairs masks with a folder of images, but {source} is not one")
     if source is None or str(source) == "phantom":
         return PhantomDataset(phantoms, size, labels=labels, augment=augment, seed=seed)
     path = Path(source)
@@ -380,12 +318,13 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
                           path_column=path_column, image_root=image_root)
     shards = dict(labels=labels, augment=augment, seed=seed, rank=rank, world_size=world_size,
                   shuffle=shuffle, uncertain=uncertain)
-    if is_shard_source(source):
+    if readers.is_shard_source(source):
         return ShardDataset(source, size, **shards)
     if not path.exists():
         raise FileNotFoundError(f"data source {source} does not exist")
-    images = list_images(path) if path.is_dir() else [path] if path.suffix.lower() in IMAGE_EXTENSIONS else []
-    if not images and path.is_dir() and any(is_shard_source(p) for p in path.iterdir()):
+    is_image = path.suffix.lower() in readers.IMAGE_EXTENSIONS
+    images = readers.list_images(path) if path.is_dir() else [path] if is_image else []
+    if not images and path.is_dir() and any(readers.is_shard_source(p) for p in path.iterdir()) and masks is None:
         return ShardDataset(source, size, **shards)
     if labels is not None:
         raise ValueError(f"labels {labels} requested but {source} is not a CSV or .tar shards; "
@@ -397,19 +336,10 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
 
 
 def collate(items: list[dict]) -> dict:
-    """Batch items for a DataLoader: tensors stacked, ints/floats -> tensors, strings (paths) kept as a list
-    (move the tensors with `{k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}`)."""
-    keys = list(items[0])
-    for it in items[1:]:
-        if list(it) != keys:
-            raise ValueError(f"item {it.get('path')} has fields {list(it)}, the batch's first item {keys}")
-    out = {}
-    for k in keys:
-        values = [it[k] for it in items]
-        if torch.is_tensor(values[0]):
-            out[k] = torch.stack(values)
-        elif isinstance(values[0], int | float) and not isinstance(values[0], bool):
-            out[k] = torch.tensor(values)
-        else:
-            out[k] = values
-    return out
+    """Batch items for a DataLoader (torch's default_collate: tensors stacked, ints -> tensors, strings (paths)
+    kept as a list), after checking that all items have the same fields; move the tensors with
+    `{k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}`."""
+    bad = next((it for it in items if list(it) != list(items[0])), None)
+    if bad is not None:
+        raise ValueError(f"item {bad.get('path')} has fields {list(bad)}, the batch's first item {list(items[0])}")
+    return default_collate(items)

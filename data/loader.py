@@ -2,8 +2,8 @@
 
 A diffusion run trains by steps, and every optimizer step must see exactly batch_size x grad_accum x
 world_size samples, in an order that does not depend on how the work is spread or interrupted:
-- `seeded(*keys)`: a generator keyed by integers (seed, purpose, step, ...), the same on every rank, in every
-  DataLoader worker and after a resume; all of a run's randomness comes from it.
+- `seeded(*keys)` (from transforms.py; datasets.py uses it too): a generator keyed by integers (seed, purpose, step,
+  ...), the same on every rank, in every DataLoader worker and after a resume; all of a run's randomness.
 - `Batches`: a map-style dataset (folder, CSV, phantoms, latent cache) as a per-epoch permutation cut into
   global batches; rank r takes every N-th place, so N ranks with batch B see what one process with batch N*B
   sees. Its position is the micro-step, so a resume needs nothing more.
@@ -24,20 +24,16 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import hub
 
 from .datasets import DataWarning, PhantomDataset, open_dataset
 from .readers import ImageReadError
 from .transforms import augment as augment_image
+from .transforms import seeded  # also imported from here by train.py and vae/fit.py
 
 VAL_PHANTOM_SEED_OFFSET = 10_000_000  # held-out phantoms: seeds no training phantom uses
-
-
-def seeded(*keys) -> torch.Generator:
-    """A CPU generator determined by integer keys (seed, purpose, step, ...): same on every rank/resume."""
-    h = 0
-    for k in keys:
-        h = (h * 1_000_003 + int(k)) % (2**61 - 1)
-    return torch.Generator().manual_seed(h)
 
 
 class KeyedImages(Dataset):
@@ -232,3 +228,58 @@ class CachedLatents(Dataset):
     def __getitem__(self, key: int):
         i = key % len(self.mean)
         return self.mean[i], self.std[i], self.cond[i]
+
+
+def make_batches(cfg, train_set, encode, out: Path, rank: int, world: int, meta: dict):
+    """The micro-batch source for this rank of a run (TrainConfig `cfg`): the latent cache (written by rank 0
+    through `encode`, see `cache_latents`), map-style images, or streamed shards. `meta`: the resumed
+    checkpoint's metadata (its micro-step, or its shards' stream positions)."""
+    start = meta.get("extra", {}).get("micro_step", 0)
+    if cfg.cache_latents:
+        path = cache_path(out, cfg)
+        if rank == 0 and not path.is_file():
+            cache_latents(train_set, encode, cfg, path)
+        if world > 1:
+            torch.distributed.barrier()
+        return Batches(CachedLatents(hub.load_state_dict_file(path)), cfg.batch_size, rank=rank, world=world,
+                       seed=cfg.seed, start=start)
+    if hasattr(train_set, "__len__"):
+        return Batches(KeyedImages(train_set, cfg.seed, cfg.augment), cfg.batch_size, rank=rank, world=world,
+                       seed=cfg.seed, start=start, num_workers=cfg.num_workers)
+    stream = meta.get("extra", {}).get("stream")
+    if stream is not None and (stream["world"], stream["num_workers"]) != (world, cfg.num_workers):
+        raise ValueError(f"--resume of a shard run: it was read by {stream['world']} process(es) x "
+                         f"{stream['num_workers']} worker(s), now {world} x {cfg.num_workers}; the shard order "
+                         "depends on them, so resume with the same --num-workers and process count")
+    train_set.augment = cfg.augment
+    return StreamBatches(train_set, cfg.batch_size, rank=rank, world=world, num_workers=cfg.num_workers,
+                         state=stream["positions"][rank] if stream else None)
+
+
+def stream_state(batches, cfg, world: int) -> dict | None:
+    """Every rank's shard position (gathered to rank 0), for the checkpoint; None for map-style data."""
+    if not isinstance(batches, StreamBatches):
+        return None
+    positions = [batches.state()]
+    if world > 1:
+        positions = [None] * world
+        torch.distributed.all_gather_object(positions, batches.state())
+    return {"positions": positions, "world": world, "num_workers": cfg.num_workers}
+
+
+@torch.no_grad()
+def cache_latents(train, encode, cfg, path: Path):
+    """Encode every training image once (x cache_copies augmented copies): `encode(images)` -> (VAE posterior
+    mean, std, c_GLB), saved to `path` (atomically)."""
+    keyed = KeyedImages(train, cfg.seed, cfg.augment)
+    keys = list(range((cfg.cache_copies if cfg.augment else 1) * len(train)))
+    mean, std, cond = [], [], []
+    for i in tqdm(range(0, len(keys), cfg.batch_size), desc="cache latents", leave=False):
+        m, sd, c = encode(torch.stack([keyed[k] for k in keys[i : i + cfg.batch_size]]))
+        mean.append(m.cpu())
+        std.append(sd.cpu())
+        cond.append(c.cpu())
+    try:
+        hub.save_file_atomic({"mean": torch.cat(mean), "std": torch.cat(std), "cond": torch.cat(cond)}, path)
+    except OSError as e:  # a full disk: name the file (the temporary one is already removed)
+        raise OSError(f"cannot write the latent cache {path}: {e}") from e

@@ -36,6 +36,8 @@ The lung mask is the anatomical lung field of both lungs as projected: bounded b
 mediastinum, heart and hemidiaphragms, whatever fills it (pneumothorax air, effusion fluid and opacities are
 inside it). Atelectatic volume loss shrinks it, since it raises the diaphragm.
 
+The shapes they are drawn from (signed distances, noise, the lung outline) are in data/shapes.py.
+
 CLI: python -m data.phantom --out DIR -n 100 [--size 256] [--seed 0] [--grid PATH]
 """
 
@@ -50,91 +52,18 @@ from PIL import Image
 
 from data import LABELS
 
+from .shapes import blur, diaphragm, ellipse, hemidiaphragm, lung_sd, noise, segment, soft, texture
+
 # Prevalences: chosen in the 10-35 % range these findings have in CheXpert/MIMIC-CXR-like sets.
 P_CARDIOMEGALY, P_EFFUSION, P_PNEUMOTHORAX, P_ATELECTASIS, P_EDEMA = 0.2, 0.2, 0.13, 0.2, 0.15
 P_LOBAR, P_PATCHY = 0.13, 0.14  # lobar -> Consolidation + Pneumonia, patchy -> Consolidation
 CTR_LIMIT = 0.5  # cardiothoracic ratio above which a PA heart is enlarged (Danzer 1919)
 
 
-class _P(dict):
+class _Params(dict):
     """A dict with attribute access, for the drawn parameters."""
 
     __getattr__, __setattr__ = dict.__getitem__, dict.__setitem__
-
-
-def _soft(sd, w):
-    """Anti-aliased indicator of sd > 0 (sd: a signed distance, > 0 inside), ramp width w."""
-    return np.clip(sd / w + 0.5, 0.0, 1.0)
-
-
-def _noise(g, u, v):
-    """Smooth value noise: the random grid g [ny+1, nx+1] over [0,1]^2, smoothstep-interpolated at (u, v)."""
-    ny, nx = g.shape[0] - 1, g.shape[1] - 1
-    x, y = np.clip(u, 0, 0.9999) * nx, np.clip(v, 0, 0.9999) * ny
-    i, j = x.astype(np.int32), y.astype(np.int32)
-    fx, fy = x - i, y - j
-    fx, fy, g, k = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy), g.ravel(), j * (nx + 1) + i
-    top = g.take(k) * (1 - fx) + g.take(k + 1) * fx
-    return top * (1 - fy) + (g.take(k + nx + 1) * (1 - fx) + g.take(k + nx + 2) * fx) * fy
-
-
-def _texture(g, ty, tx):
-    """The same value noise on the raster of 1-D pixel coordinates ty, tx in [0, 1]; separable, so cheap."""
-    def knots(t):
-        t = np.clip(t, 0, 0.9999) * (g.shape[0] - 1)
-        i = t.astype(np.int32)
-        return i, (t - i) * (t - i) * (3 - 2 * (t - i))
-
-    (i, f), (j, h) = knots(ty), knots(tx)
-    rows = g[i] * (1 - f)[:, None] + g[i + 1] * f[:, None]
-    return rows[:, j] * (1 - h) + rows[:, j + 1] * h
-
-
-def _blur(img, sigma):
-    """Separable Gaussian blur (sigma in pixels) as a sum of shifted copies, edges replicated."""
-    if sigma < 0.2:
-        return img
-    r, n = int(np.ceil(3 * sigma)), img.shape[0]
-    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2).astype(np.float32)
-    a = np.pad(img, ((r, r), (0, 0)), mode="edge")
-    img = sum(wi * a[i:i + n] for i, wi in enumerate(w / w.sum()))
-    a = np.pad(img, ((0, 0), (r, r)), mode="edge")
-    return sum(wi * a[:, i:i + n] for i, wi in enumerate(w / w.sum()))
-
-
-def _ellipse(u, v, cx, cy, a, b, phi=0.0):
-    """Approximate signed distance to a rotated ellipse (semi-axes a, b; phi rotates a toward +v)."""
-    c, s = math.cos(phi), math.sin(phi)
-    x, y = (u - cx) * c + (v - cy) * s, -(u - cx) * s + (v - cy) * c
-    return (1 - np.sqrt((x / a) ** 2 + (y / b) ** 2)) * min(a, b)
-
-
-def _segment(u, v, x0, y0, length, angle, thick):
-    """Signed distance to a straight band (a capsule) centred at (x0, y0)."""
-    c, s = math.cos(angle), math.sin(angle)
-    t, n = (u - x0) * c + (v - y0) * s, -(u - x0) * s + (v - y0) * c
-    return thick / 2 - np.hypot(np.maximum(np.abs(t) - length / 2, 0), n)
-
-
-def _dia(L, d):
-    """Hemidiaphragm height at lateral distance d: a dome peaking mid-lung, falling to L.base laterally."""
-    w0 = 1.6 * (L.peak - L.med)  # medial half-width of the dome: it slopes gently toward the heart
-    w = np.float32(w0) + np.float32(L.lat - L.peak - w0) * (d > L.peak)
-    return L.base - L.dome * np.clip(1 - ((d - L.peak) / w) ** 2, 0, 1)
-
-
-def _lung(L, d, v):
-    """Signed horizontal distance to a lung's outline (> 0 inside); d: distance from the midline to its side.
-
-    Elliptic lateral and medial walls rise to a rounded apex (which sits over the medial third), the lateral
-    wall bows in a little toward the base, the mediastinum bounds it medially and the hemidiaphragm below."""
-    h = np.clip((v - L.apex) / (L.wide - L.apex), 0, 1)
-    hm = np.clip(2 * (v - L.apex) / (L.wide - L.apex), 0, 1)
-    lat = L.apx + (L.lat - L.apx) * np.sqrt(1 - (1 - h) ** 2) - 0.35 * np.maximum(v - L.wide, 0) ** 2
-    med = L.apx - (L.apx - L.med) * np.sqrt(1 - (1 - hm) ** 2)
-    bulge = np.exp(-(((v - L.apex - 0.13) / 0.035) ** 2)) + 0.6 * np.exp(-(((v - L.hy + 0.03) / 0.04) ** 2))
-    med = med + L.knob * bulge  # aortic knob and pulmonary trunk indent the left lung
-    return np.minimum(np.minimum(lat - d, d - med), np.minimum(_dia(L, d) - v, v - L.apex))
 
 
 def _anatomy(rng):
@@ -142,19 +71,20 @@ def _anatomy(rng):
     def u(lo, hi):  # Python floats keep the float32 pixel math in float32
         return float(rng.uniform(lo, hi))
 
-    p = _P(rot=u(-0.04, 0.04), zoom=u(0.97, 1.1), dx=u(-0.025, 0.025), dy=u(-0.03, 0.02))
+    p = _Params(rot=u(-0.04, 0.04), zoom=u(0.97, 1.1), dx=u(-0.025, 0.025), dy=u(-0.03, 0.02))
     lat, med, apex, base = u(0.36, 0.42), u(0.05, 0.065), u(0.13, 0.18), u(0.79, 0.86)
     lungs = []
     for side in (0, 1):  # 0: patient right (image left, wider, dome 1-2 cm higher over the liver), 1: left
-        L = _P(lat=lat - side * u(0.0, 0.03), med=med + side * u(0.0, 0.015), apex=apex + u(-0.01, 0.01),
+        lung = _Params(lat=lat - side * u(0.0, 0.03), med=med + side * u(0.0, 0.015), apex=apex + u(-0.01, 0.01),
                base=base + side * u(0.01, 0.04), dome=u(0.07, 0.11), knob=side * u(0.015, 0.03))
-        L.wide = L.apex + u(0.3, 0.4)  # level where the lung is widest
-        L.apx, L.peak = L.med + 0.4 * (L.lat - L.med), L.med + 0.45 * (L.lat - L.med)  # apex, dome peak
-        L.hy = L.apex + u(0.36, 0.44) * (L.base - L.apex)  # hilum level
-        lungs.append(L)
+        lung.wide = lung.apex + u(0.3, 0.4)  # level where the lung is widest
+        span = lung.lat - lung.med
+        lung.apx, lung.peak = lung.med + 0.4 * span, lung.med + 0.45 * span  # apex, dome peak
+        lung.hy = lung.apex + u(0.36, 0.44) * (lung.base - lung.apex)  # hilum level
+        lungs.append(lung)
     p.lungs, p.shoulder, p.neck = lungs, u(-0.06, 0.0), u(0.09, 0.12)
     p.trunk = max(lungs[0].lat, lungs[1].lat) + u(0.04, 0.07)
-    f = _P(ctr=u(0.53, 0.64) if rng.random() < P_CARDIOMEGALY else u(0.38, 0.48))
+    f = _Params(ctr=u(0.53, 0.64) if rng.random() < P_CARDIOMEGALY else u(0.38, 0.48))
     if rng.random() < P_ATELECTASIS:  # plates in a lower zone + raised hemidiaphragm (volume loss)
         s = int(rng.integers(2))
         lungs[s].base -= u(0.03, 0.06)
@@ -178,7 +108,7 @@ def _anatomy(rng):
     ha = np.sqrt((width / 2) ** 2 - (hb * np.sin(phi)) ** 2) / np.cos(phi)  # so the widest chord = width
     hx = 0.5 - u(0.27, 0.35) * width + width / 2
     low = np.sqrt((ha * np.sin(phi)) ** 2 + (hb * np.cos(phi)) ** 2)  # centre to lowest point
-    p.heart = (hx, float(_dia(lungs[1], hx - 0.5) - low + u(0.05, 0.08)), float(ha), hb, phi)  # _ellipse args
+    p.heart = (hx, float(hemidiaphragm(lungs[1], hx - 0.5) - low + u(0.05, 0.08)), float(ha), hb, phi)  # _ellipse args
     p.spine, p.bubble, p.marker = u(0.028, 0.036), rng.random() < 0.7, rng.random() < 0.5
     p.breast = rng.random() < 0.4
     p.ribs = (u(0.035, 0.05), u(0.056, 0.064), u(0.018, 0.024))  # first rib offset, spacing, width (~8 mm)
@@ -188,55 +118,135 @@ def _anatomy(rng):
     return p
 
 
-def _diaphragm(p, u):
-    """Diaphragm height across the whole width, the two domes blended at the midline."""
-    w = np.clip(0.5 - (u - 0.5) / 0.08, 0, 1)
-    return w * _dia(p.lungs[0], 0.5 - u) + (1 - w) * _dia(p.lungs[1], u - 0.5)
-
-
 def _ctr(p):
     """Measured cardiothoracic ratio: widest heart span above the diaphragm / widest inner thorax."""
     v, u = np.mgrid[0.35:0.95:121j, 0.2:0.9:141j]  # 0.005 steps
-    cols = u[(_ellipse(u, v, *p.heart) > 0) & (v < _diaphragm(p, u))]
+    cols = u[(ellipse(u, v, *p.heart) > 0) & (v < diaphragm(p, u))]
     return 0.0 if cols.size == 0 else (cols.max() - cols.min()) / (p.lungs[0].lat + p.lungs[1].lat)
 
 
-def _findings(p, side, L, d, v, fld, tex, e):
-    """The findings on one side: air replaced (opac, 0..1), extra density dA, the visible (possibly collapsed)
+def _findings(p, side, lung, lateral, v, in_lung, textures, edge):
+    """The findings on one side: air replaced (opac, 0..1), extra density `extra`, the visible (possibly collapsed)
     lung and the coordinates its vessels are drawn in."""
-    f, opac, dA, md, mv, lung = p.f, np.zeros_like(d), np.zeros_like(d), d, v, fld
-    t, q = (v - L.apex) / (L.base - L.apex), np.clip((d - L.med) / (L.lat - L.med), 0, 1)
+    f, opac, extra, md, mv, visible = p.f, np.zeros_like(lateral), np.zeros_like(lateral), lateral, v, in_lung
+    t, q = (v - lung.apex) / (lung.base - lung.apex), np.clip((lateral - lung.med) / (lung.lat - lung.med), 0, 1)
     if "ptx" in f and f.ptx[0] == side:  # the lung collapses toward the hilum and the medial base
-        k, ax, ay = f.ptx[1], L.med + 0.03, L.hy + 0.3 * (L.base - L.hy)
-        md, mv = ax + (d - ax) / k, ay + (v - ay) / k
-        lung = _soft(_lung(L, md, mv), e) * fld
-        inner = _soft(_lung(L, ax + (d - ax) / (k - 0.012), ay + (v - ay) / (k - 0.012)), e)
-        dA += 0.05 * (lung - inner) * fld  # the visceral pleural line
-        opac += 0.25 * lung
+        k, ax, ay = f.ptx[1], lung.med + 0.03, lung.hy + 0.3 * (lung.base - lung.hy)
+        md, mv = ax + (lateral - ax) / k, ay + (v - ay) / k
+        visible = soft(lung_sd(lung, md, mv), edge) * in_lung
+        inner = soft(lung_sd(lung, ax + (lateral - ax) / (k - 0.012), ay + (v - ay) / (k - 0.012)), edge)
+        extra += 0.05 * (visible - inner) * in_lung  # the visceral pleural line
+        opac += 0.25 * visible
     if "atel" in f and f.atel[0] == side:  # plate-like bands
         for q0, t0, ln, a0, th in f.atel[1]:
-            band = _segment(d, v, L.med + q0 * (L.lat - L.med), L.apex + t0 * (L.base - L.apex), ln, a0, th)
-            opac += 0.9 * fld * _soft(band, 2 * e)
+            x0, y0 = lung.med + q0 * (lung.lat - lung.med), lung.apex + t0 * (lung.base - lung.apex)
+            band = segment(lateral, v, x0, y0, ln, a0, th)
+            opac += 0.9 * in_lung * soft(band, 2 * edge)
     for es, h, rise in f.get("eff", []):
         if es == side:  # fluid up to a meniscus that climbs the lateral wall
-            wet = fld * _soft(v - (L.base - h - rise * q**3), 0.02)
-            opac, dA = opac + wet, dA + 0.03 * wet
+            wet = in_lung * soft(v - (lung.base - h - rise * q**3), 0.02)
+            opac, extra = opac + wet, extra + 0.03 * wet
     if "lobar" in f and f.lobar[0] == side:  # a lung zone filled up to a straight fissure
         _, tf, tilt, upper = f.lobar
         sdf = (tf - t) + tilt * (q - 0.5)  # > 0 above the fissure
-        opac += fld * _soft(sdf if upper else -sdf, 2 * e) * (0.85 + 0.1 * np.tanh(tex[1]))
+        opac += in_lung * soft(sdf if upper else -sdf, 2 * edge) * (0.85 + 0.1 * np.tanh(textures[1]))
     if "patchy" in f and f.patchy[0] == side:  # a fluffy focal opacity
         _, q0, t0, rad = f.patchy
-        cx, cy = L.med + q0 * (L.lat - L.med), L.apex + t0 * (L.base - L.apex)
-        blob = _soft(_ellipse(d, v, cx, cy, rad, 0.8 * rad) + 0.02 * tex[1], 0.06)
-        opac += fld * np.clip(1.6 * blob, 0, 1) * (0.75 + 0.2 * np.tanh(tex[0]))
+        cx, cy = lung.med + q0 * (lung.lat - lung.med), lung.apex + t0 * (lung.base - lung.apex)
+        blob = soft(ellipse(lateral, v, cx, cy, rad, 0.8 * rad) + 0.02 * textures[1], 0.06)
+        opac += in_lung * np.clip(1.6 * blob, 0, 1) * (0.75 + 0.2 * np.tanh(textures[0]))
     if "edema" in f:  # perihilar bat wings, diffuse haze, Kerley B lines at the lateral bases
-        bat = np.exp(-(((d - L.med - 0.08) / 0.16) ** 2 + ((v - L.hy) / 0.15) ** 2))
+        bat = np.exp(-(((lateral - lung.med - 0.08) / 0.16) ** 2 + ((v - lung.hy) / 0.15) ** 2))
         kv = v * 60 - np.floor(v * 60)  # Kerley B: short horizontal septal lines ~7 mm apart
-        kerley = _soft(0.004 - np.abs(kv - 0.5) / 60, e) * _soft(0.035 - (L.lat - d), 0.01)
-        kerley *= _soft(t - 0.55, 0.05)
-        opac += fld * (f.edema * (bat * (0.75 + 0.25 * np.tanh(tex[0])) + 0.25) + 0.7 * kerley)
-    return opac, dA, md, mv, lung
+        kerley = soft(0.004 - np.abs(kv - 0.5) / 60, edge) * soft(0.035 - (lung.lat - lateral), 0.01)
+        kerley *= soft(t - 0.55, 0.05)
+        opac += in_lung * (f.edema * (bat * (0.75 + 0.25 * np.tanh(textures[0])) + 0.25) + 0.7 * kerley)
+    return opac, extra, md, mv, visible
+
+
+def _body(p, u, v, dabs, edge):
+    """Soft tissue: trunk and arms below the sloping shoulders, the neck, abdomen and breast shadows.
+    Returns the attenuation so far, the body and below-diaphragm indicators and the diaphragm height."""
+    sh = p.shoulder + 0.1 * np.sqrt(np.clip((dabs - p.neck) / 0.3, 0, 1))  # trapezius slope ...
+    sh += 4 * np.maximum(dabs - p.trunk, 0) ** 2  # ... rounding over the shoulder joints
+    body = np.maximum(np.minimum(p.trunk + 0.2 - dabs, v - sh), p.neck - dabs)  # trunk + arms, neck
+    thick = np.sqrt(np.clip(1 - (dabs / (p.trunk + 0.03)) ** 2, 0, 1))  # thicker in the middle and at the top
+    inbody, trunk = soft(body, 0.02), soft(p.trunk - dabs, 0.03)
+    atten = 0.03 + inbody * (0.21 + trunk * (0.04 + 0.1 * thick) + 0.06 * np.exp(-np.maximum(v - sh, 0) / 0.1))
+    dia = diaphragm(p, u)
+    below = soft(v - dia, edge)
+    atten += 0.04 * below * trunk  # abdomen (liver, spleen) below the domes
+    if p.breast:  # breast shadows over the lower zones
+        for sg in (-1, 1):
+            atten += 0.04 * soft(ellipse(u, v, 0.5 + sg * 0.27, p.lungs[0].base - 0.06, 0.18, 0.13), 0.03)
+    return atten, inbody, below, dia
+
+
+def _lung_field(p, side, lung, lateral, v, sd, in_lung, ty, tx, fine, edge):
+    """Inside one lung's bounding box: air (darker mid-lung), parenchymal texture, findings and vessels.
+    Returns the box, the attenuation change there and how clear (unopacified) the lung is."""
+    rows, cs = np.flatnonzero(in_lung.any(1)), np.flatnonzero(in_lung.any(0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cs[0], cs[-1] + 1))
+    box_lateral, box_v, box_lung, ty, tx = lateral[box], v[box], in_lung[box], ty[box[0]], tx[box[1]]
+    textures = [texture(g, ty, tx) for g in p.grids[4:]] if {"lobar", "patchy", "edema"} & set(p.f) else None
+    opac, extra, md, mv, visible = _findings(p, side, lung, box_lateral, box_v, box_lung, textures, edge)
+    opac = np.clip(opac, 0, 1)
+    # Vessels: ridges of angular noise around the hilum, thinning and fading toward the periphery.
+    hx, hy = md - lung.med - 0.03, mv - lung.hy
+    rr = np.sqrt(hx * hx + hy * hy)
+    ang = 0.5 + 0.5 * hy / (np.abs(hx) + np.abs(hy) + 1e-6)  # a cheap monotonic stand-in for the angle
+    ridge = np.clip(1 - np.abs(noise(p.grids[2 + side], ang, rr * 1.6)) * (2 + 25 * rr), 0, 1) ** 2
+    vessels = visible * (ridge * np.exp(-rr / 0.22) + 0.8 * np.exp(-((rr / 0.05) ** 2)))
+    extra += (0.11 * (1 - opac) - 0.03 * np.clip(opac - 0.5, 0, 0.5)) * vessels  # air bronchograms in opacity
+    depth = np.sqrt(np.clip(sd[box] / 0.1, 0, 1))  # more air in the middle of a lung than at its edges
+    extra -= box_lung * ((1 - opac) * (0.26 * depth - 0.012 * texture(fine, ty, tx))) + 0.04 * (box_lung - visible)
+    return box, extra, box_lung * (1 - opac)
+
+
+def _chest_wall(p, lung, lateral, v, dia, clear, edge):
+    """Bones over one side: posterior ribs rise from the spine, then curve down the chest wall (lower ones
+    more); fainter anterior ribs slope down medially; the clavicle and humeral head. Bone shows more over
+    air (`clear`) than over soft tissue."""
+    off, gap, th = p.ribs
+    qq = np.clip(lateral / lung.lat, 0, 1.2)
+    ph = (v - lung.apex + off - lung.lat * (-0.3 * qq + 0.6 * qq**3) * (0.75 + 0.04 * (v - lung.apex) / gap)) / gap
+    dist = np.abs(ph - np.floor(ph) - 0.5) * gap
+    rib = soft(th / 2 - dist, edge) * (ph > 0) * (ph < 11)  # ~10 above the dome at full inspiration
+    cortex = rib - soft(th / 2 - 0.005 - dist, edge)
+    wall = soft(lateral - 0.03, 0.01) * soft(lung.lat + 0.03 - lateral, 0.015) * soft(dia + 0.02 - v, 0.04)
+    ant = (v - lung.apex - 0.12 - 0.5 * np.clip(lung.lat - lateral, 0, 1)) / gap
+    ant_rib = soft(0.22 - np.abs(ant - np.floor(ant) - 0.5), 0.06) * (ant > 0) * (ant < 5)
+    ant_rib *= soft(lateral - 0.5 * lung.lat, 0.05)  # the costal cartilage of the medial half does not show
+    bone = wall * (0.3 + 0.7 * clear) * (0.02 * rib + 0.03 * cortex + 0.02 * ant_rib)
+    cq = np.clip((lateral - 0.035) / (lung.lat + 0.06), 0, 1)
+    cd = np.abs(v - lung.apex - 0.06 + 0.07 * cq - 0.012 * np.sin(2 * math.pi * cq))  # S-shaped clavicle
+    clav = np.minimum(np.minimum(0.013 - cd, lateral - 0.035), lung.lat + 0.09 - lateral)
+    clavicle = soft(clav, 2 * edge) * (0.04 + 0.03 * soft(cd - 0.008, edge))
+    humerus = 0.08 * soft(ellipse(lateral, v, lung.lat + 0.13, lung.apex + 0.03, 0.065, 0.07), 2 * edge)
+    return bone, clavicle, humerus
+
+
+def _mediastinum(p, u, v, dabs, heart, below, inbody, edge):
+    """The central band's attenuation change: mediastinum, spine (bodies, disc spaces, pedicles), trachea
+    and main bronchi."""
+    medi = soft(p.lungs[0].med + 0.015 - dabs, 0.02) * soft(v - p.lungs[0].apex, 0.08) * (1 - below)
+    sp, vp = p.spine, v / 0.05 - np.floor(v / 0.05)
+    ped = soft(0.01 - np.sqrt((dabs - 0.7 * sp) ** 2 + (0.05 * (vp - 0.35)) ** 2), 2 * edge)
+    spine = soft(sp - dabs, 2 * edge) * (0.02 - 0.008 * soft(0.1 - np.abs(vp - 0.9), edge)) + 0.008 * ped
+    carina = p.lungs[1].hy - 0.07
+    air = np.minimum(0.017 - np.abs(u - 0.503), carina - v)
+    for sg in (-1, 1):
+        air = np.maximum(air, segment(u, v, 0.5 + sg * 0.04, carina + 0.03, 0.09, -sg * 0.9, 0.022))
+    return spine + 0.09 * np.maximum(medi - heart, 0) - 0.07 * soft(air, 2 * edge) * (1 - heart) * inbody
+
+
+def _film(p, rng, atten, x, y, size):
+    """Blur, grain, response curve 1 - exp(-kA), gamma, vignetting -> uint8."""
+    k, gamma, vig = p.film
+    atten = blur(atten, 0.0028 * size) + 0.007 * rng.standard_normal(atten.shape, dtype=np.float32)
+    img = (1 - np.exp(-k * np.clip(atten, 0, None))) / (1 - math.exp(-k * 0.7))
+    img = np.clip(img, 0, 1) ** gamma * (1 - vig * ((x - 0.5) ** 2 + (y - 0.5) ** 2))
+    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def make_phantom(seed: int, size: int = 256):
@@ -245,106 +255,48 @@ def make_phantom(seed: int, size: int = 256):
         raise ValueError(f"make_phantom: size must be in [32, 4096] pixels, got {size}")
     rng = np.random.default_rng(seed)
     p = _anatomy(rng)
-    f, e = p.f, max(0.003, 1.0 / size)  # e: edge ramp, ~1 px at 256 and the same anatomy-relative blur above
+    f, edge = p.f, max(0.003, 1.0 / size)  # edge ramp, ~1 px at 256 and the same anatomy-relative blur above
     y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     c, s = math.cos(p.rot), math.sin(p.rot)
-    X, Y = (x - 0.5 - p.dx) / p.zoom, (y - 0.5 - p.dy) / p.zoom
-    u, v = 0.5 + c * X + s * Y, 0.5 - s * X + c * Y  # anatomical coordinates of every pixel
+    xs, ys = (x - 0.5 - p.dx) / p.zoom, (y - 0.5 - p.dy) / p.zoom
+    u, v = 0.5 + c * xs + s * ys, 0.5 - s * xs + c * ys  # anatomical coordinates of every pixel
     dabs = np.abs(u - 0.5)
-    # Body: trunk and arms below the sloping shoulders, and the neck; thicker in the middle and at the top.
-    sh = p.shoulder + 0.1 * np.sqrt(np.clip((dabs - p.neck) / 0.3, 0, 1))  # trapezius slope ...
-    sh += 4 * np.maximum(dabs - p.trunk, 0) ** 2  # ... rounding over the shoulder joints
-    body = np.maximum(np.minimum(p.trunk + 0.2 - dabs, v - sh), p.neck - dabs)  # trunk + arms, neck
-    thick = np.sqrt(np.clip(1 - (dabs / (p.trunk + 0.03)) ** 2, 0, 1))
-    inbody, trunk = _soft(body, 0.02), _soft(p.trunk - dabs, 0.03)
-    A = 0.03 + inbody * (0.21 + trunk * (0.04 + 0.1 * thick) + 0.06 * np.exp(-np.maximum(v - sh, 0) / 0.1))
-    dia = _diaphragm(p, u)
-    below = _soft(v - dia, e)
-    A += 0.04 * below * trunk  # abdomen (liver, spleen) below the domes
-    if p.breast:  # breast shadows over the lower zones
-        for sg in (-1, 1):
-            A += 0.04 * _soft(_ellipse(u, v, 0.5 + sg * 0.27, p.lungs[0].base - 0.06, 0.18, 0.13), 0.03)
-    heart_sd = _ellipse(u, v, *p.heart)
-    heart = _soft(heart_sd, 2 * e) * (1 - below)
+    atten, inbody, below, dia = _body(p, u, v, dabs, edge)
+    heart_sd = ellipse(u, v, *p.heart)
+    heart = soft(heart_sd, 2 * edge) * (1 - below)
     knots = (np.arange(34, dtype=np.float32) + 0.5) / 34
-    fine = p.grids[1] + 0.8 * _texture(p.grids[0], knots, knots)  # two octaves of parenchymal texture
+    fine = p.grids[1] + 0.8 * texture(p.grids[0], knots, knots)  # two octaves of parenchymal texture
     # Each side on its half of the image (the midline column +- a margin for rotation and zoom), and the
     # lung's own work (interior, vessels, findings) only inside the lung's bounding box.
     field, t1 = np.zeros_like(u), (np.arange(size, dtype=np.float32) + 0.5) / size
     mid, pad = int((0.5 + p.dx) * size), int(0.04 * size) + 2
-    for side, L in enumerate(p.lungs):
+    for side, lung in enumerate(p.lungs):
         cols = slice(0, mid + pad) if side == 0 else slice(max(mid - pad, 0), size)
-        U, V, Dia = u[:, cols], v[:, cols], dia[:, cols]
-        d = U - 0.5 if side else 0.5 - U  # distance from the midline toward this lung's side
-        sd = np.minimum(_lung(L, d, V), -heart_sd[:, cols])
-        fld, dA, clear = _soft(sd, e), np.zeros_like(U), np.zeros_like(U)
-        rows, cs = np.flatnonzero(fld.any(1)), np.flatnonzero(fld.any(0))
-        box = (slice(rows[0], rows[-1] + 1), slice(cs[0], cs[-1] + 1))
-        bd, bv, bf, ty, tx = d[box], V[box], fld[box], t1[box[0]], t1[cols][box[1]]
-        tex = [_texture(g, ty, tx) for g in p.grids[4:]] if {"lobar", "patchy", "edema"} & set(p.f) else None
-        opac, bA, md, mv, lung = _findings(p, side, L, bd, bv, bf, tex, e)
-        opac = np.clip(opac, 0, 1)
-        # Vessels: ridges of angular noise around the hilum, thinning and fading toward the periphery.
-        hx, hy = md - L.med - 0.03, mv - L.hy
-        rr = np.sqrt(hx * hx + hy * hy)
-        ang = 0.5 + 0.5 * hy / (np.abs(hx) + np.abs(hy) + 1e-6)  # a cheap monotonic stand-in for the angle
-        ridge = np.clip(1 - np.abs(_noise(p.grids[2 + side], ang, rr * 1.6)) * (2 + 25 * rr), 0, 1) ** 2
-        mk = lung * (ridge * np.exp(-rr / 0.22) + 0.8 * np.exp(-((rr / 0.05) ** 2)))
-        bA += (0.11 * (1 - opac) - 0.03 * np.clip(opac - 0.5, 0, 0.5)) * mk  # air bronchograms in opacity
-        depth = np.sqrt(np.clip(sd[box] / 0.1, 0, 1))  # more air in the middle of a lung than at its edges
-        bA -= bf * ((1 - opac) * (0.26 * depth - 0.012 * _texture(fine, ty, tx))) + 0.04 * (bf - lung)
-        dA[box], clear[box] = bA, bf * (1 - opac)
-        # Ribs: posterior arcs rise from the spine, then curve down the chest wall (lower ones more);
-        # fainter anterior ribs slope down medially. Bone shows more over air than over soft tissue.
-        off, gap, th = p.ribs
-        qq = np.clip(d / L.lat, 0, 1.2)
-        ph = (V - L.apex + off - L.lat * (-0.3 * qq + 0.6 * qq**3) * (0.75 + 0.04 * (V - L.apex) / gap)) / gap
-        dist = np.abs(ph - np.floor(ph) - 0.5) * gap
-        rib = _soft(th / 2 - dist, e) * (ph > 0) * (ph < 11)  # ~10 above the dome at full inspiration
-        cortex = rib - _soft(th / 2 - 0.005 - dist, e)
-        wall = _soft(d - 0.03, 0.01) * _soft(L.lat + 0.03 - d, 0.015) * _soft(Dia + 0.02 - V, 0.04)
-        ant = (V - L.apex - 0.12 - 0.5 * np.clip(L.lat - d, 0, 1)) / gap
-        ant_rib = _soft(0.22 - np.abs(ant - np.floor(ant) - 0.5), 0.06) * (ant > 0) * (ant < 5)
-        ant_rib *= _soft(d - 0.5 * L.lat, 0.05)  # the costal cartilage of the medial half does not show
-        dA += wall * (0.3 + 0.7 * clear) * (0.02 * rib + 0.03 * cortex + 0.02 * ant_rib)
-        cq = np.clip((d - 0.035) / (L.lat + 0.06), 0, 1)
-        cd = np.abs(V - L.apex - 0.06 + 0.07 * cq - 0.012 * np.sin(2 * math.pi * cq))  # S-shaped clavicle
-        clav = np.minimum(np.minimum(0.013 - cd, d - 0.035), L.lat + 0.09 - d)
-        dA += _soft(clav, 2 * e) * (0.04 + 0.03 * _soft(cd - 0.008, e))
-        dA += 0.08 * _soft(_ellipse(d, V, L.lat + 0.13, L.apex + 0.03, 0.065, 0.07), 2 * e)  # humeral head
-        A[:, cols] += dA  # everything above is 0 within 0.03 of the midline, so the halves add up
-        field[:, cols] += fld
-    # Mediastinum and heart; in the central band: spine (bodies, disc spaces, pedicles), trachea, bronchi.
-    A += 0.09 * heart
+        us, vs = u[:, cols], v[:, cols]
+        lateral = us - 0.5 if side else 0.5 - us  # distance from the midline toward this lung's side
+        sd = np.minimum(lung_sd(lung, lateral, vs), -heart_sd[:, cols])
+        in_lung, extra, clear = soft(sd, edge), np.zeros_like(us), np.zeros_like(us)
+        box, extra_box, clear_box = _lung_field(p, side, lung, lateral, vs, sd, in_lung, t1, t1[cols], fine, edge)
+        extra[box], clear[box] = extra_box, clear_box
+        for bone in _chest_wall(p, lung, lateral, vs, dia[:, cols], clear, edge):  # ribs, clavicle, humerus
+            extra += bone
+        atten[:, cols] += extra  # everything above is 0 within 0.03 of the midline, so the halves add up
+        field[:, cols] += in_lung
+    atten += 0.09 * heart
     cc = slice(max(mid - int(0.15 * size), 0), mid + int(0.15 * size))
-    U, V, D = u[:, cc], v[:, cc], dabs[:, cc]
-    medi = _soft(p.lungs[0].med + 0.015 - D, 0.02) * _soft(V - p.lungs[0].apex, 0.08) * (1 - below[:, cc])
-    sp, vp = p.spine, V / 0.05 - np.floor(V / 0.05)
-    ped = _soft(0.01 - np.sqrt((D - 0.7 * sp) ** 2 + (0.05 * (vp - 0.35)) ** 2), 2 * e)
-    dA = _soft(sp - D, 2 * e) * (0.02 - 0.008 * _soft(0.1 - np.abs(vp - 0.9), e)) + 0.008 * ped
-    carina = p.lungs[1].hy - 0.07
-    air = np.minimum(0.017 - np.abs(U - 0.503), carina - V)
-    for sg in (-1, 1):
-        air = np.maximum(air, _segment(U, V, 0.5 + sg * 0.04, carina + 0.03, 0.09, -sg * 0.9, 0.022))
-    H = heart[:, cc]
-    A[:, cc] += dA + 0.09 * np.maximum(medi - H, 0) - 0.07 * _soft(air, 2 * e) * (1 - H) * inbody[:, cc]
+    band = (u[:, cc], v[:, cc], dabs[:, cc], heart[:, cc], below[:, cc], inbody[:, cc])
+    atten[:, cc] += _mediastinum(p, *band, edge)
     if p.bubble:  # gastric air under the left dome
-        L = p.lungs[1]
-        A -= 0.07 * _soft(_ellipse(u, v, 0.5 + L.peak, _dia(L, L.peak) + 0.06, 0.05, 0.03), 0.01)
+        left = p.lungs[1]
+        atten -= 0.07 * soft(ellipse(u, v, 0.5 + left.peak, hemidiaphragm(left, left.peak) + 0.06, 0.05, 0.03), 0.01)
     if p.marker:  # lead "L" side marker beside the patient's left shoulder
-        stem, foot = np.minimum(0.008 - np.abs(x - 0.86), 0.025 - np.abs(y - 0.1)), np.minimum(
-            0.018 - np.abs(x - 0.87), 0.005 - np.abs(y - 0.12))
-        A += 0.5 * _soft(np.maximum(stem, foot), e)
-    # Film: blur, grain, response curve 1 - exp(-kA), gamma, vignetting.
-    k, gamma, vig = p.film
-    A = _blur(A, 0.0028 * size) + 0.007 * rng.standard_normal(A.shape, dtype=np.float32)
-    img = (1 - np.exp(-k * np.clip(A, 0, None))) / (1 - math.exp(-k * 0.7))
-    img = np.clip(img, 0, 1) ** gamma * (1 - vig * ((x - 0.5) ** 2 + (y - 0.5) ** 2))
-    image = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+        stem = np.minimum(0.008 - np.abs(x - 0.86), 0.025 - np.abs(y - 0.1))
+        foot = np.minimum(0.018 - np.abs(x - 0.87), 0.005 - np.abs(y - 0.12))
+        atten += 0.5 * soft(np.maximum(stem, foot), edge)
     found = {"Atelectasis": "atel" in f, "Cardiomegaly": _ctr(p) > CTR_LIMIT, "Edema": "edema" in f,
              "Consolidation": "lobar" in f or "patchy" in f, "Pleural Effusion": "eff" in f,
              "Pneumonia": "lobar" in f, "Pneumothorax": "ptx" in f}
-    return image, field > 0.5, {k: int(found[k]) for k in LABELS}
+    return _film(p, rng, atten, x, y, size), field > 0.5, {k: int(found[k]) for k in LABELS}
 
 
 def phantom_grid(n: int = 4, size: int = 256, seed: int = 0) -> np.ndarray:

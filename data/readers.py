@@ -107,6 +107,19 @@ def list_images(folder: str | Path) -> list[Path]:
                   and (p.suffix.lower() in IMAGE_EXTENSIONS or (p.suffix == "" and is_dicom_file(p))))
 
 
+def pair_masks(paths, root: str | Path, masks: str | Path) -> list[Path]:
+    """The mask of each image under `root`: the file under the folder `masks` with the image's relative path
+    and stem (any image extension). ValueError naming the images that have none."""
+    if not Path(masks).is_dir():
+        raise FileNotFoundError(f"mask folder {masks} does not exist")
+    found = {p.relative_to(masks).with_suffix(""): p for p in list_images(masks)}
+    keys = [Path(p).relative_to(root).with_suffix("") for p in paths]
+    missing = [str(k) for k in keys if k not in found]
+    if missing:
+        raise ValueError(f"no mask in {masks} for {len(missing)} image(s) of {root}, e.g. {missing[:3]}")
+    return [found[k] for k in keys]
+
+
 # ----------------------------------------------------------------------------------------------- labels
 def parse_label(value, where: str, uncertain: float = 0.0) -> float:
     """One label value -> float: 1 / 0; blank or nan -> 0 (not mentioned); -1 -> `uncertain`."""
@@ -219,6 +232,23 @@ def sample_labels(files: dict[str, bytes], names: list[str], uncertain: float, w
 
 
 # ----------------------------------------------------------------------------------------------- shards
+def decode_sample(files: dict[str, bytes], where: str, label_names=None, uncertain: float = 0.0):
+    """A shard sample's members (`where` = shard:key, for messages) -> (image, mask or None, labels float32 [C]
+    or None, its name shard:key.ext). ImageReadError (a ValueError) for a sample without a png/jpg/jpeg/dcm
+    image, an undecodable one or a mask of another shape; ValueError for bad labels."""
+    ext = next((e[1:] for e in IMAGE_EXTENSIONS if e[1:] in files), None)
+    if ext is None:
+        raise ImageReadError(f"{where}: no png/jpg/jpeg/dcm image in sample ({sorted(files)})")
+    name = f"{where}.{ext}"
+    img = decode_image(files[ext], name)
+    mask_ext = next((e for e in files if e.startswith("mask.")), None)
+    mask = mask_ext and decode_image(files[mask_ext], f"{where}.{mask_ext}")
+    if mask is not None and mask.shape != img.shape:
+        raise ImageReadError(f"{name}: mask shape {mask.shape}, image {img.shape}")
+    labels = None if label_names is None else sample_labels(files, label_names, uncertain, name)
+    return img, mask, labels, name
+
+
 def _expand_braces(pattern: str) -> list[str]:
     """webdataset/bash brace expansion: `a-{000..009}.tar` (zero padding kept) and `{x,y}`."""
     m = re.search(r"\{([^{}]*)\}", pattern)
@@ -254,7 +284,10 @@ def is_shard_source(source: str | Path) -> bool:
 
 
 def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream one tar -> (key, {extension: bytes}) per sample, members grouped by key as webdataset does."""
+    """Stream one tar -> (key, {extension: bytes}) per sample, members grouped by key as webdataset does.
+    Members are keyed by plain extension: webdataset's multi-dot keys (`x.image.png`, `x.label.json`, written
+    by its ShardWriter from {"image.png": ..., "label.json": ...}) become `png`, `json` (the first one wins);
+    masks keep their `mask.` prefix (`x.mask.png`, `x.seg.mask.png` -> `mask.png`)."""
     key, files = None, {}
     with tarfile.open(shard, "r|*") as tar:
         for member in tar:
@@ -266,7 +299,8 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             if m.group(1) != key and files:
                 yield key, files
                 files = {}
-            key = m.group(1)
-            files[m.group(2).lower()] = tar.extractfile(member).read()
+            key, parts = m.group(1), m.group(2).lower().split(".")
+            ext = f"mask.{parts[-1]}" if "mask" in parts[:-1] else parts[-1]
+            files.setdefault(ext, tar.extractfile(member).read())
     if files:
         yield key, files

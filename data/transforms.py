@@ -26,7 +26,8 @@ Augmentation (Sec. 3: "random sharpening, random affine (shear 5 %, translate 5 
   tan(angle) = 0.05, about 2.9 degrees), translation ~ U(-translate, translate) * (W, H), scale ~ U(0.9,
   1.4). Pixels are resampled bilinearly with `F.affine_grid` / `F.grid_sample`; outside is 0 (black),
   torchvision's default fill.
-All randomness comes from an explicit `torch.Generator`: the same seed gives the same images. Every
+All randomness comes from an explicit `torch.Generator` (`seeded(*keys)` makes one from integer keys such as
+(seed, epoch, item): the one keyed-RNG helper of the data sets, loader and train.py): same seed, same images. Every
 function takes [C, H, W] or [B, C, H, W] floats in [0, 1]; a batch draws independent parameters per image.
 """
 
@@ -130,6 +131,15 @@ def preprocess_mask(mask: np.ndarray, img: np.ndarray, size: int | None, *, tol:
     return m if size is None else (resize(m, size) >= 0.5).float()
 
 
+def seeded(*keys: int) -> torch.Generator:
+    """The one keyed-randomness helper: a CPU generator determined by integer keys (seed, purpose, epoch,
+    item, ...), the same on every rank, in every DataLoader worker and after a resume. Keys are mixed by
+    numpy's SeedSequence (taken modulo 2**64, so negative ones are fine)."""
+    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+
 # ------------------------------------------------------------------------------------------- augmentation
 def _as_batch(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if x.ndim not in (3, 4):
@@ -214,22 +224,16 @@ PAPER_SHARPEN = RandomSharpen()
 PAPER_AFFINE = RandomAffine()
 
 
-def augment(x: torch.Tensor, generator: torch.Generator | None = None, *,
-            sharpen: RandomSharpen = PAPER_SHARPEN, affine: RandomAffine = PAPER_AFFINE) -> torch.Tensor:
-    """The paper's training augmentation: random sharpening, then a random affine map."""
-    return affine(sharpen(x, generator), generator)
-
-
-def augment_with_mask(image: torch.Tensor, mask: torch.Tensor | None,
-                      generator: torch.Generator | None = None):
-    """`augment` for an image and its mask ([C, H, W] or batched): the mask gets the image's affine map (then
-    >= 0.5), no sharpening. The image comes out exactly as `augment(image, generator)` would give it."""
-    image = PAPER_SHARPEN(image, generator)
-    x4, single = _as_batch(image)
-    params = PAPER_AFFINE.sample(x4.shape[0], generator, x4)
-    image = warp_affine(x4, params)
-    if mask is not None:
-        m4, _ = _as_batch(mask)
-        mask = (warp_affine(m4.to(image.dtype), params) >= 0.5).to(mask.dtype)
-        mask = mask[0] if single else mask
-    return (image[0] if single else image), mask
+def augment(x: torch.Tensor, generator: torch.Generator | None = None, *, mask: torch.Tensor | None = None,
+            sharpen: RandomSharpen = PAPER_SHARPEN, affine: RandomAffine = PAPER_AFFINE):
+    """The paper's training augmentation: random sharpening, then a random affine map ([C, H, W] or batched).
+    With a `mask`, returns (image, mask): the mask gets the image's affine map (then >= 0.5), no sharpening;
+    the image is the same as without it."""
+    x4, single = _as_batch(sharpen(x, generator))
+    params = affine.sample(x4.shape[0], generator, x4)
+    x4 = warp_affine(x4, params)
+    image = x4[0] if single else x4
+    if mask is None:
+        return image
+    m4 = (warp_affine(_as_batch(mask)[0].to(x4.dtype), params) >= 0.5).to(mask.dtype)
+    return image, (m4[0] if single else m4)

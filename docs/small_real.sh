@@ -30,7 +30,7 @@ $PY sample.py --run "$RUN" --mode interpolation --images "$RUN/val.csv" --num-pa
 
 # DiffSeg at the paper's t = 300 with KL threshold 0.001, the value docs/results.md reports: this small model's
 # attention maps are smooth, so 0.05 (for SD-size models) merges every anchor into one segment. segment.py's
-# default is now --threshold auto (unet/diffseg.py), measured on the tiny preset; the search below includes
+# default is now --threshold auto (diffseg.py), measured on the tiny preset; the search below includes
 # it so that the next run of this recipe compares it with the fixed values. The search selects on
 # the evaluated images themselves, so its best row is optimistic. Read the Dice next to the image-blind
 # baselines in the same summary (docs/results.md explains why).

@@ -29,7 +29,6 @@ from data.transforms import (
     RandomSharpen,
     adjust_sharpness,
     augment,
-    augment_with_mask,
     border_box,
     center_crop_square,
     preprocess_cxr,
@@ -170,7 +169,7 @@ def test_augment_deterministic_per_generator():
     assert not torch.equal(augment(x, g(1)), augment(x, g(2)))
     single = augment(x[0], g(3))
     assert single.shape == (1, 16, 16) and 0 <= single.min() and single.max() <= 1
-    img, m = augment_with_mask(x[0], (x[0] > 0.5).float(), g(4))
+    img, m = augment(x[0], g(4), mask=(x[0] > 0.5).float())
     assert torch.equal(img, augment(x[0], g(4))) and set(m.unique().tolist()) <= {0.0, 1.0}
 
 
@@ -350,3 +349,27 @@ def test_real_cxrs(shared_data):
     lungs = shared_data / "cxr-lungs"
     folder = open_dataset(lungs / "images", 32, masks=lungs / "masks")  # segment.py's --images/--masks
     assert len(folder) == len(ds) and folder[0]["mask"].shape == (1, 32, 32)
+
+
+def test_open_dataset_masks_folder(tmp_path):
+    """masks=DIR pairs by relative path and stem (any extension); augmentation moves image and mask together."""
+    rng = np.random.default_rng(0)
+    for sub in ("images/a", "masks/a"):
+        (tmp_path / sub).mkdir(parents=True)
+    for name in ("a/x", "y"):
+        Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(tmp_path / "images" / f"{name}.png")
+        mask = np.zeros((24, 24), np.uint8)
+        mask[4:20, 6:18] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.jpg")
+    ds = open_dataset(tmp_path / "images", 16, masks=tmp_path / "masks", augment=True)
+    item = ds[0]
+    assert [Path(m).name for m in ds.masks] == ["x.jpg", "y.jpg"] and item["mask"].shape == (1, 16, 16)
+    assert set(item["mask"].unique().tolist()) <= {0.0, 1.0} and ds.select([1])[0]["path"].endswith("y.png")
+    (tmp_path / "masks" / "y.jpg").unlink()
+    with pytest.raises(ValueError, match="no mask in .* for 1 image"):
+        open_dataset(tmp_path / "images", 16, masks=tmp_path / "masks")
+    with pytest.raises(FileNotFoundError, match="mask folder"):
+        open_dataset(tmp_path / "images", 16, masks=tmp_path / "nowhere")
+    for source in (None, tmp_path / "x.csv", tmp_path / "s.tar"):
+        with pytest.raises(ValueError, match="pairs masks with a folder"):
+            open_dataset(source, 16, masks=tmp_path / "masks")

@@ -47,7 +47,8 @@ def test_small_real_recipe(tmp_path, shared_data):
     fids = [r["fid"] for r in records if "fid" in r]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert len(fids) == 2 and all(math.isfinite(f) and 0 < f < 1e4 for f in fids)  # calibrated features
-    assert Image.open(run / "samples" / "step_0000002.png").size == (8 * 128, 2 * 128)
+    w, h = Image.open(run / "samples" / "step_0000002.png").size  # captioned: 8 held-out over 8 generated
+    assert 8 * 128 < w < 8 * 128 + 300 and 2 * 128 < h < 2 * 128 + 120
 
     # the held-out split: whole patients, none of them in training
     index = read_csv(shared_data / "cxr-unlabeled" / "index.csv")

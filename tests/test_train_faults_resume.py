@@ -17,6 +17,7 @@ import checkpoint
 import cli
 import hub
 import train
+import train_config
 from data.loader import cache_path
 from data.phantom import make_phantom
 from tests.helpers import REPO
@@ -178,7 +179,7 @@ def test_full_disk_while_writing_the_latent_cache_names_it(tmp_path, monkeypatch
 
 
 def test_nan_before_any_checkpoint_says_so(tmp_path, monkeypatch):
-    import unet.unet as unet_module
+    import unet.model as unet_module
 
     real_forward = unet_module.UNet2DConditionModel.forward
     monkeypatch.setattr(unet_module.UNet2DConditionModel, "forward",
@@ -215,12 +216,12 @@ def test_resume_alone_continues_a_run_of_another_preset(tmp_path):
     saved = replace(train.PRESETS["small-real"], out=str(tmp_path), lr=1e-3)
     (tmp_path / "config.json").write_text(json.dumps(asdict(saved)))
     cfg, given = train.parse_flags(["--out", str(tmp_path), "--resume", "--lr", "2e-3"])
-    resumed = train.resume_config(cfg, given, tmp_path)
-    assert "preset" not in given and train._json(asdict(resumed)) == train._json(asdict(replace(saved, resume=True,
+    resumed = train_config.resume_config(cfg, given, tmp_path)
+    assert "preset" not in given and train_config._json(asdict(resumed)) == train_config._json(asdict(replace(saved, resume=True,
                                                                                                    lr=2e-3)))
     cfg, given = train.parse_flags(["--out", str(tmp_path), "--resume", "--preset", "tiny"])
     with pytest.raises(SystemExit, match=r"--preset tiny \(run: small-real\) differ"):
-        train.resume_config(cfg, given, tmp_path)
+        train_config.resume_config(cfg, given, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- held-out set
