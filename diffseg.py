@@ -309,3 +309,12 @@ def diffseg_from_maps(maps, grid: int = 16, threshold=0.05, iterations: int = 3,
     agg = AttentionAggregator(out_res, weights).extend(maps)
     attn = agg.result()
     return diffseg(attn, grid, threshold, iterations, out_size, agg.resolution, upsample, refine, return_objects)
+
+
+@torch.inference_mode()
+def self_attention(unet, latents, context, timestep: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One UNet forward with capture -> aggregated attention [B, N, N] and its grid (h, w)."""
+    agg = AttentionAggregator()
+    with unet.capture_self_attention(callback=agg):
+        unet(latents, timestep, context)
+    return agg.result(), agg.resolution

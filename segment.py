@@ -20,9 +20,12 @@ dice_baseline_all_foreground / dice_baseline_prior (every pixel lung / the leave
 summary.json: mean_dice, std_dice (ddof 0), n, the per-rule and baseline means, mean_num_segments, settings.
 --checkpoints all (step_XXXXXXX/) and --search (e.g. timestep300_threshold0.05_grid16/; the UNet runs once per
 image, timestep and context) write one report per setting and summary.csv/.json at the top, best first.
---out holds one job (`cli.claim_output`), claimed after inputs, model and --grid are checked. Vanilla SD (paper:
-SD 1.5, threshold 0.5, grid 32, 512 px): --unet and --vae instead of --run. No noise is drawn anywhere.
+--out holds one job (`cli.claim_output`), claimed after inputs, model and --grid are checked. Resumable: files are
+written atomically, labels/<stem>.json (the image's dice.csv row and threshold used) last, so a rerun into
+the same --out reads back the images complete in every setting of their forward and segments only the rest.
+Vanilla SD (paper: SD 1.5, threshold 0.5, grid 32, 512 px): --unet and --vae instead of --run.
 `torchrun --nproc_per_node N -- segment.py ...` deals image j to rank j % N; rank 0 writes the same reports.
+No noise is drawn anywhere.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ import hub
 import pipeline
 from data.readers import ImageReadError, list_images, path_column_of, read_image, resolve_path
 from data.transforms import preprocess_cxr, preprocess_mask
-from diffseg import AttentionAggregator, auto_threshold, diffseg
-from eval.segmentation import mask_baselines, report, segment_image, write_table
+from diffseg import auto_threshold, diffseg, self_attention
+from eval.segmentation import mask_baselines, report, saved_result, segment_image, write_table
 from generate import encode_images
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -235,15 +238,6 @@ def load_models(args, device):
     return run.unet, run.vae, run.dino, run.config, found if args.checkpoints == "all" else found[-1:]
 
 
-@torch.inference_mode()
-def self_attention(unet, latents, context, timestep: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One UNet forward with capture -> aggregated attention [B, N, N] and its grid (h, w)."""
-    agg = AttentionAggregator()
-    with unet.capture_self_attention(callback=agg):
-        unet(latents, timestep, context)
-    return agg.result(), agg.resolution
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -291,23 +285,27 @@ def prepare(args, combos, world: distributed.World):
 
 
 def segment_mine(args, unet, combos, folders, size, x: Inputs, world, desc):
-    """DiffSeg on this rank's images for every setting -> per setting [(image index, threshold used, row)]."""
+    """DiffSeg on this rank's images for every setting, but for those a previous run completed (an image is
+    redone when any setting of its forward lacks it) -> per setting [(image index, threshold used, row)]."""
     done = [[] for _ in combos]
     for timestep, ctx in sorted({(c["timestep"], c["context"]) for c in combos}):  # one forward each
-        bar = distributed.Progress(len(x.mine), world, f"{desc} t={timestep} {ctx}")
-        for p in range(0, len(x.mine), args.batch_size):
-            b = slice(p, p + args.batch_size)
+        group = [i for i, c in enumerate(combos) if (c["timestep"], c["context"]) == (timestep, ctx)]
+        saved = [[saved_result(folders[i], x.items[j][0]) for i in group] for j in x.mine]  # [image][setting]
+        todo = [p for p, r in enumerate(saved) if None in r]  # positions in x.mine: rows of latents, contexts
+        for j, r in zip(x.mine, saved):
+            for i, (t, row) in zip(group, r if None not in r else []):  # complete: every setting's outputs
+                done[i].append((j, t, row))
+        bar = distributed.Progress(len(todo), world, f"{desc} t={timestep} {ctx}")
+        for b in (todo[p : p + args.batch_size] for p in range(0, len(todo), args.batch_size)):
             attn, res = self_attention(unet, x.latents[b], x.contexts[ctx][b], timestep)
-            for i, c in enumerate(combos):  # every setting of this forward reuses its attention
-                if (c["timestep"], c["context"]) != (timestep, ctx):
-                    continue
-                for j, a in zip(x.mine[b], attn):
+            for c, i in ((combos[i], i) for i in group):  # every setting of this forward reuses its attention
+                for j, a in zip([x.mine[p] for p in b], attn):
                     t = auto_threshold(a, res, c["grid"]) if c["threshold"] == "auto" else c["threshold"]
                     lab = diffseg(a[None], c["grid"], t, c["iterations"], (size, size), res, c["upsample"],
                                   args.refine)[0].cpu()
                     done[i].append((j, t, segment_image(lab, x.images[j, 0], None if x.masks is None else
-                                                        x.masks[j], *x.items[j][:2], folders[i])))
-            bar.update(len(x.mine[b]))
+                                                        x.masks[j], *x.items[j][:2], folders[i], t)))
+            bar.update(len(b))
         bar.close()
     return [sorted(distributed.gather(d), key=lambda e: e[0]) for d in done]  # every rank's, in image order
 
