@@ -116,3 +116,12 @@ def test_segment_two_ranks_equal_one_process(tmp_path):
         assert all(np.array_equal(pixels(one / "labels" / f"p{i}.png"), pixels(two / "labels" / f"p{i}.png"))
                    for i in range(5))
     assert csv_rows(tmp_path / "one" / "summary.csv") == csv_rows(tmp_path / "two" / "summary.csv")
+    # resume under torchrun: p1 (rank 1) lacks one setting, p2 (rank 0) the other; each rank redoes only its own
+    two, before = tmp_path / "two", {f: f.stat().st_mtime_ns for f in (tmp_path / "two").rglob("*.png")}
+    reports = {f: csv_rows(two / f / "dice.csv") for f in ("threshold0.0025", "threshold0.003")}
+    (two / "threshold0.0025" / "labels" / "p1.json").unlink(), (two / "threshold0.003" / "labels" / "p2.json").unlink()
+    torchrun("segment.py", *args, "--out", two)
+    redone = {f.relative_to(two).as_posix() for f, t in before.items() if f.stat().st_mtime_ns != t}
+    assert {f for f in redone if "/labels/" in f} == {f"threshold{t}/labels/p{i}.png" for t in ("0.0025", "0.003")
+                                                      for i in (1, 2)}  # both settings of p1 and p2, no other
+    assert {f: csv_rows(two / f / "dice.csv") for f in reports} == reports
