@@ -9,7 +9,7 @@ look at the same places, so their rows are close; DiffSeg clusters rows:
    16 head-averaged maps [B, h*w, h*w] on 64/32/16/8 grids for a 512-px image (32/16/8/4 for 256 px). Layers
    of one grid are averaged; each grid's KEY dims are upsampled bilinearly to the finest grid and renormalised
    to sum 1, its QUERY dims repeated (nearest), and grids summed with weights proportional to their side
-   ([64, 32, 16, 8] / 120). Result A [B, N, N], N = 64 * 64.
+   ([64, 32, 16, 8] / 120). Result A [B, N, N], N = 64 * 64 (`self_attention`: the forward and the aggregation).
 2. Anchors (Sec. 3.3, sampling grid; `anchor_grid`): M x M query locations (M = 16 on 64x64: 1, 5, ..., 61).
 3. Iterative attention merging (Sec. 3.3, Eq. 3-4; `merge_attention`) with D(x, y) = (KL(x||y) + KL(y||x)) / 2
    (`symmetric_kl`). Iteration 0: each anchor's proposal = mean of ALL N rows of A within `threshold` of the
@@ -309,3 +309,12 @@ def diffseg_from_maps(maps, grid: int = 16, threshold=0.05, iterations: int = 3,
     agg = AttentionAggregator(out_res, weights).extend(maps)
     attn = agg.result()
     return diffseg(attn, grid, threshold, iterations, out_size, agg.resolution, upsample, refine, return_objects)
+
+
+@torch.inference_mode()
+def self_attention(unet, latents, context, timestep: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One UNet forward with capture -> aggregated attention [B, N, N] and its grid (h, w)."""
+    agg = AttentionAggregator()
+    with unet.capture_self_attention(callback=agg):
+        unet(latents, timestep, context)
+    return agg.result(), agg.resolution

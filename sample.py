@@ -11,7 +11,10 @@ ready for classify.py --synthetic) and `grid.png` (captioned: each real source f
 variations; for interpolation one row per pair: real a, the blends with their r, real b). Sample k of a run has
 seed `--seed * 1_000_003 + k`, recorded in the CSV, so any one sample can be regenerated alone.
 --out holds one job (`cli.claim_output`): other settings are refused unless --overwrite; the same settings
-continue where an earlier start stopped (batches whose PNGs all exist are read back, not generated again).
+continue where an earlier start stopped: a sample whose PNG exists (written atomically) is not generated
+again, so a kill loses at most the batch in flight. `torchrun --nproc_per_node N -- sample.py ...` deals the
+samples round-robin to N processes (`distributed.py`): the same images as one process, whatever N; rank 0
+writes synthetic.csv and grid.png once all are done. A rerun with another N or --batch-size continues too.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 import cli
+import distributed
 import pipeline
 from data.datasets import open_dataset
 from eval import figures
 from generate import generate, interpolate, to_grayscale
+
+# flags that change how fast, not what: a rerun with other values continues (so does one with another N)
+RUNTIME_FLAGS = ("out", "overwrite", "device", "batch_size", "compile")
 
 
 def parse_args(argv=None):
@@ -70,7 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     p.add_argument("--step", type=cli.nonneg_int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="UNet autocast dtype on a GPU (no = float32)")
+                   help="UNet autocast dtype (no = float32; bf16/fp16 for throughput on a GPU; the VAE "
+                        "decodes in float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (faster sampling on a GPU after a compile of minutes)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if len(args.ratio_range) != 2 or args.ratio_range[0] > args.ratio_range[1]:
@@ -133,58 +142,83 @@ def load_sources(args, size: int, dino, device, channels: int = 1):
     return sources, [it["path"] for it in items], labels, getattr(dataset, "label_names", None) or [], conds
 
 
-def make_jobs(args, conds, paths, labels):
-    """-> one job per sample (condition, source index a, source index b or None, r) and the pairs (or None)."""
+def make_jobs(args, paths, labels):
+    """-> one job per sample (source index a, source index b or None, r or None) and the pairs (or None)."""
     if args.mode == "reconstruction":
-        return [(conds[i], i, None, None) for i in range(len(paths)) for _ in range(args.num)], None
+        return [(i, None, None) for i in range(len(paths)) for _ in range(args.num)], None
     rng = random.Random(args.seed)
     pairs = draw_pairs(len(paths), labels, args.num_pairs, rng)
-    return [(interpolate(conds[a], conds[b], r, args.method), a, b, float(r))
-            for a, b in pairs for r in args.ratios or [rng.uniform(*args.ratio_range) for _ in range(args.num)]], pairs
+    return [(a, b, float(r)) for a, b in pairs
+            for r in args.ratios or [rng.uniform(*args.ratio_range) for _ in range(args.num)]], pairs
+
+
+def make_rows(args, jobs, paths, labels, label_names) -> list[dict]:
+    """synthetic.csv: one row per job, in job order (the same whichever rank generated the image)."""
+    rows = []
+    for k, (a, b, r) in enumerate(jobs):
+        rows.append({"path": str(sample_path(k, paths[a], paths[b] if b is not None else None)),
+                     "source": paths[a], "source_b": paths[b] if b is not None else "",
+                     "r": "" if r is None else f"{r:.4f}", "seed": args.seed * 1_000_003 + k})
+        if labels is not None:  # the nearer source's; an ignored label (nan) is written back as -1
+            rows[-1] |= {name: -1 if np.isnan(v) else int(v)
+                         for name, v in zip(label_names, labels[a if r is None or r <= 0.5 else b])}
+    return rows
+
+
+@torch.inference_mode()
+def generate_missing(args, run, jobs, conds, rels, out: Path, world: distributed.World):
+    """Generate this rank's jobs (k % N == rank) whose PNG is not there yet, --batch-size at a time."""
+    todo = [k for k in distributed.mine(len(jobs), world) if not (out / rels[k]).is_file()]
+    size = run.config["image_size"]
+    scheduler = pipeline.make_scheduler(run.config, args.scheduler)
+    amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    bar = distributed.Progress(len(todo), world, args.mode)
+    for start in range(0, len(todo), args.batch_size):
+        ks = todo[start : start + args.batch_size]
+        context = torch.stack([conds[a] if b is None else interpolate(conds[a], conds[b], r, args.method)
+                               for a, b, r in (jobs[k] for k in ks)])
+        imgs = generate(run.unet, run.vae, scheduler, context, seeds=[args.seed * 1_000_003 + k for k in ks],
+                        height=size, width=size, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                        autocast_dtype=amp).cpu()
+        imgs = imgs if pipeline.run_channels(run.config) == 3 else to_grayscale(imgs)  # a colour run writes colour
+        for img, k in zip(imgs, ks):
+            save_png(img, out / rels[k])
+        bar.update(len(ks))
+    bar.close()
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = distributed.init(args.device)
     if not Path(args.run, "config.json").is_file():
         cli.fail(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
-    run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
-    size, channels = run.config["image_size"], pipeline.run_channels(run.config)  # a colour run writes colour
-    sources, paths, labels, label_names, conds = load_sources(args, size, run.dino, device, channels)
-    jobs, pairs = make_jobs(args, conds, paths, labels)
-    scheduler = pipeline.make_scheduler(run.config, args.scheduler)
-    amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=world.device)
+    if args.compile:
+        run.unet.compile()
+    sources, paths, labels, label_names, conds = load_sources(args, run.config["image_size"], run.dino,
+                                                               world.device, pipeline.run_channels(run.config))
+    jobs, pairs = make_jobs(args, paths, labels)
+    rows = make_rows(args, jobs, paths, labels, label_names)
     # every input was checked: only now is --out claimed (same settings: continue; other: refused)
-    cli.claim_output(out, {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device",
-                                                                              "batch_size")},
-                     overwrite=args.overwrite)
-    rows, results = [], []
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc=args.mode):
-        chunk = jobs[start : start + args.batch_size]
-        seeds = [args.seed * 1_000_003 + start + k for k in range(len(chunk))]
-        rels = [sample_path(start + k, paths[a], paths[b] if b is not None else None)
-                for k, (_, a, b, _) in enumerate(chunk)]
-        if all((out / rel).is_file() for rel in rels):  # a rerun continues: written by an earlier start
-            imgs = torch.stack([load_png(out / rel) for rel in rels])
-        else:
-            imgs = generate(run.unet, run.vae, scheduler, torch.stack([j[0] for j in chunk]), seeds=seeds,
-                            height=size, width=size, steps=args.steps, eta=args.eta, guidance=args.guidance,
-                            autocast_dtype=amp).cpu()
-            imgs = imgs if channels == 3 else to_grayscale(imgs)
-            for img, rel in zip(imgs, rels):
-                save_png(img, out / rel)
-        for (_, a, b, r), seed, img, rel in zip(chunk, seeds, imgs, rels):
-            rows.append({"path": str(rel), "source": paths[a], "source_b": paths[b] if b is not None else "",
-                         "r": "" if r is None else f"{r:.4f}", "seed": seed})
-            if labels is not None:  # the nearer source's; an ignored label (nan) is written back as -1
-                rows[-1] |= {name: -1 if np.isnan(v) else int(v)
-                             for name, v in zip(label_names, labels[a if r is None or r <= 0.5 else b])}
-            results.append((a, b, r, img))
+    distributed.claim_output(out, {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}, world,
+                             overwrite=args.overwrite)
+    generate_missing(args, run, jobs, conds, [Path(r["path"]) for r in rows], out, world)
+    distributed.barrier()  # every rank's PNGs are written
+    if world.rank == 0:
+        write_outputs(args, out, sources, jobs, pairs, rows, paths)
+    distributed.close()
+
+
+def write_outputs(args, out: Path, sources, jobs, pairs, rows, paths):
+    """grid.png (read back from the PNGs it shows) and synthetic.csv, written last: a finished job's mark."""
     recon = args.mode == "reconstruction"
+    groups = len(paths) if recon else len(pairs)  # jobs come source by source / pair by pair
+    shown = len(jobs) // groups * min(groups, 8)
+    results = [(*jobs[k], load_png(out / rows[k]["path"])) for k in range(shown)]
     (reconstruction_grid(sources, results, paths, args.num) if recon else
-     interpolation_grid(sources, results, pairs)).save(out / "grid.png")
-    with open(out / ".synthetic.csv.tmp", "w", newline="") as f:  # written last: the mark of a finished job
+     interpolation_grid(sources, results, pairs[:8])).save(out / "grid.png")
+    with open(out / ".synthetic.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

@@ -20,8 +20,12 @@ dice_baseline_all_foreground / dice_baseline_prior (every pixel lung / the leave
 summary.json: mean_dice, std_dice (ddof 0), n, the per-rule and baseline means, mean_num_segments, settings.
 --checkpoints all (step_XXXXXXX/) and --search (e.g. timestep300_threshold0.05_grid16/; the UNet runs once per
 image, timestep and context) write one report per setting and summary.csv/.json at the top, best first.
---out holds one job (`cli.claim_output`), claimed after inputs, model and --grid are checked. Vanilla SD (paper:
-SD 1.5, threshold 0.5, grid 32, 512 px): --unet and --vae instead of --run. No noise is drawn anywhere.
+--out holds one job (`cli.claim_output`), claimed after inputs, model and --grid are checked. Resumable: files are
+written atomically, labels/<stem>.json (the image's dice.csv row and threshold used) last, so a rerun into
+the same --out reads back the images complete in every setting of their forward and segments only the rest.
+Vanilla SD (paper: SD 1.5, threshold 0.5, grid 32, 512 px): --unet and --vae instead of --run.
+`torchrun --nproc_per_node N -- segment.py ...` deals image j to rank j % N; rank 0 writes the same reports.
+No noise is drawn anywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import csv
 import itertools
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,12 +43,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import cli
+import distributed
 import hub
 import pipeline
 from data.readers import ImageReadError, list_images, path_column_of, read_image, resolve_path
 from data.transforms import preprocess_cxr, preprocess_mask
-from diffseg import AttentionAggregator, auto_threshold, diffseg
-from eval.segmentation import mask_baselines, report, segment_image, write_table
+from diffseg import auto_threshold, diffseg, self_attention
+from eval.segmentation import mask_baselines, report, saved_result, segment_image, write_table
 from generate import encode_images
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -233,23 +239,24 @@ def load_models(args, device):
     return run.unet, run.vae, run.dino, run.config, found if args.checkpoints == "all" else found[-1:]
 
 
-@torch.inference_mode()
-def self_attention(unet, latents, context, timestep: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One UNet forward with capture -> aggregated attention [B, N, N] and its grid (h, w)."""
-    agg = AttentionAggregator()
-    with unet.capture_self_attention(callback=agg):
-        unet(latents, timestep, context)
-    return agg.result(), agg.resolution
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
-def prepare(args, combos, device):
-    """Models, images, masks, latents [N, 4, S/8, S/8] and contexts {name: [N, G, D]} once for every setting;
-    --size and --grid checked and only then --out claimed (a failed start leaves no output folder)."""
+class Inputs(NamedTuple):
+    items: list  # (stem, image path, mask path or None), every rank's images
+    images: torch.Tensor  # [N, 1, S, S]
+    masks: torch.Tensor | None  # [N, S, S] bool
+    skipped: list  # unreadable images: (path, reason)
+    mine: list[int]  # this rank's image indices (torchrun: j % N == rank), the rows of latents and contexts
+    latents: torch.Tensor  # [n, 4, S/8, S/8]
+    contexts: dict  # {"zeros" / "own": [n, G, D]}
+
+
+def prepare(args, combos, world: distributed.World):
+    """-> UNet, checkpoints, size and the Inputs, encoded once for every setting; --size and --grid checked and
+    only then --out claimed (a failed start leaves no output folder)."""
     try:
-        unet, vae, dino, cfg, ckpts = load_models(args, device)
+        unet, vae, dino, cfg, ckpts = load_models(args, world.device)
     except (FileNotFoundError, hub.CheckpointError) as e:
         raise SystemExit(f"cannot load the model: {e}") from e
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -258,27 +265,58 @@ def prepare(args, combos, device):
     if size % multiple:
         raise SystemExit(f"--size {size} must be a multiple of {multiple} (VAE factor x UNet downsampling)")
     items, images, masks, skipped = load_inputs(list_inputs(args), size, args.resize_masks, pipeline.run_channels(cfg))
-    batches = [slice(i, i + args.batch_size) for i in range(0, len(items), args.batch_size)]
-    latents = torch.cat([encode_images(vae, images[b].to(device)) for b in batches])
-    contexts = {"zeros": latents.new_zeros(len(items), 1, unet.config.cross_attention_dim)}
-    if any(c["context"] == "own" for c in combos):
-        contexts["own"] = torch.cat([pipeline.condition(dino, images[b].to(device)) for b in batches])
+    mine = distributed.mine(len(items), world)  # image j -> rank j % N (plain python: all of them)
+
+    def encode(js):  # latents and contexts of images js, --batch-size at a time
+        batches = [images[js[i : i + args.batch_size]].to(world.device) for i in range(0, len(js), args.batch_size)]
+        z = torch.cat([encode_images(vae, x) for x in batches])
+        own = any(c["context"] == "own" for c in combos)
+        return z, {"zeros": z.new_zeros(len(js), 1, unet.config.cross_attention_dim)} | (
+            {"own": torch.cat([pipeline.condition(dino, x) for x in batches])} if own else {})
+
+    latents, contexts = encode(mine or [0])  # [0]: a rank without images (N > images) still checks --grid
     _, res = self_attention(unet, latents[:1], contexts[combos[0]["context"]][:1], combos[0]["timestep"])
     bad = sorted({c["grid"] for c in combos if not 2 <= c["grid"] <= min(res)})
     if bad:
         raise SystemExit(f"--grid {bad}: the attention grid at --size {size} is {res[0]}x{res[1]}; "
                          f"use a grid between 2 and {min(res)} or a larger --size")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device", "batch_size")}
-    cli.claim_output(args.out, settings, overwrite=args.overwrite)
-    return unet, ckpts, size, items, images, masks, skipped, batches, latents, contexts
+    distributed.claim_output(args.out, settings, world, overwrite=args.overwrite)
+    return unet, ckpts, size, Inputs(items, images, masks, skipped, mine, latents, contexts)
+
+
+def segment_mine(args, unet, combos, folders, size, x: Inputs, world, desc):
+    """DiffSeg on this rank's images for every setting, but for those a previous run completed (an image is
+    redone when any setting of its forward lacks it) -> per setting [(image index, threshold used, row)]."""
+    done = [[] for _ in combos]
+    for timestep, ctx in sorted({(c["timestep"], c["context"]) for c in combos}):  # one forward each
+        group = [i for i, c in enumerate(combos) if (c["timestep"], c["context"]) == (timestep, ctx)]
+        saved = [[saved_result(folders[i], x.items[j][0]) for i in group] for j in x.mine]  # [image][setting]
+        todo = [p for p, r in enumerate(saved) if None in r]  # positions in x.mine: rows of latents, contexts
+        for j, r in zip(x.mine, saved):
+            for i, (t, row) in zip(group, r if None not in r else []):  # complete: every setting's outputs
+                done[i].append((j, t, row))
+        bar = distributed.Progress(len(todo), world, f"{desc} t={timestep} {ctx}")
+        for b in (todo[p : p + args.batch_size] for p in range(0, len(todo), args.batch_size)):
+            attn, res = self_attention(unet, x.latents[b], x.contexts[ctx][b], timestep)
+            for c, i in ((combos[i], i) for i in group):  # every setting of this forward reuses its attention
+                for j, a in zip([x.mine[p] for p in b], attn):
+                    t = auto_threshold(a, res, c["grid"]) if c["threshold"] == "auto" else c["threshold"]
+                    lab = diffseg(a[None], c["grid"], t, c["iterations"], (size, size), res, c["upsample"],
+                                  args.refine)[0].cpu()
+                    done[i].append((j, t, segment_image(lab, x.images[j, 0], None if x.masks is None else
+                                                        x.masks[j], *x.items[j][:2], folders[i], t)))
+            bar.update(len(b))
+        bar.close()
+    return [sorted(distributed.gather(d), key=lambda e: e[0]) for d in done]  # every rank's, in image order
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = distributed.init(args.device)
     combos, searched = settings_grid(args)
-    unet, ckpts, size, items, images, masks, skipped, batches, latents, contexts = prepare(args, combos, device)
-    baselines = mask_baselines(masks) if masks is not None and len(masks) >= 2 else {}  # image-blind Dice
+    unet, ckpts, size, x = prepare(args, combos, world)
+    baselines = mask_baselines(x.masks) if x.masks is not None and len(x.masks) >= 2 else {}  # image-blind Dice
     out, sweep, summaries = Path(args.out), args.checkpoints == "all", []
     for step, path in ckpts:
         weights = None  # the file load_run read: the EMA twin when present and wanted
@@ -291,30 +329,19 @@ def main(argv=None):
                    for c in combos]
         for folder, sub in itertools.product(folders, ("labels", "overlays")):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        rows, used = [[] for _ in combos], [[] for _ in combos]
-        for timestep, ctx in sorted({(c["timestep"], c["context"]) for c in combos}):  # one forward each
-            for b in tqdm(batches, desc=f"segmenting t={timestep} {ctx}" + (f" step {step}" if sweep else "")):
-                attn, res = self_attention(unet, latents[b], contexts[ctx][b], timestep)
-                for i, c in enumerate(combos):  # every setting of this forward reuses its attention
-                    if (c["timestep"], c["context"]) != (timestep, ctx):
-                        continue
-                    for j, a in zip(range(len(items))[b], attn):
-                        t = auto_threshold(a, res, c["grid"]) if c["threshold"] == "auto" else c["threshold"]
-                        lab = diffseg(a[None], c["grid"], t, c["iterations"], (size, size), res, c["upsample"],
-                                      args.refine)[0].cpu()
-                        used[i].append(t)
-                        rows[i].append(segment_image(lab, images[j, 0], None if masks is None else masks[j],
-                                                     *items[j][:2], folders[i]))
-        for i, c in enumerate(combos):
-            for name, scores in baselines.items():
-                for r, d in zip(rows[i], scores.tolist()):
-                    r[f"dice_baseline_{name}"] = d
+        done = segment_mine(args, unet, combos, folders, size, x, world,
+                            "segmenting" + (f" step {step}" if sweep else ""))
+        for i, c in enumerate(combos if distributed.is_main() else []):  # rank 0 writes the reports
+            rows = [row | {f"dice_baseline_{name}": s[j].item() for name, s in baselines.items()}
+                    for j, _, row in done[i]]
             meta = {"settings": c | {"step": step, "refine": args.refine, "size": size}, "step": step,
                     "run": args.run, "unet": args.unet, "vae": args.vae, "weights": weights and str(weights),
-                    "ema": not args.no_ema, "skipped": skipped, "mean_threshold_used": float(np.mean(used[i]))}
-            summaries.append(report(folders[i], rows[i], meta, images))
-    if sweep or searched:
+                    "ema": not args.no_ema, "skipped": x.skipped,
+                    "mean_threshold_used": float(np.mean([t for _, t, _ in done[i]]))}
+            summaries.append(report(folders[i], rows, meta, x.images))
+    if (sweep or searched) and distributed.is_main():
         write_table(out, summaries, (["step"] if sweep else []) + searched)
+    distributed.close()
     return summaries
 
 

@@ -179,6 +179,62 @@ def stop_if_nonfinite(bad: list[bool], checked: int, step: int, out: Path):
              f"{newest} with a lower --lr (or --mixed-precision bf16/no)")
 
 
+def encoder(vae, dino, device):
+    """Images [B, 1 or 3 (--channels), S, S] in [0, 1] -> (VAE posterior mean, std, c_GLB): what a latent is
+    made of."""
+
+    @torch.no_grad()
+    def encode(x):
+        x = x.to(device)
+        post = vae.encode(x.expand(-1, 3, -1, -1) * 2 - 1)
+        return post.mean, post.std, pipeline.condition(dino, x)
+
+    return encode
+
+
+def noisy_batch(cfg, batches, encode, scaling_factor: float, num_timesteps: int, micro: int, device):
+    """Micro-batch `micro` of this rank: z0 = posterior sample * scaling factor (0.18215 for SD v1), its
+    c_GLB (zeroed with probability --cond-dropout), a timestep and noise. Every random draw is made for the
+    whole global batch from a generator keyed by (seed, purpose, micro-step) and this rank takes its
+    positions, so N ranks == one process and a resume == no interruption."""
+
+    def keyed(shape, purpose):
+        full = torch.randn((batches.global_batch, *shape), generator=seeded(cfg.seed, purpose, micro))
+        return full[batches.positions].to(device)
+
+    batch = batches.next()
+    mean, std, c = (t.to(device) for t in batch) if cfg.cache_latents else encode(batch)
+    z0 = (mean + std * keyed(mean.shape[1:], 103)) * scaling_factor
+    g = seeded(cfg.seed, 200, micro)
+    t = torch.randint(0, num_timesteps, (batches.global_batch,), generator=g)
+    drop = torch.rand(batches.global_batch, generator=g) < cfg.cond_dropout
+    t, drop = t[batches.positions].to(device), drop[batches.positions].to(device)
+    return z0, torch.where(drop[:, None, None], torch.zeros_like(c), c), t, keyed(z0.shape[1:], 104)
+
+
+def log_step(out: Path, rec: dict, seen: int, t0: float, device):
+    rec["img_per_s"] = seen / (time.time() - t0)
+    if device.type == "cuda":
+        rec["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def apply_gradients(unet, optimizer, scaler, lr_sched, max_grad_norm: float, nonfinite) -> torch.Tensor:
+    """Clip to the global L2 norm, step (through fp16's GradScaler when on), schedule the lr. A non-finite
+    gradient norm is flagged in `nonfinite[1]`: with a finite loss it would still ruin the weights (the
+    GradScaler skips such steps itself). Returns the gradient norm (a tensor: no host sync)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
+    if not scaler.is_enabled():
+        nonfinite[1] |= ~torch.isfinite(grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr_sched.step()
+    return grad_norm
+
+
 def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device, rank, world):
     master, ddp, amp_dtype = rank == 0, world > 1, AUTOCAST[cfg.mixed_precision]
     model, optimizer, scaler, ema, lr_sched, step, meta = prepare(cfg, unet, out, device, ddp)
@@ -188,55 +244,24 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
         print(f"resumed from step {step} of {out}" if step else f"training {out}", file=sys.stderr)
     if step >= cfg.max_steps:
         cli.fail(f"{out} is at step {step}, not before --max-steps {cfg.max_steps}: raise --max-steps to go on")
-
-    @torch.no_grad()
-    def encode(x):
-        """Images [B, 1 or 3 (--channels), S, S] in [0, 1] -> VAE posterior (mean, std) and c_GLB."""
-        x = x.to(device)
-        post = vae.encode(x.expand(-1, 3, -1, -1) * 2 - 1)
-        return post.mean, post.std, pipeline.condition(dino, x)
-
+    encode = encoder(vae, dino, device)
     batches = make_batches(cfg, train_set, encode, out, rank, world, meta)
-
-    def shared_randn(shape, *keys) -> torch.Tensor:
-        """Noise for this rank's samples: drawn for the whole global batch from one generator keyed by
-        (seed, *keys), then this rank's positions are taken (so N ranks == one process)."""
-        full = torch.randn((batches.global_batch, *shape), generator=seeded(cfg.seed, *keys))
-        return full[batches.positions].to(device)
-
-    def micro_step(micro: int, sync: bool) -> torch.Tensor:
-        """One micro-batch: z0 = posterior sample * scaling factor (0.18215 for SD v1), its c_GLB, a keyed
-        timestep, noise and condition dropout; backward of the mean loss. Returns the loss (no host sync)."""
-        batch = batches.next()
-        mean, std, c = (t.to(device) for t in batch) if cfg.cache_latents else encode(batch)
-        z0 = (mean + std * shared_randn(mean.shape[1:], 103, micro)) * vae.config.scaling_factor
-        g = seeded(cfg.seed, 200, micro)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batches.global_batch,), generator=g)
-        drop = torch.rand(batches.global_batch, generator=g) < cfg.cond_dropout
-        t, drop = t[batches.positions].to(device), drop[batches.positions].to(device)
-        c = torch.where(drop[:, None, None], torch.zeros_like(c), c)
-        eps = shared_randn(z0.shape[1:], 104, micro)
-        with contextlib.nullcontext() if sync else model.no_sync():
-            loss = diffusion_loss(forward, scheduler, z0, c, t, eps, cfg.min_snr_gamma, amp_dtype).mean()
-            scaler.scale(loss / cfg.grad_accum).backward()
-        return loss.detach()
-
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not master)
     t0, seen, held_out = time.time(), 0, None  # held_out: (images [N, C, S, S], FID network), built once
     checked = step  # the last step whose loss was checked finite (a host sync: only at log/save/eval steps)
     nonfinite = torch.zeros(2, dtype=torch.bool, device=device)  # [loss, gradient norm] since the last check
     while step < cfg.max_steps:
-        losses = torch.stack([micro_step(step * cfg.grad_accum + k, not ddp or k == cfg.grad_accum - 1)
-                              for k in range(cfg.grad_accum)])
-        nonfinite[0] |= ~torch.isfinite(losses).all()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-        if not scaler.is_enabled():  # a finite loss with inf/NaN gradients still ruins the weights (fp16's
-            nonfinite[1] |= ~torch.isfinite(grad_norm)  # GradScaler skips such steps instead)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr_sched.step()
+        losses = []
+        for k in range(cfg.grad_accum):
+            micro = step * cfg.grad_accum + k
+            z0, c, t, eps = noisy_batch(cfg, batches, encode, vae.config.scaling_factor,
+                                        scheduler.config.num_train_timesteps, micro, device)
+            with contextlib.nullcontext() if not ddp or k == cfg.grad_accum - 1 else model.no_sync():
+                loss = diffusion_loss(forward, scheduler, z0, c, t, eps, cfg.min_snr_gamma, amp_dtype).mean()
+                scaler.scale(loss / cfg.grad_accum).backward()
+            losses.append(loss.detach())
+        nonfinite[0] |= ~torch.isfinite(torch.stack(losses)).all()
+        grad_norm = apply_gradients(unet, optimizer, scaler, lr_sched, cfg.max_grad_norm, nonfinite)
         step, seen = step + 1, seen + batches.global_batch * cfg.grad_accum
         if ema is not None:
             ema_update(ema, unet, step, cfg.ema_decay)
@@ -245,18 +270,14 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
         saving, evaluating = step % cfg.save_every == 0 or last, (cfg.eval_every and step % cfg.eval_every == 0) or last
         if not (logging or saving or evaluating):
             continue
-        stats = torch.cat([losses.mean()[None], nonfinite.float()])
+        stats = torch.cat([torch.stack(losses).mean()[None], nonfinite.float()])
         if ddp:
             dist.all_reduce(stats)
         stop_if_nonfinite((stats[1:] > 0).tolist(), checked, step, out)
         checked, loss_value = step, stats[0].item() / world
         if master and logging:
-            rec = {"step": step, "loss": loss_value, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                   "img_per_s": seen / (time.time() - t0)}
-            if device.type == "cuda":
-                rec["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            log_step(out, {"step": step, "loss": loss_value, "lr": lr_sched.get_last_lr()[0],
+                           "grad_norm": grad_norm.item()}, seen, t0, device)
             bar.set_postfix(loss=f"{loss_value:.4f}")
         position = stream_state(batches, cfg, world) if saving else None  # every rank takes part
         if master and saving:
@@ -266,13 +287,18 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
             checkpoint.prune(out, cfg.keep_last)
         if evaluating and master:
             if held_out is None:
-                real = torch.stack([val_set[i]["image"] for i in range(min(cfg.fid_count, len(val_set)))])
-                held_out = real, fid_extractor(cfg, real[:512], device)  # BN calibration: a few hundred do
+                held_out = held_out_set(cfg, val_set, device)
             evaluate(ema if ema is not None else unet, vae, dino, *held_out, cfg, step, out, device)
             unet.train()
         if evaluating and ddp:
             dist.barrier()
     bar.close()
+
+
+def held_out_set(cfg, val_set, device):
+    """(held-out images [N, 1, S, S], the FID network calibrated on them): built at the first evaluation."""
+    real = torch.stack([val_set[i]["image"] for i in range(min(cfg.fid_count, len(val_set)))])
+    return real, fid_extractor(cfg, real[:512], device)  # BatchNorm calibration: a few hundred images do
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 COLUMNS = ("name", "ours_s", "ref_s", "time_ratio", "ours_mem_mb", "ref_mem_mb", "mem_ratio")
+RATES = ("ours_img_s", "ref_img_s")  # throughput rows (bench_sample) add these columns to the table
 
 
 def timeit(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> float:
@@ -108,14 +109,17 @@ def make_row(name: str, m: Measurement, **extra) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Print rows as a Markdown table with the standard columns (extra keys are left to the caller)."""
+    """Print rows as a Markdown table with the standard columns, and the img/s ones when a row has them."""
 
     def fmt(key, value):
         if not isinstance(value, float):
             return str(value)
+        if key in RATES:
+            return f"{value:.3g}"
         return f"{value:.2f}" if "ratio" in key else f"{value:.3f}" if key.endswith("_s") else f"{value:.0f}"
 
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+    columns = COLUMNS + tuple(k for k in RATES if any(k in row for row in rows))
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for row in rows:
-        print("| " + " | ".join(fmt(k, row.get(k, "")) for k in COLUMNS) + " |")
+        print("| " + " | ".join(fmt(k, row.get(k, "")) for k in columns) + " |")

@@ -18,8 +18,9 @@ With a_k = |S_k & GT|, s_k = |S_k| and G = |GT| (segments are disjoint), for one
 An empty GT warns; every rule then selects nothing and scores 1.0 (`eval.metrics.dice`'s both-empty rule).
 Also here: `mask_baselines` and `block_partition` (image-blind reference scores), `overlay` (a label map in
 colour over the CXR with the GT lung contour: segment.py's overlays, eval/report.py's figure) and segment.py's
-reports: `segment_image` (one image's label map, overlay and dice.csv row), `report` (dice.csv, summary.json,
-overlays.png, the one-segment warning) and `write_table` (the sweep/search summary).
+reports: `segment_image` (one image's label map, overlay and dice.csv row, all saved so that a rerun reads them
+back with `saved_result`), `report` (dice.csv, summary.json, overlays.png, the one-segment warning) and
+`write_table` (the sweep/search summary).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from __future__ import annotations
 import colorsys
 import csv
 import itertools
+import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -164,20 +167,40 @@ def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) 
 # ---------------------------------------------------------------------------------------------- segment.py's reports
 
 
-def segment_image(lab, image, gt, stem: str, path, folder: Path) -> dict:
-    """Save one label map [S, S] and its overlay -> the image's dice.csv row (scores when gt is given)."""
+def save_png(image: Image.Image, path: Path):
+    """Atomic: a kill leaves the old file or none, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def segment_image(lab, image, gt, stem: str, path, folder: Path, threshold: float) -> dict:
+    """Save one label map [S, S], its overlay and then labels/<stem>.json (its row and the threshold used: the
+    mark that the image is complete) -> the image's dice.csv row (scores when gt is given)."""
     lab = (torch.bincount(lab.flatten()) > 0).cumsum(0)[lab] - 1  # consecutive ids 0..K-1, order kept
-    Image.fromarray(lab.numpy().astype(np.uint8 if lab.max() < 256 else np.uint16)).save(
-        folder / "labels" / f"{stem}.png")
-    overlay(image, lab, gt).save(folder / "overlays" / f"{stem}.png")
-    if gt is None:
-        return {"image": stem, "path": str(path), "num_segments": int(lab.max()) + 1}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # empty masks were reported, by name, while reading
-        scores = lung_scores(lab, gt)
-        blocks = block_partition(scores["num_segments"], *lab.shape)  # image-blind, same segment count
-        scores["dice_baseline_blocks"] = nms_dice(blocks, gt).dice
-    return {"image": stem, "path": str(path), "dice": scores["dice_nms"]} | scores
+    save_png(Image.fromarray(lab.numpy().astype(np.uint8 if lab.max() < 256 else np.uint16)),
+             folder / "labels" / f"{stem}.png")
+    save_png(overlay(image, lab, gt), folder / "overlays" / f"{stem}.png")
+    row = {"image": stem, "path": str(path), "num_segments": int(lab.max()) + 1}
+    if gt is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # empty masks were reported, by name, while reading
+            scores = lung_scores(lab, gt)
+            blocks = block_partition(scores["num_segments"], *lab.shape)  # image-blind, same segment count
+            scores["dice_baseline_blocks"] = nms_dice(blocks, gt).dice
+        row = {"image": stem, "path": str(path), "dice": scores["dice_nms"]} | scores
+    hub.write_json_atomic({"threshold": float(threshold), "row": list(row.items())},  # pairs: column order kept
+                          folder / "labels" / f"{stem}.json")
+    return row
+
+
+def saved_result(folder: Path, stem: str) -> tuple[float, dict] | None:
+    """(threshold used, dice.csv row) of an image a previous run completed in `folder`, else None."""
+    mark, outputs = folder / "labels" / f"{stem}.json", (folder / "labels", folder / "overlays")
+    if not (mark.is_file() and all((sub / f"{stem}.png").is_file() for sub in outputs)):
+        return None
+    saved = json.loads(mark.read_text())
+    return saved["threshold"], dict(saved["row"])
 
 
 def write_csv(path: Path, rows: list[dict]):

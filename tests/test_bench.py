@@ -40,3 +40,24 @@ def test_compiled_row_checks_outputs(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m: (lambda *a: m(*a) + 1))
     with pytest.raises(AssertionError, match="compiled UNet differs"):
         bench_unet._bench_compiled(ours, ref, "tiny", repeats=1)
+
+
+def test_sampling_throughput_row_times_the_same_images():
+    """The throughput row's two samplers make the same images from the same seeds (so it times equal work), and
+    the row carries the img/s columns that the table prints."""
+    from bench import bench_sample
+    from bench.common import print_table
+    from vae import VAEConfig
+
+    torch.manual_seed(0)
+    unet, vae, unet_ref, vae_ref = bench_sample.models(
+        TINY, VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4))
+    ctx, seeds = torch.randn(2, 5, TINY.cross_attention_dim), [3, 4]
+    with torch.inference_mode():
+        ours = bench_sample.to_grayscale(bench_sample.generate(unet, vae, bench_sample.DDIMScheduler(), ctx,
+                                                               seeds=seeds, steps=3))
+        ref = bench_sample.reference_sampler(unet_ref, vae_ref, ctx, seeds, steps=3)
+    assert ours.shape == ref.shape == (2, 1, 16, 16) and (ours - ref).abs().max() < 1e-4
+    row = bench_sample.throughput_row(unet, vae, unet_ref, vae_ref, "test", batch=2, k=3, repeats=1)
+    assert row["ours_img_s"] == pytest.approx(2 / row["ours_s"]) and row["ref_img_s"] > 0
+    print_table([row, {"name": "other"}])

@@ -284,6 +284,45 @@ def test_out_of_other_settings_refused_unless_overwrite(run_dir, phantoms, tmp_p
     assert json.loads((out / "summary.json").read_text())["settings"]["threshold"] == 0.002
 
 
+def test_kill_and_rerun_resumes(run_dir, tmp_path, monkeypatch):
+    """Killed in the second batch (after image p2's first setting is written): the rerun runs the UNet on p2
+    and p3 only and ends with the reports and files of an uninterrupted run, no row twice."""
+    images, masks = write_phantoms(tmp_path / "data", n=4)
+    args = ["--images", images, "--masks", masks, "--batch-size", 2, "--search", "threshold=auto,0.5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: one segment warnings
+        seg(*args, "--out", tmp_path / "full", run=run_dir)
+        forward, save, forwards, saves = segment.self_attention, segment.segment_image, [], []
+        monkeypatch.setattr(segment, "self_attention", lambda u, z, *a: forwards.append(len(z)) or forward(u, z, *a))
+
+        def dying(*a, kill_at=5):  # the 5th save (p2, first setting) completes, then the process "dies"
+            row, _ = save(*a), saves.append(a[3])
+            if len(saves) == kill_at:
+                raise RuntimeError("killed")
+            return row
+
+        monkeypatch.setattr(segment, "segment_image", dying)
+        with pytest.raises(RuntimeError, match="killed"):
+            seg(*args, "--out", tmp_path / "part", run=run_dir)
+        assert saves == ["p0", "p1", "p0", "p1", "p2"] and not (tmp_path / "part" / "summary.json").exists()
+        forwards.clear(), saves.clear()
+        monkeypatch.setattr(segment, "segment_image", lambda *a: dying(*a, kill_at=None))
+        seg(*args, "--out", tmp_path / "part", run=run_dir)
+    assert forwards == [1, 2]  # the --grid probe, then one forward for p2 and p3 only
+    assert saves == ["p2", "p3", "p2", "p3"]  # p2 lacked a setting: redone in both
+    full, part = tmp_path / "full", tmp_path / "part"
+    for name in ("summary.json", "threshold0.5/summary.json", "thresholdauto/summary.json"):
+        assert json.loads((part / name).read_text()) == json.loads((full / name).read_text()), name
+    for folder in ("threshold0.5", "thresholdauto"):
+        rows = read_csv(part / folder / "dice.csv")
+        assert rows == read_csv(full / folder / "dice.csv") and [r["image"] for r in rows] == ["p0", "p1", "p2", "p3"]
+        for sub in ("labels", "overlays"):
+            for png in sorted((full / folder / sub).glob("*.png")):
+                assert (part / folder / sub / png.name).read_bytes() == png.read_bytes(), png
+    assert read_csv(part / "summary.csv") == read_csv(full / "summary.csv")
+    assert not list(part.rglob("*.tmp"))
+
+
 def test_one_segment_warns_and_auto_is_the_default(run_dir, phantoms, tmp_path):
     images, masks = phantoms
     with pytest.warns(UserWarning, match=r"2 of 2 images ended as ONE segment .*--threshold 1000"):

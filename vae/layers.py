@@ -131,36 +131,42 @@ class Upsample2D(nn.Module):
         return out
 
 
-class DownEncoderBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: bool, groups: int,
-                 eps: float):
+class ResnetStack(nn.Module):
+    """`num_layers` ResnetBlock2D (the first one changes the width), then the level's resampler if any:
+    the shared body of DownEncoderBlock2D and UpDecoderBlock2D, whose resampler attribute names differ
+    (`downsamplers` / `upsamplers`) because the checkpoint keys do."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, eps: float):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, groups, eps)
             for j in range(num_layers)
         )
+
+    def run(self, x: torch.Tensor, resamplers: nn.ModuleList | None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return resamplers[0](x) if resamplers is not None else x
+
+
+class DownEncoderBlock2D(ResnetStack):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: bool, groups: int,
+                 eps: float):
+        super().__init__(in_channels, out_channels, num_layers, groups, eps)
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.downsamplers[0](x) if self.downsamplers is not None else x
+        return self.run(x, self.downsamplers)
 
 
-class UpDecoderBlock2D(nn.Module):
+class UpDecoderBlock2D(ResnetStack):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, upsample: bool, groups: int,
                  eps: float):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, groups, eps)
-            for j in range(num_layers)
-        )
+        super().__init__(in_channels, out_channels, num_layers, groups, eps)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.upsamplers[0](x) if self.upsamplers is not None else x
+        return self.run(x, self.upsamplers)
 
 
 class UNetMidBlock2D(nn.Module):
