@@ -95,35 +95,11 @@ def make_colour_phantom(seed: int, size: int = 256):
 
 
 def main(argv=None):
-    import csv
-    from pathlib import Path
+    from data.phantom import phantom_cli
 
-    from PIL import Image
-    from tqdm import tqdm
-
-    import cli
-
-    ap = cli.ArgumentParser(prog="python -m data.colour_phantom", formatter_class=cli.HelpFormatter,
-                            description="Write endoscopy-like colour phantoms, lesion masks and labels.")
-    ap.add_argument("--out", required=True, help="output folder (images/, masks/, labels.csv)")
-    ap.add_argument("-n", type=cli.nonneg_int, default=100, help="number of phantoms")
-    ap.add_argument("--size", type=cli.number(int, 32, 4096), default=256, help="side in pixels, 32 to 4096")
-    ap.add_argument("--seed", type=cli.nonneg_int, default=0,
-                    help="phantom i uses seed + i. train.py --channels 3 trains on seeds 0 .. phantom_count-1 "
-                         "and holds out 10000000 + i; e.g. 5000000 gives phantoms no run trained on")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    for sub in ("images", "masks"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    with open(out / "labels.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "mask", *COLOUR_LABELS])
-        for i in tqdm(range(args.n), desc="colour phantoms"):
-            image, mask, labels = make_colour_phantom(args.seed + i, args.size)
-            name = f"colour_phantom_{args.seed + i:06d}.png"
-            Image.fromarray(image).save(out / "images" / name)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name)
-            w.writerow([f"images/{name}", f"masks/{name}", *(labels[k] for k in COLOUR_LABELS)])
+    phantom_cli(argv, make_colour_phantom, COLOUR_LABELS, "colour_phantom", "endoscopy-like colour phantoms",
+                "phantom i uses seed + i. train.py --channels 3 trains on seeds 0 .. phantom_count-1 and holds "
+                "out 10000000 + i; e.g. 5000000 gives phantoms no run trained on")
 
 
 if __name__ == "__main__":

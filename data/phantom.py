@@ -299,25 +299,26 @@ def make_phantom(seed: int, size: int = 256):
     return _film(p, rng, atten, x, y, size), field > 0.5, {k: int(found[k]) for k in LABELS}
 
 
-def phantom_grid(n: int = 4, size: int = 256, seed: int = 0) -> np.ndarray:
-    """An n x n mosaic of phantoms seed, seed+1, ... (uint8 [n*size, n*size])."""
-    tiles = [make_phantom(seed + i, size)[0] for i in range(n * n)]
+def phantom_grid(n: int = 4, size: int = 256, seed: int = 0, make=None) -> np.ndarray:
+    """An n x n mosaic of phantoms seed, seed+1, ... of `make` (default make_phantom): uint8 [n*size, n*size(, 3)]."""
+    tiles = [(make or make_phantom)(seed + i, size)[0] for i in range(n * n)]
     return np.concatenate([np.concatenate(tiles[r * n:(r + 1) * n], 1) for r in range(n)], 0)
 
 
-def main(argv=None):
+def phantom_cli(argv, make, label_names, name: str, what: str, seed_help: str):
+    """`python -m data.phantom` / `python -m data.colour_phantom`: write `images/NAME_SEED.png`,
+    `masks/NAME_SEED.png` (255 = lung or lesion) and `labels.csv` (path, mask, one 0/1 column per label; paths
+    relative to the CSV's folder) for phantoms `make(seed, size)` of seeds --seed .. --seed + n - 1."""
     from tqdm import tqdm
 
     import cli
 
-    ap = cli.ArgumentParser(prog="python -m data.phantom", formatter_class=cli.HelpFormatter,
-                            description="Write procedural phantom chest X-rays, lung masks and labels.")
+    ap = cli.ArgumentParser(prog=f"python -m data.{name}", formatter_class=cli.HelpFormatter,
+                            description=f"Write {what}, their masks and labels.")
     ap.add_argument("--out", required=True, help="output folder (images/, masks/, labels.csv)")
     ap.add_argument("-n", type=cli.nonneg_int, default=100, help="number of phantoms")
     ap.add_argument("--size", type=cli.number(int, 32, 4096), default=256, help="side in pixels, 32 to 4096")
-    ap.add_argument("--seed", type=cli.nonneg_int, default=0,
-                    help="phantom i uses seed + i. train.py's phantoms are seeds 0 .. phantom_count-1 (train) and "
-                         "10000000 + i (held out); e.g. 5000000 gives phantoms no run trained on")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0, help=seed_help)
     ap.add_argument("--grid", help="also write a 4x4 example mosaic PNG to this path (default: none)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -325,16 +326,21 @@ def main(argv=None):
         (out / sub).mkdir(parents=True, exist_ok=True)
     with open(out / "labels.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "mask", *LABELS])
-        for i in tqdm(range(args.n), desc="phantoms"):
-            seed = args.seed + i
-            image, mask, labels = make_phantom(seed, args.size)
-            name = f"phantom_{seed:06d}.png"
-            Image.fromarray(image).save(out / "images" / name)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name)
-            w.writerow([f"images/{name}", f"masks/{name}", *(labels[k] for k in LABELS)])
+        w.writerow(["path", "mask", *label_names])
+        for i in tqdm(range(args.n), desc=name):
+            image, mask, labels = make(args.seed + i, args.size)
+            file = f"{name}_{args.seed + i:06d}.png"
+            Image.fromarray(image).save(out / "images" / file)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / file)
+            w.writerow([f"images/{file}", f"masks/{file}", *(labels[k] for k in label_names)])
     if args.grid:
-        Image.fromarray(phantom_grid(4, args.size, args.seed)).save(args.grid)
+        Image.fromarray(phantom_grid(4, args.size, args.seed, make)).save(args.grid)
+
+
+def main(argv=None):
+    phantom_cli(argv, make_phantom, LABELS, "phantom", "procedural phantom chest X-rays",
+                "phantom i uses seed + i. train.py's phantoms are seeds 0 .. phantom_count-1 (train) and "
+                "10000000 + i (held out); e.g. 5000000 gives phantoms no run trained on")
 
 
 if __name__ == "__main__":
