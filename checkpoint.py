@@ -194,6 +194,5 @@ def truncate_metrics(out: Path, step: int):
     path = out / "metrics.jsonl"
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line_step(line) <= step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        with hub.atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))

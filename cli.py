@@ -19,6 +19,8 @@ import sys
 import traceback
 from pathlib import Path
 
+import hub
+
 # The errors a user's input can cause. ValueError covers hub.CheckpointError and data's ImageReadError;
 # OSError covers missing files, permissions and a full disk (ENOSPC).
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
@@ -66,7 +68,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
-
 
 
 def number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -134,9 +135,7 @@ def claim_output(out, settings: dict, *, overwrite: bool, flag_hint: str = "") -
         if old != settings:
             empty_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(".settings.json.tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    os.replace(tmp, record)
+    hub.write_json_atomic(settings, record)
     return out
 
 

@@ -19,6 +19,8 @@ strict; a mismatch raises `CheckpointError` listing missing/unexpected keys and 
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import json
 import os
@@ -215,12 +217,32 @@ def save_file_atomic(tensors: dict, path, metadata: dict | None = None):
         raise
 
 
-def write_json_atomic(obj, path):
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(p) as tmp: write(tmp)`: the file is written as `.NAME.tmp` beside `p` and renamed over
+    it only when the block succeeds, so `p` is the old file or the complete new one, never half (a kill
+    leaves the `.tmp`, which checkpoint.clean removes; an error removes it at once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=list) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(obj, path):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=list) + "\n", encoding="utf-8")
+
+
+def write_csv_atomic(path, rows: list[dict], fieldnames=None):
+    """A CSV with a header (`fieldnames`, default the first row's keys) and one line per row, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(fieldnames or rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def save_pretrained(model: torch.nn.Module, folder, *, weights_name="diffusion_pytorch_model.safetensors",

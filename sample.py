@@ -19,8 +19,6 @@ writes synthetic.csv and grid.png once all are done. A rerun with another N or -
 
 from __future__ import annotations
 
-import csv
-import os
 import random
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from PIL import Image
 
 import cli
 import distributed
+import hub
 import pipeline
 from data.datasets import open_dataset
 from eval import figures
@@ -112,11 +111,9 @@ def sample_path(k: int, source: str, source_b: str | None) -> Path:
 def save_png(img: torch.Tensor, path: Path):
     """[1, H, W] (grey) or [3, H, W] (colour run) in [0, 1] -> an 8-bit L or RGB PNG, written atomically (a
     rerun trusts every PNG it finds)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray((img.permute(1, 2, 0).squeeze(2).clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(
-        tmp, format="PNG")
-    os.replace(tmp, path)
+    with hub.atomic_path(path) as tmp:
+        Image.fromarray((img.permute(1, 2, 0).squeeze(2).clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(
+            tmp, format="PNG")
 
 
 def load_png(path: Path) -> torch.Tensor:
@@ -218,11 +215,7 @@ def write_outputs(args, out: Path, sources, jobs, pairs, rows, paths):
     results = [(*jobs[k], load_png(out / rows[k]["path"])) for k in range(shown)]
     (reconstruction_grid(sources, results, paths, args.num) if recon else
      interpolation_grid(sources, results, pairs[:8])).save(out / "grid.png")
-    with open(out / ".synthetic.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(out / ".synthetic.csv.tmp", out / "synthetic.csv")
+    hub.write_csv_atomic(out / "synthetic.csv", rows)
     print(f"wrote {len(rows)} samples to {out} (synthetic.csv, grid.png: " + (
         "each row a real source image, then its generated variations)" if recon else
         "each row a pair: real image a, generated blends at r, real image b)"))

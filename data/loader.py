@@ -17,7 +17,6 @@ world_size samples, in an order that does not depend on how the work is spread o
 from __future__ import annotations
 
 import collections
-import csv
 import os
 import warnings
 from pathlib import Path
@@ -200,13 +199,7 @@ def write_image_list(dataset, path: Path):
     exactly the images used; nothing for phantoms, which have no files."""
     if isinstance(dataset, PhantomDataset) or not hasattr(dataset, "paths"):
         return
-    paths = dataset.paths
-    tmp = Path(path).with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path"])
-        w.writerows([str(Path(p).resolve())] for p in paths)
-    os.replace(tmp, path)
+    hub.write_csv_atomic(path, [{"path": str(Path(p).resolve())} for p in dataset.paths], ["path"])
 
 
 # ---------------------------------------------------------------------------------------------- cache

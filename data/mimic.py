@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import os
 from pathlib import Path
 
 import cli
+import hub
 
 from .labels import LABELS
 
@@ -106,15 +106,6 @@ def build_splits(root: Path) -> tuple[dict[str, list[dict]], dict[str, int]]:
     return splits, counts
 
 
-def write_csv(path: Path, rows: list[dict]):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m data.mimic", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, metavar="MIMIC_CXR_JPG_DIR",
@@ -132,7 +123,7 @@ def main(argv=None) -> dict[str, int]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
-        write_csv(out / f"{name}.csv", rows)
+        hub.write_csv_atomic(out / f"{name}.csv", rows, COLUMNS)
     print(f"mimic: wrote {out / 'train.csv'} ({len(splits['train'])} frontal images, p10-p18) and "
           f"{out / 'test.csv'} ({len(splits['test'])}, p19); left out: {counts['not_frontal']} non-frontal, "
           f"{counts['other_folders']} outside p10-p19, {counts['missing_files']} not on disk; "

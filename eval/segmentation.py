@@ -26,11 +26,9 @@ back with `saved_result`), `report` (dice.csv, summary.json, overlays.png, the o
 from __future__ import annotations
 
 import colorsys
-import csv
 import itertools
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -169,9 +167,8 @@ def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) 
 
 def save_png(image: Image.Image, path: Path):
     """Atomic: a kill leaves the old file or none, never a truncated one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with hub.atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def segment_image(lab, image, gt, stem: str, path, folder: Path, threshold: float) -> dict:
@@ -203,18 +200,11 @@ def saved_result(folder: Path, stem: str) -> tuple[float, dict] | None:
     return saved["threshold"], dict(saved["row"])
 
 
-def write_csv(path: Path, rows: list[dict]):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def report(folder: Path, rows: list[dict], meta: dict, images) -> dict:
     """dice.csv (with masks), summary.json, overlays.png, the one-segment warning and a printed line -> summary."""
     summary = {"n": len(rows), "mean_num_segments": float(np.mean([r["num_segments"] for r in rows]))}
     if "dice" in rows[0]:
-        write_csv(folder / "dice.csv", rows)
+        hub.write_csv_atomic(folder / "dice.csv", rows)
         d = np.array([r["dice"] for r in rows])
         summary |= {"mean_dice": float(d.mean()), "std_dice": float(d.std()), "dice_rule": "nms"}
         summary |= {f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("dice_")}
@@ -248,7 +238,7 @@ def write_table(out: Path, summaries: list[dict], columns: list[str]):
                                   "mean_dice_hungarian", "mean_dice_baseline_blocks", "mean_num_segments", "n")
                       if k in rows[0]]
     table = [{k: (r["settings"] | r)[k] for k in keys} for r in rows]
-    write_csv(out / "summary.csv", table)
+    hub.write_csv_atomic(out / "summary.csv", table)
     hub.write_json_atomic({"reports": table}, out / "summary.json")
     widths = [max(8, len(k)) for k in keys]
     for r in [dict(zip(keys, keys)), *table]:
