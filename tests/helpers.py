@@ -143,25 +143,10 @@ def gaussian_nll(posterior, sample: torch.Tensor, dims=(1, 2, 3)) -> torch.Tenso
 def unet_to_ldm(state: dict, config) -> dict:
     """Our (diffusers) UNet key names -> CompVis names, without the `model.diffusion_model.` prefix: the inverse
     of unet.convert.ldm_to_diffusers (was unet.convert.diffusers_to_ldm)."""
-    from unet.convert import RESNET_RENAMES, module_map
+    from unet.convert import RESNET_RENAMES, module_map, rename_modules
 
     table = {new: (ldm, is_resnet) for ldm, new, is_resnet in module_map(config)}
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        for d in range(len(parts) - 1, 0, -1):
-            if ".".join(parts[:d]) in table:
-                target, is_resnet = table[".".join(parts[:d])]
-                rest = ".".join(parts[d:])
-                if is_resnet:
-                    for ldm, ours in RESNET_RENAMES.items():
-                        if rest.startswith(ours + "."):
-                            rest = ldm + rest[len(ours) :]
-                            break
-                key = f"{target}.{rest}"
-                break
-        out[key] = value
-    return out
+    return rename_modules(state, table, {ours: ldm for ldm, ours in RESNET_RENAMES.items()})
 
 
 class _Parsed(Exception):

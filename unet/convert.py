@@ -70,12 +70,10 @@ def module_map(config: UNetConfig) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def ldm_to_diffusers(state: dict, config: UNetConfig) -> dict:
-    """A CompVis UNet state dict (`model.diffusion_model.` prefix already removed) in diffusers key names.
-
-    Every key whose longest module prefix is in the table is renamed; other keys pass through unchanged
+def rename_modules(state: dict, table: dict, resnet_renames: dict) -> dict:
+    """Rename every key whose longest module prefix is in `table` ({old prefix: (new prefix, is_resnet)});
+    inside a resnet, `resnet_renames` ({old: new}) renames the layer too. Other keys pass through unchanged
     (strict loading then reports them as unexpected)."""
-    table = {ldm: (new, is_resnet) for ldm, new, is_resnet in module_map(config)}
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -85,7 +83,7 @@ def ldm_to_diffusers(state: dict, config: UNetConfig) -> dict:
                 target, is_resnet = table[prefix]
                 rest = ".".join(parts[d:])
                 if is_resnet:
-                    for old, new in RESNET_RENAMES.items():
+                    for old, new in resnet_renames.items():
                         if rest.startswith(old + "."):
                             rest = new + rest[len(old) :]
                             break
@@ -93,3 +91,9 @@ def ldm_to_diffusers(state: dict, config: UNetConfig) -> dict:
                 break
         out[key] = value
     return out
+
+
+def ldm_to_diffusers(state: dict, config: UNetConfig) -> dict:
+    """A CompVis UNet state dict (`model.diffusion_model.` prefix already removed) in diffusers key names."""
+    table = {ldm: (new, is_resnet) for ldm, new, is_resnet in module_map(config)}
+    return rename_modules(state, table, RESNET_RENAMES)
