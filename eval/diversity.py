@@ -41,7 +41,7 @@ import hub
 from data import list_images, read_image
 from data.readers import read_labels_csv
 from data.transforms import preprocess_cxr
-from eval.memorization import image_grid
+from eval.figures import caption_grid, chunks
 from eval.msssim import SMALL_MODES, ms_ssim, ms_ssim_settings
 
 
@@ -250,7 +250,7 @@ def main(argv=None):
 
 def write_grid(report, synthetic, groups, sources, source_index, path: Path, max_rows: int, per_row: int = 8):
     """Least diverse sources (source | variations) or, without groups, the most similar random pairs."""
-    rows = []
+    tiles, captions = [], []
     if groups is not None:
         g = torch.as_tensor(groups)
         within = report.within_source.nan_to_num(-1.0)
@@ -258,17 +258,16 @@ def write_grid(report, synthetic, groups, sources, source_index, path: Path, max
         for k in sorted(means, key=means.get, reverse=True)[:max_rows]:
             members = (g == k).nonzero().flatten().tolist()[:per_row]
             s = source_index[members[0]] if source_index is not None else -1
-            rows.append(([(sources[s], f"source {means[k]:.3f}")] if s >= 0 else [])
-                        + [(synthetic[i], _fmt(report.to_source, i, 3)) for i in members])
+            tiles.append(([sources[s]] if s >= 0 else []) + [synthetic[i] for i in members])
+            captions.append(([f"source {means[k]:.3f}"] if s >= 0 else [])
+                            + [_fmt(report.to_source, i, 3) for i in members])
         title = "least diverse sources: source (mean MS-SSIM among its variations) | variations (to source)"
     else:
-        pairs = []
-        for j in report.random_values.argsort(descending=True)[: 4 * max_rows].tolist():
-            a, b = report.random_pairs[j].tolist()
-            pairs += [(synthetic[a], f"{float(report.random_values[j]):.3f}"), (synthetic[b], "")]
-        rows = [pairs[r : r + per_row] for r in range(0, len(pairs), per_row)]  # 4 pairs per row
+        best = report.random_values.argsort(descending=True)[: 4 * max_rows].tolist()
+        tiles = chunks([synthetic[i] for j in best for i in report.random_pairs[j].tolist()], per_row)
+        captions = chunks([c for j in best for c in (f"{float(report.random_values[j]):.3f}", "")], per_row)
         title = "most similar random pairs (MS-SSIM)"
-    image_grid(rows, path, title=title)
+    caption_grid(tiles, captions=captions, title=title).save(path)
 
 
 if __name__ == "__main__":

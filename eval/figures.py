@@ -102,6 +102,11 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
     return grid
 
 
+def chunks(items: list, n: int) -> list[list]:
+    """`items` in rows of `n` (the last row may be shorter), for `caption_grid`."""
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
 def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
     """Round tick values covering [lo, hi], about `target` of them."""
     if hi <= lo:

@@ -41,14 +41,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import cli
 import hub
 from data.datasets import collate, open_dataset
 from data.transforms import resize
-from eval.figures import _font
+from eval.figures import caption_grid, chunks
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
@@ -200,27 +199,6 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
     return MemorizationResult(sim, nearest, flagged, threshold, summary)
 
 
-def image_grid(rows: list[list[tuple[torch.Tensor, str]]], path, cell: int = 128, title: str = "") -> Path:
-    """A PNG of rows of captioned images (each (image [C, H, W] in [0, 1], caption)); returns the path."""
-    font, title_font, caption_h, pad, top = _font(12), _font(14), 16, 4, 22 if title else 0
-    width = max(max((len(r) for r in rows), default=1) * (cell + pad) + pad,
-                int(title_font.getlength(title)) + 2 * pad)
-    grid = Image.new("RGB", (width, top + len(rows) * (cell + caption_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((pad, 4), title, fill="black", font=title_font)
-    for r, row in enumerate(rows):
-        for c, (img, caption) in enumerate(row):
-            x, y = pad + c * (cell + pad), top + pad + r * (cell + caption_h + pad)
-            draw.text((x, y), caption, fill="black", font=font)
-            arr = (img.float().clamp(0, 1) * 255).round().byte()  # [1 or 3, H, W]
-            arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
-            grid.paste(Image.fromarray(arr).convert("RGB").resize((cell, cell), Image.BILINEAR), (x, y + caption_h))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -294,10 +272,11 @@ def closest_grid(res: MemorizationResult, synth_ds, train_ds, args, space: str, 
     order = res.similarity.argsort(descending=True)[: args.grid].tolist()
     syn_img = images_at(synth_ds, order, args)
     train_img = images_at(train_ds, res.nearest[order].tolist(), args)
-    pairs = [[(syn_img[i], f"syn {res.similarity[i]:.3f}" + (" !" if res.flagged[i] else "")),
-              (train_img[int(res.nearest[i])], "nearest train")] for i in order]
-    image_grid([sum(pairs[r : r + 4], []) for r in range(0, len(pairs), 4)], path,
-               title=f"{space}: closest pairs (synthetic | nearest train); ! = above {res.threshold:.3f}")
+    tiles = [t for i in order for t in (syn_img[i], train_img[int(res.nearest[i])])]
+    captions = [t for i in order for t in (f"syn {res.similarity[i]:.3f}" + (" !" if res.flagged[i] else ""),
+                                           "nearest train")]
+    caption_grid(chunks(tiles, 8), captions=chunks(captions, 8),
+                 title=f"{space}: closest pairs (synthetic | nearest train); ! = above {res.threshold:.3f}").save(path)
 
 
 def main(argv=None):
