@@ -42,6 +42,7 @@ from data import list_images, read_image
 from data.readers import read_labels_csv
 from data.transforms import preprocess_cxr
 from eval.figures import caption_grid, chunks
+from eval.metrics import describe
 from eval.msssim import SMALL_MODES, ms_ssim, ms_ssim_settings
 
 
@@ -79,19 +80,8 @@ def pairwise_msssim(images: torch.Tensor, pairs: torch.Tensor, other: torch.Tens
     return torch.cat(values) if values else torch.zeros(0)
 
 
-def summarize(values: torch.Tensor) -> dict:
-    """mean, std, quantiles and count of a set of similarities (JSON-ready floats; NaN ignored)."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
-    v = v[~v.isnan()]
-    if v.numel() == 0:
-        return {"n": 0, "mean": None, "std": None}
-    q = torch.quantile(v, torch.tensor([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0], dtype=torch.float64))
-    out = {"n": v.numel(), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
-    return out | dict(zip(("min", "p05", "p25", "median", "p75", "p95", "max"), q.tolist()))
-
-
 class DiversityReport(NamedTuple):
-    summary: dict  # JSON-ready: settings and one `summarize` block per comparison
+    summary: dict  # JSON-ready: settings and one `describe` block per comparison
     to_source: torch.Tensor | None  # [N] MS-SSIM of each synthetic image to its source (nan: no source)
     within_source: torch.Tensor | None  # [N] mean MS-SSIM of each image to its siblings (nan: none)
     random_pairs: torch.Tensor  # [P, 2] the random pairs of synthetic images that were scored
@@ -121,14 +111,14 @@ def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor
                "ms_ssim": {"weights": list(weights), "win_size": win, "sigma": sigma, "small": small}}
     rand_pairs = random_pairs(n, max_pairs, gen, groups)
     rand_vals = score(synthetic, rand_pairs)
-    summary["random_pairs"] = summarize(rand_vals)
+    summary["random_pairs"] = describe(rand_vals)
 
     within = None
     if groups is not None:
         members = [(groups == g).nonzero().flatten() for g in groups.unique()]
         pairs = torch.cat([m[random_pairs(len(m), max_pairs_per_group, gen)] for m in members])
         vals = score(synthetic, pairs).double()
-        summary["within_source"], summary["n_groups"] = summarize(vals), len(members)
+        summary["within_source"], summary["n_groups"] = describe(vals), len(members)
         ends, both = pairs.flatten(), vals.repeat_interleave(2)  # [i0, j0, i1, j1, ...] and [v0, v0, v1, v1, ...]
         total = torch.zeros(n, dtype=torch.float64).index_add_(0, ends, both)
         count = torch.zeros(n, dtype=torch.float64).index_add_(0, ends, torch.ones_like(both))
@@ -140,8 +130,8 @@ def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor
         has = (idx >= 0).nonzero().flatten()
         to_source = torch.full((n,), float("nan"), dtype=torch.float64)
         to_source[has] = score(synthetic, torch.stack([has, idx[has]], 1), sources).double()
-        summary["to_source"] = summarize(to_source)
-        summary["source_pairs"] = summarize(score(sources, random_pairs(len(sources), max_pairs, gen)))
+        summary["to_source"] = describe(to_source)
+        summary["source_pairs"] = describe(score(sources, random_pairs(len(sources), max_pairs, gen)))
     return DiversityReport(summary, to_source, within, rand_pairs, rand_vals)
 
 

@@ -26,15 +26,10 @@ how close genuinely new real images get to the training set:
 Outputs: `memorization.csv` (per synthetic image and space: nearest training image, similarity, flagged),
 `memorization.json` (per space: threshold, flagged fraction, quantiles and histograms of the synthetic and
 held-out similarities) and `closest_<space>.png` (synthetic | nearest training image).
-
-    python -m eval.memorization --train DIR --synthetic DIR_or_synthetic.csv --out DIR [--heldout DIR]
-        [--features dino|xrv|pixel] [--dino SOURCE] [--threshold-quantile 0.99] [--size S]
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -48,8 +43,7 @@ import hub
 from data.datasets import collate, open_dataset
 from data.transforms import resize
 from eval.figures import caption_grid, chunks
-
-QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+from eval.metrics import describe
 
 
 def pixel_features(images: torch.Tensor, size: int = 32) -> torch.Tensor:
@@ -144,14 +138,6 @@ def histogram(values: dict[str, torch.Tensor], bins: int = 20) -> dict:
         for name, v in values.items()}
 
 
-def _quantiles(v: torch.Tensor) -> dict:
-    if v.numel() == 0:
-        return {}
-    q = torch.quantile(v.double(), torch.tensor(QUANTILES, dtype=torch.float64))
-    names = ["min"] + [f"q{round(p * 100):02d}" for p in QUANTILES[1:-1]] + ["max"]
-    return dict(zip(names, q.tolist())) | {"mean": float(v.double().mean())}
-
-
 class MemorizationResult(NamedTuple):
     similarity: torch.Tensor  # [N] cosine similarity of each synthetic image to its nearest training image
     nearest: torch.Tensor  # [N] index of that training image
@@ -193,15 +179,14 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
         "feature_dim": synthetic.shape[1], "centered": True, "threshold_quantile": quantile, "threshold": threshold,
         "flagged_count": int(flagged.sum()), "flagged_fraction": float(flagged.float().mean()),
         "heldout_above_threshold": float((held > threshold).float().mean()),
-        "synthetic_similarity": _quantiles(sim), "heldout_similarity": _quantiles(held),
+        "synthetic_similarity": describe(sim), "heldout_similarity": describe(held),
         "histogram": histogram({"synthetic": sim, "heldout": held}),
     }
     return MemorizationResult(sim, nearest, flagged, threshold, summary)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--train", required=True, help="training images: folder, CSV with a path column, shards")
     p.add_argument("--synthetic", required=True, help="synthetic images: folder or sample.py's synthetic.csv")
     p.add_argument("--out", required=True, help="output folder")
@@ -314,12 +299,12 @@ def main(argv=None):
               f"{res.summary['flagged_count']}/{len(res.flagged)} ({100 * res.summary['flagged_fraction']:.1f} %)")
         closest_grid(res, synth_ds, train_ds, args, space, out / f"closest_{space}.png")
 
-    with open(out / "memorization.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path"] + [f"{s}_{c}" for s in results for c in ("nearest", "similarity", "flagged")])
-        for i, p in enumerate(synth_paths):
-            w.writerow([p] + [v for r in results.values() for v in (
-                train_paths[int(r.nearest[i])], f"{float(r.similarity[i]):.6f}", int(r.flagged[i]))])
+    rows = [{"path": p} for p in synth_paths]
+    for space, r in results.items():
+        for i, row in enumerate(rows):
+            row |= {f"{space}_nearest": train_paths[int(r.nearest[i])],
+                    f"{space}_similarity": f"{float(r.similarity[i]):.6f}", f"{space}_flagged": int(r.flagged[i])}
+    hub.write_csv_atomic(out / "memorization.csv", rows)
     hub.write_json_atomic(summary, out / "memorization.json")
     print(f"wrote memorization.csv, memorization.json and closest_*.png to {out}")
     return summary

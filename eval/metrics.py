@@ -1,5 +1,5 @@
 """Evaluation metrics of the paper's downstream tasks: ROC AUC (classification), Dice (segmentation), and
-the paired t-test classify.py reports between regimes.
+the paired t-test classify.py reports between regimes, and `describe` (count, mean, std, quantiles) for reports.
 
 ROC AUC is the probability that a random positive scores above a random negative (ties count one half).
 Ranking all N scores together (ties get the average of the ranks they span), the Mann-Whitney U statistic
@@ -18,6 +18,20 @@ import math
 import warnings
 
 import torch
+
+QUANTILES = {"min": 0.0, "p01": 0.01, "p05": 0.05, "p25": 0.25, "median": 0.5, "p75": 0.75, "p95": 0.95,
+             "p99": 0.99, "max": 1.0}
+
+
+def describe(values) -> dict:
+    """Count, mean, std and quantiles of a set of values (JSON-ready floats; NaN ignored)."""
+    v = _as_float64(values).flatten()
+    v = v[~v.isnan()]
+    if v.numel() == 0:
+        return {"n": 0, "mean": None, "std": None}
+    q = torch.quantile(v, torch.tensor(list(QUANTILES.values()), dtype=torch.float64))
+    std = float(v.std()) if v.numel() > 1 else 0.0
+    return {"n": v.numel(), "mean": float(v.mean()), "std": std} | dict(zip(QUANTILES, q.tolist()))
 
 
 def _as_float64(x) -> torch.Tensor:
