@@ -11,23 +11,18 @@ From sample.py's `synthetic.csv` the images are grouped by their source image (t
   reference random_pairs should reach (much higher = mode collapse);
 - to_source: each reconstruction against its source image (reconstruction similarity; interpolations,
   having two sources, are left out).
-A plain folder of images gets random_pairs only (`diversity_report`, over `random_pairs` scored by
-`pairwise_msssim`). `diversity.csv` has the per-image numbers, and
-`least_diverse.png` the sources whose variations are most alike (source, then its variations, captioned
-with their MS-SSIM to the source), or for a folder the most similar random pairs.
+A plain folder of images gets random_pairs only (`diversity_report`). `diversity.csv` has the per-image
+numbers, and `least_diverse.png` the sources whose variations are most alike (source, then its variations,
+captioned with their MS-SSIM to the source), or for a folder the most similar random pairs.
 
 Images are read as the data pipeline reads them (`data.transforms.preprocess_cxr`, at `--size`) and held
 in memory (1 GB per 1,000 images of 512 px; a mean over ~1,000 pairs is stable to ~0.01). Below 161 px the
 5-scale MS-SSIM does not fit: `--small scales` (default) drops the coarsest scales, `--small window` shrinks
 the window (eval/msssim.py); the summary records which, so compare runs with the same settings only.
-
-    python -m eval.diversity --synthetic DIR_or_synthetic.csv --out DIR [--size S] [--max-pairs 1000]
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
 import warnings
 from pathlib import Path
@@ -136,8 +131,7 @@ def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--synthetic", required=True, help="sample.py's synthetic.csv, or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sources-root", default=None, help="folder to find `source` paths under when they exist "
@@ -207,7 +201,6 @@ def _fmt(values: torch.Tensor | None, i: int, digits: int = 6) -> str:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = Path(args.synthetic)
     paths, keys, groups = read_synthetic(source)
@@ -224,11 +217,9 @@ def main(argv=None):
                               batch_size=args.batch_size, device=device)
     summary = {"synthetic": str(source)} | report.summary
     hub.write_json_atomic(summary, out / "diversity.json")
-    with open(out / "diversity.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "source", "source_b", "msssim_to_source", "msssim_within_source"])
-        for i, (p, (a, b)) in enumerate(zip(paths, keys)):
-            w.writerow([p, a, b, _fmt(report.to_source, i), _fmt(report.within_source, i)])
+    hub.write_csv_atomic(out / "diversity.csv", [
+        {"path": p, "source": a, "source_b": b, "msssim_to_source": _fmt(report.to_source, i),
+         "msssim_within_source": _fmt(report.within_source, i)} for i, (p, (a, b)) in enumerate(zip(paths, keys))])
     write_grid(report, synthetic, groups, sources, source_index, out / "least_diverse.png", args.grid)
     for name in ("within_source", "random_pairs", "source_pairs", "to_source"):
         if name in summary and summary[name]["n"]:

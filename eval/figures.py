@@ -158,21 +158,16 @@ def _pillow_line_plot(series, xticklabels, path, errors, title, xlabel, ylabel) 
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     pad = 0.05 * (hi - lo) if hi > lo else 0.05
     ticks = nice_ticks(lo - pad, hi + pad)
-    y0, y1 = ticks[0], ticks[-1]
-    n = len(xticklabels)
-    x_at = lambda i: left + (right - left) * (i + 0.5) / max(n, 1)
-    y_at = lambda v: bottom - (bottom - top) * (v - y0) / (y1 - y0)
+    x_at = lambda i: left + (right - left) * (i + 0.5) / max(len(xticklabels), 1)
+    y_at = lambda v: bottom - (bottom - top) * (v - ticks[0]) / (ticks[-1] - ticks[0])
 
     digits = max(0, -math.floor(math.log10(ticks[1] - ticks[0]))) if len(ticks) > 1 else 2
     for t in ticks:  # y grid + tick labels
-        y = y_at(t)
-        d.line([(left, y), (right, y)], fill="#e6e6e6")
-        d.line([(left - 5, y), (left, y)], fill="black")
-        d.text((left - 8, y), f"{t:.{digits}f}", fill="black", font=small, anchor="rm")
+        d.line([(left - 5, y_at(t)), (right, y_at(t))], fill="#e6e6e6")
+        d.text((left - 8, y_at(t)), f"{t:.{digits}f}", fill="black", font=small, anchor="rm")
     for i, name in enumerate(xticklabels):  # x ticks
-        x = x_at(i)
-        d.line([(x, bottom), (x, bottom + 5)], fill="black")
-        d.text((x, bottom + 8), name, fill="black", font=small, anchor="ma")
+        d.line([(x_at(i), bottom), (x_at(i), bottom + 5)], fill="black")
+        d.text((x_at(i), bottom + 8), name, fill="black", font=small, anchor="ma")
     d.rectangle([left, top, right, bottom], outline="black")
     d.text(((left + right) / 2, top - 12), title, fill="black", font=font, anchor="ms")
     d.text(((left + right) / 2, height - 18), xlabel, fill="black", font=font, anchor="ms")
@@ -184,17 +179,14 @@ def _pillow_line_plot(series, xticklabels, path, errors, title, xlabel, ylabel) 
         color = COLORS[k % len(COLORS)]
         pts = [(x_at(i), y_at(v)) if not math.isnan(v) else None for i, v in enumerate(ys)]
         for a, b in zip(pts, pts[1:]):
-            if a is not None and b is not None:
+            if a and b:
                 d.line([a, b], fill=color, width=3)
-        for i, (p, e) in enumerate(zip(pts, errors.get(name, [math.nan] * len(ys)))):
-            if p is None:
-                continue
-            if not math.isnan(e) and e > 0:  # an error bar with its two caps
-                ya, yb = y_at(ys[i] - e), y_at(ys[i] + e)
-                for seg in ([(p[0], ya), (p[0], yb)], [(p[0] - 4, ya), (p[0] + 4, ya)],
-                            [(p[0] - 4, yb), (p[0] + 4, yb)]):
-                    d.line(seg, fill=color)
-            d.ellipse([p[0] - 5, p[1] - 5, p[0] + 5, p[1] + 5], fill=color, outline="white")
+        for (x, y), v, e in ((p, v, e) for p, v, e in zip(pts, ys, errors.get(name, [0] * len(ys))) if p):
+            if e > 0:  # an error bar with its two caps (nan > 0 is False)
+                for yy in (y_at(v - e), y_at(v + e)):
+                    d.line([(x - 4, yy), (x + 4, yy)], fill=color)
+                d.line([(x, y_at(v - e)), (x, y_at(v + e))], fill=color)
+            d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=color, outline="white")
         ly = top + 10 + 24 * k  # legend entry
         d.line([(right + 20, ly), (right + 50, ly)], fill=color, width=3)
         d.ellipse([right + 30, ly - 5, right + 40, ly + 5], fill=color)
