@@ -63,8 +63,7 @@ class DenseNetConfig:
     @classmethod
     def tiny(cls, **overrides) -> DenseNetConfig:
         """A ~30k-parameter DenseNet with the same structure, for CPU tests and quick experiments."""
-        base = cls(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, bn_size=2)
-        return dataclasses.replace(base, **overrides)
+        return cls(**dict(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, bn_size=2) | overrides)
 
 
 class DenseLayer(nn.Module):
@@ -120,12 +119,10 @@ class DenseNet121(nn.Module):
     name is fixed by the checkpoint keys, as in torchvision and torchxrayvision).
     """
 
-    def __init__(self, config: DenseNetConfig | None = None, *, in_channels: int | None = None,
-                 num_classes: int | None = None, drop_rate: float | None = None):
+    def __init__(self, config: DenseNetConfig | None = None, **overrides):
+        """`overrides`: DenseNetConfig fields (in_channels=, num_classes=, drop_rate=, ...) replacing `config`'s."""
         super().__init__()
-        given = dict(in_channels=in_channels, num_classes=num_classes, drop_rate=drop_rate)
-        cfg = dataclasses.replace(config or DenseNetConfig(), **{k: v for k, v in given.items() if v is not None})
-        self.config = cfg
+        self.config = cfg = dataclasses.replace(config or DenseNetConfig(), **overrides)
 
         c = cfg.num_init_features
         trunk = OrderedDict(
@@ -174,9 +171,9 @@ class DenseNet121(nn.Module):
     def from_pretrained(cls, path, config: DenseNetConfig | None = None, *, device=None) -> DenseNet121:
         """Load a torchvision or (converted) torchxrayvision DenseNet-121 state dict, strictly.
 
-        `path`: .safetensors / .pth / .pt file holding a flat state dict (legacy names and `module.` prefixes
-        normalised, XRV's op_threshs dropped). Without `config`, in_channels and num_classes are read off the
-        checkpoint (conv0 and classifier shapes); the rest is DenseNet-121.
+        `path`: .safetensors / .pth / .pt file holding a flat state dict (legacy names renamed, XRV's
+        op_threshs dropped). Without `config`, in_channels and num_classes are read off the checkpoint (conv0
+        and classifier shapes); the rest is DenseNet-121.
         """
         try:
             state = hub.load_state_dict_file(path)
@@ -185,8 +182,6 @@ class DenseNet121(nn.Module):
                 f"{e}\nIf {Path(path).name} is torchxrayvision's pickled model, convert it to a state dict once "
                 "(see eval/densenet.py: torch.save(xrv.models.DenseNet(weights=...).state_dict(), file))."
             ) from e
-        if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
-            state = hub.strip_prefix(state, "module.")
         state = fill_num_batches_tracked(convert_legacy_keys({k: v for k, v in state.items() if k != "op_threshs"}))
         if config is None and "features.conv0.weight" in state and "classifier.weight" in state:
             config = DenseNetConfig(in_channels=state["features.conv0.weight"].shape[1],
@@ -208,12 +203,9 @@ def convert_legacy_keys(state: dict) -> dict:
 
 def fill_num_batches_tracked(state: dict) -> dict:
     """Add `<bn>.num_batches_tracked = 0` where an old checkpoint lacks it (a counter, not a weight)."""
-    state = dict(state)
-    for k in list(state):
-        if k.endswith("running_var"):
-            prefix = k[: -len("running_var")]
-            state.setdefault(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
-    return state
+    counters = {k.removesuffix("running_var") + "num_batches_tracked": torch.tensor(0) for k in state
+                if k.endswith("running_var")}
+    return counters | state
 
 
 class XRVDenseNetFeatures(nn.Module):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hub
+from data import read_image
 from eval import figures
 from eval.metrics import dice
 
@@ -210,8 +211,7 @@ def report(folder: Path, rows: list[dict], meta: dict, images) -> dict:
         summary |= {f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("dice_")}
     hub.write_json_atomic(summary | meta, folder / "summary.json")
     pick, index = rows[:8], {r["image"]: i for i, r in enumerate(rows)}  # overlays.png: the first 8 images
-    over = [torch.from_numpy(np.array(Image.open(folder / "overlays" / f"{r['image']}.png"))).permute(2, 0, 1)
-            .float() / 255 for r in pick]
+    over = [read_image(folder / "overlays" / f"{r['image']}.png", channels=3) for r in pick]
     info = [f"{r['num_segments']} segments" + (f", Dice {r['dice']:.2f}" if "dice" in r else "") for r in pick]
     figures.caption_grid([[images[index[r["image"]], 0] for r in pick], over], ["image", "DiffSeg"],
                          [r["image"] for r in pick], [[""] * len(pick), info],
