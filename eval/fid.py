@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import hub
 from data import list_images, read_image
 from eval.densenet import XRVDenseNetFeatures
 from eval.inception import InceptionV3Features
@@ -52,10 +53,8 @@ class FeatureStats:
     def update(self, features: torch.Tensor) -> FeatureStats:
         """Add a batch of features [N, D] (any float dtype; accumulated in float64 on its device)."""
         x = torch.as_tensor(features).detach().double()
-        if x.ndim != 2:
-            raise ValueError(f"features must be [N, D], got shape {list(x.shape)}")
-        if self.dim is not None and x.shape[1] != self.dim:
-            raise ValueError(f"features have dim {x.shape[1]}, these statistics have dim {self.dim}")
+        if x.ndim != 2 or x.shape[1] != (self.dim or x.shape[1]):
+            raise ValueError(f"features must be [N, dim={self.dim or 'D'}], got shape {list(x.shape)}")
         if self.sum is None:
             self.dim = x.shape[1]
             self.sum, self.outer = x.new_zeros(self.dim), x.new_zeros(self.dim, self.dim)
@@ -76,12 +75,9 @@ class FeatureStats:
 
     def save(self, path) -> None:
         """Write mu, sigma (pytorch-fid's .npz keys), count and extractor; atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, mu=self.mean.cpu().numpy(), sigma=self.cov.cpu().numpy(), count=np.int64(self.count),
-                 extractor=np.str_(self.extractor or ""))
-        tmp.replace(path)
+        with hub.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=self.mean.cpu().numpy(), sigma=self.cov.cpu().numpy(), count=np.int64(self.count),
+                     extractor=np.str_(self.extractor or ""))
 
     @classmethod
     def load(cls, path) -> FeatureStats:
@@ -173,17 +169,16 @@ def compute_stats(images, extractor: nn.Module, batch_size: int = 50, *, progres
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
             raise ValueError(f"image tensor must be [N, C, H, W] in [0, 1], got shape {list(images.shape)}")
-        batches, total = images.split(batch_size), -(-len(images) // batch_size)
+        n, batches = len(images), images.split(batch_size)
     else:
         files = list_images(images)
         if not files:
             raise ValueError(f"no images found under {images}")
-        batches = (torch.stack([_read(p, extractor) for p in files[i : i + batch_size]])
-                   for i in range(0, len(files), batch_size))
-        total = -(-len(files) // batch_size)
+        n, batches = len(files), (torch.stack([_read(p, extractor) for p in files[i : i + batch_size]])
+                                  for i in range(0, len(files), batch_size))
     stats = FeatureStats(extractor.feature_dim, extractor.name)
     with torch.autocast(dev.type, enabled=False):
-        for x in tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch"):
+        for x in tqdm(batches, total=-(-n // batch_size), desc=desc, disable=not progress, unit="batch"):
             stats.update(extractor(x.to(dev, torch.float32)))
     if stats.count < 2:
         raise ValueError(f"need at least 2 images for a covariance, got {stats.count}")
@@ -198,21 +193,17 @@ def fid(real, fake, features="xrv", batch_size: int = 50, device=None, weights=N
         `weights` (a file), or an extractor module (e.g. `XRVDenseNetFeatures(DenseNet121.tiny(in_channels=1),
         name="xrv-tiny")`). device: default CUDA when available.
     cache: `.npz` path for the statistics of `real`: read if it exists (its extractor must match), else
-        computed and written. The network is only loaded if some images need features.
+        computed and written.
     """
-    name = features.name if isinstance(features, nn.Module) else str(features)
-    model = None
-    out = []
-    for images, desc in ((real, "real"), (fake, "fake")):
-        if desc == "real" and cache is not None and Path(cache).is_file():
-            stats = FeatureStats.load(cache)
-            if stats.extractor != name:
-                raise ValueError(f"cache {cache} holds statistics of extractor {stats.extractor!r}, "
-                                 f"not {name!r}; delete it or pass another cache path")
-        else:
-            model = model if model is not None else load_extractor(features, weights, device)
-            stats = compute_stats(images, model, batch_size, progress=progress, desc=desc)
-            if desc == "real" and cache is not None:
-                stats.save(cache)
-        out.append(stats)
-    return frechet_distance(out[0].mean, out[0].cov, out[1].mean, out[1].cov)
+    model = load_extractor(features, weights, device)
+    if cache is not None and Path(cache).is_file():
+        real_stats = FeatureStats.load(cache)
+        if real_stats.extractor != model.name:
+            raise ValueError(f"cache {cache} holds statistics of extractor {real_stats.extractor!r}, "
+                             f"not {model.name!r}; delete it or pass another cache path")
+    else:
+        real_stats = compute_stats(real, model, batch_size, progress=progress, desc="real")
+        if cache is not None:
+            real_stats.save(cache)
+    fake_stats = compute_stats(fake, model, batch_size, progress=progress, desc="fake")
+    return frechet_distance(real_stats.mean, real_stats.cov, fake_stats.mean, fake_stats.cov)
