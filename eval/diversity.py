@@ -134,8 +134,6 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--synthetic", required=True, help="sample.py's synthetic.csv, or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sources-root", default=None, help="folder to find `source` paths under when they exist "
-                   "neither as given (from the current folder) nor relative to the CSV's folder")
     p.add_argument("--size", type=cli.positive_int, default=None, help="image side (None: the first image's)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="3: MS-SSIM on RGB (colour runs)")
     p.add_argument("--max-pairs", type=cli.positive_int, default=1000,
@@ -175,22 +173,19 @@ def read_synthetic(source: Path) -> tuple[list[str], list[tuple[str, str]], list
     return paths, keys, [ids[k] if k[0] else len(ids) + i for i, k in enumerate(keys)]
 
 
-def load_sources(keys, csv_dir: Path, root: Path | None, size: int, channels: int = 1):
-    """(source images [M, 1, S, S], source_index [N], -1: none) of the reconstructions (rows without
-    source_b), found as given, relative to the CSV's folder or under `root`; (None, None) if none is found."""
+def load_sources(keys, csv_dir: Path, size: int, channels: int = 1):
+    """(source images [M, C, S, S], source_index [N], -1: none) of the reconstructions (rows without
+    source_b), found as given or relative to the CSV's folder; (None, None) if none is found."""
     wanted = list(dict.fromkeys(a for a, b in keys if a and not b))
-    candidates = lambda s: [Path(s), csv_dir / s] + ([root / s, root / Path(s).name] if root else [])
-    found = {s: next((c for c in candidates(s) if c.is_file()), None) for s in wanted}
-    missing = [s for s, f in found.items() if f is None]
-    if missing:
+    found = {s: next((f for f in (Path(s), csv_dir / s) if f.is_file()), None) for s in wanted}
+    if missing := [s for s, f in found.items() if f is None]:
         warnings.warn(f"{len(missing)} source image(s) not found (e.g. {missing[:3]}); their variations get "
-                      "no to_source value (see --sources-root)", stacklevel=1)
-    kept = [s for s in wanted if found[s] is not None]
-    if not kept:
+                      "no to_source value", stacklevel=1)
+    where = {s: i for i, s in enumerate(s for s in wanted if found[s] is not None)}
+    if not where:
         return None, None
-    where = {s: i for i, s in enumerate(kept)}
     index = [where.get(a, -1) if not b else -1 for a, b in keys]
-    return load_images([found[s] for s in kept], size, "sources", channels), index
+    return load_images([found[s] for s in where], size, "sources", channels), index
 
 
 def _fmt(values: torch.Tensor | None, i: int, digits: int = 6) -> str:
@@ -208,8 +203,7 @@ def main(argv=None):
     synthetic = load_images(paths, size, "synthetic", args.channels)
     sources = source_index = None
     if groups is not None:  # reconstructions (no source_b) are compared with their source image
-        root = Path(args.sources_root) if args.sources_root else None
-        sources, source_index = load_sources(keys, source.parent, root, size, args.channels)
+        sources, source_index = load_sources(keys, source.parent, size, args.channels)
 
     report = diversity_report(synthetic, groups, sources, source_index, max_pairs=args.max_pairs,
                               max_pairs_per_group=args.max_pairs_per_source,
