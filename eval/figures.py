@@ -3,7 +3,8 @@
 `caption_grid(rows, row_labels, col_labels)`: tiles (images [H, W] / [C, H, W] in [0, 1]) in rows, each row
 named at its left (e.g. "real" / "generated"), each column headed (e.g. "source", "variation 1", or "a",
 "r=0.50", "b"), optional per-tile captions below. Small tiles are enlarged by an integer factor (nearest) so
-that their captions are legible. Pillow only: a grid of images needs no plotting library.
+that their captions are legible. Pillow only: a grid of images needs no plotting library. `overlay`: a
+DiffSeg label map in colour over the CXR, with the ground-truth lung contour.
 
 `line_plot`: one line per series over categorical x positions (the ratios 1:0, 1:1, 1:5, ...; training
 steps), markers, +-error bars, axis titles and a legend. With matplotlib installed (optional:
@@ -13,11 +14,13 @@ so nothing is clipped; without it, a Pillow drawing that measures its legend and
 
 from __future__ import annotations
 
+import colorsys
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 # Tableau-10 colours (matplotlib's default cycle), so the figure reads like the usual ones.
@@ -100,6 +103,17 @@ def caption_grid(rows, row_labels=None, col_labels=None, captions=None, title: s
                 texts.append(captions[r][c])
     grid.info.update(boxes=boxes, text=texts)
     return grid
+
+
+def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) -> Image.Image:
+    """CXR [S, S] in [0, 1] + label map [S, S] (+ lung mask) -> RGB: 45 % segment colour (golden-ratio hue
+    steps), the GT contour (mask minus its erosion) in yellow."""
+    colours = np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.7, 1.0) for i in range(int(labels.max()) + 1)])
+    rgb = 0.55 * (image.float().numpy()[..., None] * 255) + 0.45 * (colours * 255)[labels.numpy()]
+    if gt is not None:
+        m = gt.float()[None, None]
+        rgb[(m + F.max_pool2d(-m, 3, 1, 1))[0, 0].bool().numpy()] = (255, 255, 0)
+    return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
 
 
 def chunks(items: list, n: int) -> list[list]:

@@ -16,16 +16,12 @@ With a_k = |S_k & GT|, s_k = |S_k| and G = |GT| (segments are disjoint), for one
    background and lung each get one distinct segment, maximising the matched overlap |GT_c & S_k| (or IoU);
    the lung's segment is the prediction. A GT class with no pixel is left out.
 An empty GT warns; every rule then selects nothing and scores 1.0 (`eval.metrics.dice`'s both-empty rule).
-Also here: `mask_baselines` and `block_partition` (image-blind reference scores), `overlay` (a label map in
-colour over the CXR with the GT lung contour: segment.py's overlays, eval/report.py's figure) and segment.py's
-reports: `segment_image` (one image's label map, overlay and dice.csv row, all saved so that a rerun reads them
-back with `saved_result`), `report` (dice.csv, summary.json, overlays.png, the one-segment warning) and
-`write_table` (the sweep/search summary).
+Also here: the image-blind baselines (`mask_baselines`, `block_partition`) and segment.py's per-image outputs
+and reports (`segment_image`, `saved_result` for resuming, `report`, `write_table`).
 """
 
 from __future__ import annotations
 
-import colorsys
 import itertools
 import json
 import math
@@ -35,12 +31,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import hub
 from data import read_image
-from eval import figures
+from eval.figures import caption_grid, overlay
 from eval.metrics import dice
 
 
@@ -152,17 +147,6 @@ def block_partition(num_segments: int, height: int, width: int) -> torch.Tensor:
     return (torch.arange(height) * side // height)[:, None] * side + (torch.arange(width) * side // width)[None, :]
 
 
-def overlay(image: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor | None) -> Image.Image:
-    """CXR [S, S] in [0, 1] + label map [S, S] (+ lung mask) -> RGB: 45 % segment colour (golden-ratio hue
-    steps), the GT contour (mask minus its erosion) in yellow."""
-    colours = np.array([colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.7, 1.0) for i in range(int(labels.max()) + 1)])
-    rgb = 0.55 * (image.float().numpy()[..., None] * 255) + 0.45 * (colours * 255)[labels.numpy()]
-    if gt is not None:
-        m = gt.float()[None, None]
-        rgb[(m + F.max_pool2d(-m, 3, 1, 1))[0, 0].bool().numpy()] = (255, 255, 0)
-    return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
-
-
 # ---------------------------------------------------------------------------------------------- segment.py's reports
 
 
@@ -213,10 +197,10 @@ def report(folder: Path, rows: list[dict], meta: dict, images) -> dict:
     pick, index = rows[:8], {r["image"]: i for i, r in enumerate(rows)}  # overlays.png: the first 8 images
     over = [read_image(folder / "overlays" / f"{r['image']}.png", channels=3) for r in pick]
     info = [f"{r['num_segments']} segments" + (f", Dice {r['dice']:.2f}" if "dice" in r else "") for r in pick]
-    figures.caption_grid([[images[index[r["image"]], 0] for r in pick], over], ["image", "DiffSeg"],
-                         [r["image"] for r in pick], [[""] * len(pick), info],
-                         title="DiffSeg segments in colour, ground-truth lung contour in yellow").save(
-        folder / "overlays.png")
+    grid = caption_grid([[images[index[r["image"]], 0] for r in pick], over], ["image", "DiffSeg"],
+                        [r["image"] for r in pick], [[""] * len(pick), info],
+                        title="DiffSeg segments in colour, ground-truth lung contour in yellow")
+    grid.save(folder / "overlays.png")
     single, threshold = sum(r["num_segments"] == 1 for r in rows), meta["settings"]["threshold"]
     if single * 2 > len(rows):  # blank label maps: Dice of 'every pixel lung' at best
         hint = "a smaller --threshold" if threshold == "auto" else "--threshold auto or a smaller value"
