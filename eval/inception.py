@@ -161,8 +161,7 @@ class InceptionV3Features(nn.Module):
 
     def __init__(self, name: str | None = None):
         super().__init__()
-        if name is not None:
-            self.name = name
+        self.name = name or self.name
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
@@ -195,9 +194,8 @@ class InceptionV3Features(nn.Module):
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         return 2 * x - 1
 
-    def pool3(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed [B, 3, 299, 299] -> [B, 2048]."""
-        x = self.Conv2d_1a_3x3(x)  # [B, 32, 149, 149]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.Conv2d_1a_3x3(self.preprocess(x.float()))  # [B, 32, 149, 149]
         x = self.Conv2d_2a_3x3(x)  # [B, 32, 147, 147]
         x = self.Conv2d_2b_3x3(x)  # [B, 64, 147, 147]
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # [B, 64, 73, 73]
@@ -209,8 +207,5 @@ class InceptionV3Features(nn.Module):
         x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # [B, 768, 17, 17]
         x = self.Mixed_7a(x)  # [B, 1280, 8, 8]
         x = self.Mixed_7c(self.Mixed_7b(x))  # [B, 2048, 8, 8]
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # [B, 2048]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool3(self.preprocess(x.float()))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # pool3 [B, 2048]
 
