@@ -10,21 +10,14 @@ SSIM compares two images through local statistics under a Gaussian window w (11 
 
 averaged over the map (and the channels). MS-SSIM evaluates cs at scales 1..M-1 and ssim at scale M, halving
 the image between scales with a 2x2 average pool (zero-padded by one pixel on odd sides, counted in the
-average: `F.avg_pool2d(padding=side % 2)`), and combines them as prod_j max(cs_j, 0)^w_j * max(ssim_M, 0)^w_M
-with the 5 weights of Wang et al. 2003, Table/Sec. 3.2: (0.0448, 0.2856, 0.3001, 0.2363, 0.1333).
-Everything (the relu on cs and on the last ssim, the padding, the window built in float32) follows
-pytorch-msssim 1.0 (`pytorch_msssim.ms_ssim`), which the tests match to 1e-4; inputs are [B, C, H, W] and
-every function returns one value per image ([B], the mean over channels).
+average), and combines them as prod_j max(cs_j, 0)^w_j * max(ssim_M, 0)^w_M with the 5 weights of Wang et al.
+2003, Sec. 3.2. Every detail (the relu, the padding, the float32 window) follows pytorch-msssim 1.0
+(`pytorch_msssim.ms_ssim`), which the tests match to 1e-4; inputs are [B, C, H, W], outputs one value per image.
 
-Image size: the window must fit at the coarsest scale, so M scales need min(H, W) > (win_size - 1) * 2^(M-1);
-for the standard 5 scales that is 160 px (pytorch-msssim asserts this, whatever the number of weights).
-Smaller images (64 px CXRs of the tiny preset) take `small=`:
-- "error" (default): ValueError, as pytorch-msssim.
-- "scales": keep the first M scales that fit (M = 3 at 64 px, 4 at 128 px) and renormalise their weights to
-  sum to 1 (so identical images still give 1). Fine detail is measured as at full size; the coarse scales are
-  dropped. This is `pytorch_msssim.ms_ssim(weights=w[:M] / sum(w[:M]))` without its 160 px assertion.
-- "window": keep 5 scales and shrink the window to the largest odd size that fits, with sigma scaled by the
-  same factor (win 3, sigma 0.41 at 64 px): `pytorch_msssim.ms_ssim(win_size=..., win_sigma=...)`.
+M scales need min(H, W) > (win_size - 1) * 2^(M-1): 160 px for the standard 5. Smaller images (64 px CXRs of
+the tiny preset) take `small=`: "error" (default, as pytorch-msssim); "scales": the first M scales that fit
+(3 at 64 px, 4 at 128 px), weights renormalised to sum 1, so fine detail is measured as at full size; "window":
+5 scales with the largest odd window that fits, sigma scaled alike (win 3, sigma 0.41 at 64 px).
 `ms_ssim_settings(side, ...)` says which weights/window a size gets; eval/diversity.py records it.
 """
 
@@ -68,23 +61,18 @@ def ms_ssim_settings(side: int, weights=MS_SSIM_WEIGHTS, win_size: int = 11, sig
     """(weights, win_size, sigma) that `ms_ssim` uses for images whose shorter side is `side` px."""
     if small not in SMALL_MODES:
         raise ValueError(f"small must be one of {SMALL_MODES}, got {small!r}")
-    weights = tuple(float(v) for v in weights)
-    levels = len(weights)
-    if side > (win_size - 1) * 2 ** (levels - 1):
+    weights, levels = tuple(float(v) for v in weights), len(weights)
+    fits = lambda win, scales: side > (win - 1) * 2 ** (scales - 1)  # the window fits at the coarsest scale
+    if fits(win_size, levels):
         return weights, win_size, sigma
-    if small == "scales":
-        fit = max((m for m in range(1, levels + 1) if side > (win_size - 1) * 2 ** (m - 1)), default=0)
-        if fit:
-            total = sum(weights[:fit])
-            return tuple(v / total for v in weights[:fit]), win_size, sigma
-    elif small == "window":
-        fit = max((k for k in range(3, win_size + 1, 2) if side > (k - 1) * 2 ** (levels - 1)), default=0)
-        if fit:
-            return weights, fit, sigma * fit / win_size
-    need = (win_size - 1) * 2 ** (levels - 1)
+    if small == "scales" and (m := max((m for m in range(1, levels + 1) if fits(win_size, m)), default=0)):
+        return tuple(v / sum(weights[:m]) for v in weights[:m]), win_size, sigma
+    if small == "window" and (k := max((k for k in range(3, win_size + 1, 2) if fits(k, levels)), default=0)):
+        return weights, k, sigma * k / win_size
     hint = "" if small != "error" else "; pass small='scales' or small='window' for small images"
     raise ValueError(f"MS-SSIM with {levels} scales and a {win_size}-tap window needs images larger than "
-                     f"{need} px (4 halvings), got a shorter side of {side} px{hint}")
+                     f"{(win_size - 1) * 2 ** (levels - 1)} px ({levels - 1} halvings), got a shorter side of "
+                     f"{side} px{hint}")
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, weights=MS_SSIM_WEIGHTS,
