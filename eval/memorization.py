@@ -14,8 +14,8 @@ how close genuinely new real images get to the training set:
    says so. Features are centred on the mean training feature first, which removes what all chest X-rays
    share (the average anatomy): copies still score 1, different patients much lower than uncentred
    (phantoms at 32 px: ~0.65 instead of ~0.93).
-2. Nearest neighbours (`nearest_neighbors`): top-k of query @ reference^T over blocks of at most
-   chunk_size x chunk_size, merging the running top-k, so 100k x 100k needs memory for one block.
+2. Nearest neighbours (`nearest_neighbors`): top-k of query @ reference^T block by block (100k x 100k in
+   the memory of one block).
 3. Threshold: the q-quantile (default 0.99) of the nearest-train similarities of real images of new
    patients; a synthetic image above it is flagged: "closer to a training image than 99 % of genuinely new
    real images are" (n held-out images resolve the quantile to ~1/n). They come from `--heldout` (use a

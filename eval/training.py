@@ -27,11 +27,9 @@ from pipeline import condition, make_scheduler
 
 
 def fid_extractor(cfg, reference: torch.Tensor, device=None):
-    """The FID feature network: the named pretrained one when --fid-weights is given, else (offline) a
-    random-init network of the --fid-features kind (XRV-style DenseNet, or Inception-v3 for inception) with a
-    fixed seed whose BatchNorm statistics are set from the held-out `reference` images -- FIDs are then
-    comparable within a run only. The tiny preset uses a tiny DenseNet (1 channel for xrv, 3 for inception) at
-    its own 64 px resolution to stay fast on CPU."""
+    """The FID network (module docstring): pretrained with --fid-weights, else random-init (seed 0) with its
+    BatchNorm statistics set from the held-out `reference` images; `--fid-random-init tiny` takes a tiny
+    DenseNet at the run's own resolution to stay fast on CPU."""
     if cfg.fid_weights:
         return load_extractor(cfg.fid_features, cfg.fid_weights, device)
     torch.manual_seed(0)
