@@ -23,6 +23,7 @@ the window (eval/msssim.py); the summary records which, so compare runs with the
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -64,13 +65,12 @@ def random_pairs(n: int, count: int, generator: torch.Generator | None = None,
 
 
 def pairwise_msssim(images: torch.Tensor, pairs: torch.Tensor, other: torch.Tensor | None = None, *,
-                    data_range: float = 1.0, small: str = "error", batch_size: int = 64, device=None
-                    ) -> torch.Tensor:
-    """MS-SSIM [P] of index pairs [P, 2] into `images` [N, C, H, W] (into `images` and `other` when given),
+                    small: str = "error", batch_size: int = 64, device=None) -> torch.Tensor:
+    """MS-SSIM [P] of index pairs [P, 2] into `images` [N, C, H, W] in [0, 1] (into `images` and `other`),
     `batch_size` pairs at a time on `device` (default: where the images are)."""
     second = images if other is None else other
     device = images.device if device is None else torch.device(device)
-    values = [ms_ssim(images[p[:, 0]].to(device), second[p[:, 1]].to(device), data_range, small=small).cpu()
+    values = [ms_ssim(images[p[:, 0]].to(device), second[p[:, 1]].to(device), small=small).cpu()
               for p in pairs.split(batch_size)]
     return torch.cat(values) if values else torch.zeros(0)
 
@@ -85,8 +85,8 @@ class DiversityReport(NamedTuple):
 
 def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor | None = None,
                      source_index=None, *, max_pairs: int = 1000, max_pairs_per_group: int = 45,
-                     generator: torch.Generator | None = None, data_range: float = 1.0, small: str = "error",
-                     batch_size: int = 64, device=None) -> DiversityReport:
+                     generator: torch.Generator | None = None, small: str = "error", batch_size: int = 64,
+                     device=None) -> DiversityReport:
     """Diversity of synthetic images [N, C, H, W] by MS-SSIM (lower = more diverse; module docstring).
 
     groups: [N] ints, e.g. the source image each variation was generated from: "within_source" scores all
@@ -96,13 +96,12 @@ def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor
     """
     n = len(synthetic)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    score = lambda imgs, pairs, other=None: pairwise_msssim(imgs, pairs, other, data_range=data_range, small=small,
-                                                            batch_size=batch_size, device=device)
+    score = functools.partial(pairwise_msssim, small=small, batch_size=batch_size, device=device)
     groups = None if groups is None else torch.as_tensor(groups, dtype=torch.long)
     if groups is not None and groups.shape != (n,):
         raise ValueError(f"groups must have one entry per synthetic image ({n}), got {list(groups.shape)}")
     weights, win, sigma = ms_ssim_settings(min(synthetic.shape[-2:]), small=small)
-    summary = {"n_synthetic": n, "image_size": list(synthetic.shape[-2:]), "data_range": data_range,
+    summary = {"n_synthetic": n, "image_size": list(synthetic.shape[-2:]),
                "ms_ssim": {"weights": list(weights), "win_size": win, "sigma": sigma, "small": small}}
     rand_pairs = random_pairs(n, max_pairs, gen, groups)
     rand_vals = score(synthetic, rand_pairs)
