@@ -37,7 +37,7 @@ def _font(size: int):
 
 
 def _text_width(text: str, font) -> int:
-    return int(math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)))
+    return math.ceil(font.getlength(text))
 
 
 def _fit(text: str, font, width: int) -> str:
@@ -49,8 +49,6 @@ def _fit(text: str, font, width: int) -> str:
 
 def _to_rgb(tile) -> Image.Image:
     """A tensor / array [H, W], [1, H, W] or [3, H, W] in [0, 1] (or uint8 [H, W(, 3)]) -> RGB image."""
-    if isinstance(tile, Image.Image):
-        return tile.convert("RGB")
     arr = tile.detach().cpu().float().numpy() if isinstance(tile, torch.Tensor) else np.asarray(tile)
     if arr.ndim == 3 and arr.shape[0] in (1, 3):
         arr = arr.transpose(1, 2, 0)
