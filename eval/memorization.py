@@ -116,8 +116,7 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, 
     sims, idx = [], []
     for q in query.split(chunk_size):
         q = F.normalize(q.float().to(device), dim=1)  # [q, D]
-        best_s = torch.full((len(q), 0), -2.0, device=device)
-        best_i = torch.zeros((len(q), 0), dtype=torch.long, device=device)
+        best_s, best_i = q.new_empty(len(q), 0), torch.empty(len(q), 0, dtype=torch.long, device=device)
         for start in range(0, len(ref), chunk_size):
             block = q @ ref[start : start + chunk_size].T  # [q, r]
             s, i = block.topk(min(k, block.shape[1]), dim=1)
