@@ -32,7 +32,7 @@ import numpy as np
 
 import cli
 import hub
-from data.readers import path_column_of, read_labels_csv
+from data.readers import read_labels_csv
 from eval.metrics import paired_ttest
 
 INT_FIELDS = ("regime", "fold", "n_real", "n_synthetic", "epochs", "best_epoch")  # of results.csv
@@ -42,7 +42,6 @@ INT_FIELDS = ("regime", "fold", "n_real", "n_synthetic", "epochs", "best_epoch")
 @dataclass
 class Table:
     paths: list[str]
-    rel: list[str]  # paths as written in the CSV
     labels: np.ndarray  # float32 [N, C]
     groups: list[str]  # patient ids, or the image paths (image-level)
     extras: dict[str, list[str]] = field(default_factory=dict)
@@ -50,7 +49,7 @@ class Table:
 
     def subset(self, keep: np.ndarray) -> Table:
         pick = lambda v: [v[i] for i in np.flatnonzero(keep)]
-        return Table(pick(self.paths), pick(self.rel), self.labels[keep], pick(self.groups),
+        return Table(pick(self.paths), self.labels[keep], pick(self.groups),
                      {k: pick(v) for k, v in self.extras.items()}, self.csv)
 
 
@@ -59,14 +58,11 @@ def load_table(path, labels, patient_column, flag, **csv_args) -> Table:
     one line naming the flag, file and column."""
     try:
         paths, matrix, extras = read_labels_csv(path, labels, **csv_args)
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-        column = path_column_of(list(rows[0]), csv_args.get("path_column"), path)
     except (ValueError, FileNotFoundError) as e:
         cli.fail(f"{flag}: {e}")
     ids = extras.get(patient_column, [""] * len(paths))
     groups = [g.strip() or p for g, p in zip(ids, paths)]  # no patient id: the image is its own group
-    return Table(paths, [r[column].strip() for r in rows], matrix, groups, extras, Path(path))
+    return Table(paths, matrix, groups, extras, Path(path))
 
 
 def check_files(table: Table, rows, flag: str):
@@ -79,12 +75,13 @@ def check_files(table: Table, rows, flag: str):
 def load_synthetic(args, names, pool: Table, order: np.ndarray) -> tuple[Table, np.ndarray]:
     """-> (sample.py's synthetic.csv, int [M, 2] pool index of each row's source and source_b, -1: none)."""
     if not args.synthetic:
-        return Table([], [], np.zeros((0, len(names)), np.float32), []), np.zeros((0, 2), np.int64)
+        return Table([], np.zeros((0, len(names)), np.float32), []), np.zeros((0, 2), np.int64)
     syn = load_table(args.synthetic, names, None, "--synthetic", uncertain=cli.UNCERTAIN[args.uncertain])
     if "source" not in syn.extras:
         cli.fail(f"--synthetic: {syn.csv} has no 'source' column (sample.py's synthetic.csv has one)")
     bases = [Path.cwd(), syn.csv.parent, Path(args.real).parent]
-    sources = np.stack([match_sources(syn.extras.get(c, [""] * len(syn.paths)), pool.paths, bases, pool.rel)
+    as_written = [os.path.relpath(p, args.image_root or Path(args.real).parent) for p in pool.paths]  # in --real
+    sources = np.stack([match_sources(syn.extras.get(c, [""] * len(syn.paths)), pool.paths, bases, as_written)
                         for c in ("source", "source_b")], 1)
     usable = synthetic_order(sources, np.isin(np.arange(len(pool.paths)), order), args.seed)
     check_files(syn, usable, "--synthetic")
@@ -129,11 +126,10 @@ def holdout_split(groups, fraction: float, seed: int) -> np.ndarray:
     if len(uniq) < 2:
         raise ValueError("cannot hold out a test set from a single patient/image")
     target = max(1, int(round(fraction * len(inverse))))
-    chosen, total = np.zeros(len(uniq), bool), 0
-    for g in np.random.default_rng(seed).permutation(len(uniq)):
-        if total >= target or chosen.sum() == len(uniq) - 1:  # at least one group stays in the pool
-            break
-        chosen[g], total = True, total + sizes[g]
+    perm = np.random.default_rng(seed).permutation(len(uniq))
+    before = np.cumsum(sizes[perm]) - sizes[perm]  # rows held out before group perm[i] is drawn
+    chosen = np.zeros(len(uniq), bool)
+    chosen[perm[:-1][before[:-1] < target]] = True  # drawn until the target; the last group stays in the pool
     return chosen[inverse]
 
 
@@ -179,7 +175,7 @@ def match_sources(sources, real_paths, bases, csv_relative=()) -> np.ndarray:
 
     sample.py records the path it read, so a relative source is tried against each folder of `bases`. When no
     base makes it an existing file (generated on another machine), it matches the real image whose path as
-    written in the real CSV (`csv_relative`) is a trailing part of it, if exactly one does.
+    relative to the image root (`csv_relative`, as the real CSV writes it) is a trailing part of it, if just one is.
     """
     norm = lambda p: os.path.normpath(os.path.abspath(os.path.expanduser(str(p))))  # no file-system call
     exact, suffix = {norm(p): i for i, p in enumerate(real_paths)}, defaultdict(list)
