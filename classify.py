@@ -176,18 +176,6 @@ def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (loss * known).sum() / known.sum().clamp_min(1)
 
 
-@torch.no_grad()
-def predict(model, bank, ids, labels, args, in_ch, norm, device) -> np.ndarray:
-    """Per-label AUC [C] of `model` on bank[ids] against labels[ids] (nan for one-class labels)."""
-    model.eval()
-    step = 2 * args.batch_size
-    scores = torch.cat([torch.sigmoid(model(model_input(bank.batch(ids[b : b + step]).to(device), in_ch, norm))
-                                      .float()).cpu() for b in range(0, len(ids), step)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one-class labels are nan; said once for the test set in split_real()
-        return roc_auc(labels[ids], scores.numpy()).numpy()
-
-
 def train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, device, desc) -> dict:
     """Train one cell (the best validation mean AUC's weights kept in memory) and score them on the test set."""
     torch.manual_seed(seed)  # the same initialisation for every ratio of a (regime, fold)
@@ -196,6 +184,21 @@ def train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, d
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.patience)
     gen, aug_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+    def inputs(ids, train=False) -> torch.Tensor:  # bank[ids] -> the network's input, augmented in training
+        x = bank.batch(ids).to(device)
+        return model_input(augment(x, aug_gen) if train and args.augment else x, in_ch, norm)
+
+    @torch.no_grad()
+    def aucs(ids) -> np.ndarray:  # per-label AUC [C] on bank[ids], nan for a one-class label
+        model.eval()
+        step = 2 * args.batch_size
+        scores = torch.cat([torch.sigmoid(model(inputs(ids[b : b + step])).float()).cpu()
+                            for b in range(0, len(ids), step)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one-class labels are nan; said once for the test set in split_real()
+            return roc_auc(labels[ids], scores.numpy()).numpy()
+
     best_state, best_val, best_score, best_epoch = None, math.nan, -math.inf, 0
     for epoch in (bar := tqdm(range(1, args.max_epochs + 1), desc=desc, leave=False)):
         model.train()
@@ -204,13 +207,11 @@ def train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, d
             ids = order[b : b + args.batch_size]
             if len(ids) == 1 and len(order) > 1:
                 continue  # BatchNorm cannot train on a batch of one
-            x = bank.batch(ids).to(device)
-            x = augment(x, aug_gen) if args.augment else x
-            loss = masked_bce(model(model_input(x, in_ch, norm)), torch.from_numpy(labels[ids]).to(device))
+            loss = masked_bce(model(inputs(ids, train=True)), torch.from_numpy(labels[ids]).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val = ex.nanmean(predict(model, bank, val_ids, labels, args, in_ch, norm, device))
+        val = ex.nanmean(aucs(val_ids))
         score = -math.inf if math.isnan(val) else val  # nan: no label with both classes in val
         sched.step(score)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_auc=f"{val:.3f}")
@@ -219,8 +220,7 @@ def train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, d
         elif epoch - best_epoch >= args.early_stop:
             break
     model.load_state_dict(best_state)
-    aucs = predict(model, bank, test_ids, labels, args, in_ch, norm, device)
-    return dict(aucs=aucs, epochs=epoch, best_epoch=best_epoch, best_val_auc=best_val)
+    return dict(aucs=aucs(test_ids), epochs=epoch, best_epoch=best_epoch, best_val_auc=best_val)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -174,7 +174,7 @@ def match_sources(sources, real_paths, bases, csv_relative=()) -> np.ndarray:
     """Index into `real_paths` of each synthetic `source` string (-1: not a known real image, or '').
 
     sample.py records the path it read, so a relative source is tried against each folder of `bases`. When no
-    base makes it an existing file (generated on another machine), it matches the real image whose path as
+    base makes it an existing file (generated on another machine), it matches the real image whose path
     relative to the image root (`csv_relative`, as the real CSV writes it) is a trailing part of it, if just one is.
     """
     norm = lambda p: os.path.normpath(os.path.abspath(os.path.expanduser(str(p))))  # no file-system call
