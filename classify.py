@@ -3,7 +3,8 @@
 1. A fixed real test set (--test, or a seeded held-out split of --real; patient-level with a patient column).
 2. Nested, label-balanced regimes of N real images (paper: N = 50, 100, 500, 1000, 5000).
 3. Real:synthetic ratios 1:k (paper: 1:0, 1:1, 1:5, 1:10, 1:50) from sample.py's synthetic.csv: round(k * n)
-   rows for n real images, each made only from real training images of the same fold (`run_cell`).
+   rows for n real images, each made only from real training images of the same fold; --fully-synthetic
+   trains on the synthetic rows alone (paper Sec. 2.4.3).
 4. K-fold CV inside each regime, validation always real; fold f has the same real split and initialisation
    at every ratio, so ratios pair by fold.
 5. DenseNet-121, BCE-with-logits, AdamW lr 1e-4, weight decay 1e-5, batch 64, at most 150 epochs,
@@ -11,8 +12,8 @@
    (paper Sec. 3, implementation details); the best-validation weights get the per-label test AUC.
 6. Mean test AUC +- std over folds per (regime, ratio), paired t-test over folds vs 1:0 (p < 0.05: *).
 
-The rules of 1-4 and 6 are in classify_protocol.py. results.csv gets a row per finished cell: a rerun with
-the same arguments skips finished cells, other settings are refused in one line naming --overwrite.
+The rules of 1-4 and 6 are in classify_protocol.py; `run_cell` trains one (regime, ratio, fold). results.csv
+gets a row per finished cell: a rerun with the same arguments skips those, other settings are refused.
 """
 from __future__ import annotations
 
@@ -62,14 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--folds", type=cli.number(int, 2), default=5, help="cross-validation folds per regime")
     p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, auc_vs_ratio.png)")
     p.add_argument("--overwrite", action="store_true", help="empty an --out of other settings, start clean")
-    p.add_argument("--model", choices=("densenet121", "tiny"), default="densenet121",
-                   help="tiny: a ~30k-parameter DenseNet for CPU runs")
+    p.add_argument("--model", choices=("densenet121", "tiny"), default="densenet121", help="tiny: 30k parameters, CPU")
     p.add_argument("--weights", help="torchvision (ImageNet) or XRV DenseNet-121 state dict to start from, inputs "
                    "scaled as each expects (default: random init, inputs 2x-1)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grey; 3 = RGB (ImageNet-normalised)")
     p.add_argument("--in-channels", type=cli.positive_int, help="input channels (default: the weights', else 1)")
-    p.add_argument("--drop-rate", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0,
-                   help="dropout probability after each dense layer")
+    p.add_argument("--drop-rate", type=cli.number(float, 0, 1, hi_open=True), default=0.0, help="dense-layer dropout")
     p.add_argument("--image-size", type=cli.positive_int, default=224, help="square input size in pixels")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="training images per step (paper: 64)")
     p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="AdamW learning rate")
@@ -78,8 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--early-stop", type=cli.positive_int, default=25, help="epochs without a val-AUC gain to stop")
     p.add_argument("--max-epochs", type=cli.positive_int, default=150, help="most epochs per cell (paper: 150)")
     p.add_argument("--augment", action="store_true", help="the paper's random sharpening + affine")
-    p.add_argument("--num-workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
-                   help="image decoding threads (0 = one)")
+    p.add_argument("--num-workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the test split, folds, subsets and networks")
     return p.parse_args(argv)

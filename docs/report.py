@@ -90,11 +90,9 @@ def segment_maps(seg: Path, masks: Path, out: Path, count: int = 8):
             if mask.is_file() else None
         tiles.append(np.asarray(overlay(torch.full(labels.shape, 0.6), labels, gt)))
     captions = [f"{r['num_segments']} segments, Dice {float(r['dice']):.2f}" for r in rows]
-    if tiles:
-        caption_grid([tiles[i:i + 4] for i in range(0, len(tiles), 4)], None, None,
-                     [captions[i:i + 4] for i in range(0, len(tiles), 4)],
-                     title="DiffSeg segments (colours), ground-truth lung contour (yellow)"
-                     ).save(out / "segment_maps.png")
+    caption_grid([tiles[i:i + 4] for i in range(0, len(tiles), 4)], None, None,
+                 [captions[i:i + 4] for i in range(0, len(tiles), 4)],
+                 title="DiffSeg segments (colours), ground-truth lung contour (yellow)").save(out / "segment_maps.png")
 
 
 def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
