@@ -91,9 +91,9 @@ def load_synthetic(args, names, pool: Table, order: np.ndarray) -> tuple[Table, 
 
 # ------------------------------------------------------------------------------------------------ ratios
 def parse_ratio(text: str) -> float:
-    """'5' -> 5.0; 'inf' / 'synthetic-only' -> inf (the "fully synthetic" setting: no real training image)."""
+    """'5' -> 5.0; 'inf' or 'synthetic-only' -> inf (the "fully synthetic" setting: no real training image)."""
     t = text.strip().lower()
-    if t in ("inf", "synthetic-only", "synthetic"):
+    if t in ("inf", "synthetic-only"):
         return math.inf
     if not float(t) >= 0:
         raise ValueError(f"ratio {text!r} must be >= 0")
@@ -185,7 +185,7 @@ def match_sources(sources, real_paths, bases, csv_relative=()) -> np.ndarray:
     for j, s in enumerate(s.strip() for s in sources):
         if not s:
             continue
-        candidates = [norm(s)] if Path(s).is_absolute() else [norm(Path(b) / s) for b in bases]
+        candidates = [norm(Path(b) / s) for b in bases]  # an absolute source is itself under every base
         hits = [exact[c] for c in candidates if c in exact]
         if hits:
             out[j] = hits[0]
