@@ -217,8 +217,8 @@ def take_synthetic(ratio: float, largest: float, order: np.ndarray, n_real_train
 
     1:ratio wants round(ratio * n); synthetic-only (inf) the count of the `largest` finite ratio, or every
     eligible row when that is 0."""
-    wanted = n_synthetic(ratio, n_real_train) if not math.isinf(ratio) else \
-        n_synthetic(largest, n_real_train) or len(order)
+    finite = largest if math.isinf(ratio) else ratio  # synthetic only: as many as at the largest finite ratio
+    wanted = n_synthetic(finite, n_real_train) or (len(order) if math.isinf(ratio) else 0)
     return order[:wanted], wanted
 
 
