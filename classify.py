@@ -1,24 +1,19 @@
-"""The downstream experiment (DiNO-Diffusion Sec. 2.5 / 3.2): does adding synthetic CXRs help a classifier?
+"""The downstream experiment (DiNO-Diffusion Sec. 2.4.2-2.4.3): does adding synthetic CXRs help a classifier?
 
-The protocol, as in the paper (its subset, fold and mixing rules, exactly: classify_protocol.py):
 1. A fixed real test set (--test, or a seeded held-out split of --real; patient-level with a patient column).
 2. Nested, label-balanced regimes of N real images (paper: N = 50, 100, 500, 1000, 5000).
-3. Real:synthetic ratios 1:k (paper: 1:0, 1:1, 1:5, 1:10, 1:50; --fully-synthetic adds synthetic only, at
-   the largest ratio's count) from sample.py's synthetic.csv, a row used only when every real image it was
-   generated from (`source`, `source_b`) is a training image of the same fold: round(k * n) rows for n real
-   ones, all of them when fewer are eligible (--synthetic-shortfall cap) or repeated (replace).
-4. K-fold CV inside each regime (patient-level when possible), validation always real; fold f has the same
-   real split and initialisation at every ratio, so ratios pair by fold.
-5. DenseNet-121 (random init or --weights), BCE-with-logits; AdamW lr 1e-4, weight decay 1e-5, batch 64,
-   at most 150 epochs, ReduceLROnPlateau (factor 0.1, patience 10) on the validation mean AUC, early stop
-   after 25 epochs without a gain (paper Sec. 3.2); the best-validation weights get the test per-label AUC.
+3. Real:synthetic ratios 1:k (paper: 1:0, 1:1, 1:5, 1:10, 1:50) from sample.py's synthetic.csv: round(k * n)
+   rows for n real images, each made only from real training images of the same fold; --fully-synthetic
+   trains on the synthetic rows alone (paper Sec. 2.4.3).
+4. K-fold CV inside each regime, validation always real; fold f has the same real split and initialisation
+   at every ratio, so ratios pair by fold.
+5. DenseNet-121, BCE-with-logits, AdamW lr 1e-4, weight decay 1e-5, batch 64, at most 150 epochs,
+   ReduceLROnPlateau (patience 10) on the validation mean AUC, early stop after 25 epochs without a gain
+   (paper Sec. 3, implementation details); the best-validation weights get the per-label test AUC.
 6. Mean test AUC +- std over folds per (regime, ratio), paired t-test over folds vs 1:0 (p < 0.05: *).
 
-Without --synthetic only 1:0 runs. --out gets results.csv (a row per finished cell), summary.md,
-auc_vs_ratio.png, config.json, settings.json, claimed only once every input is checked; a rerun with the same
-arguments skips finished cells, other settings are refused in one line naming --overwrite. Images are
-preprocessed once (data/transforms.py) and kept as uint8. --uncertain maps CheXpert's -1 to zeros, ones or
-ignore (out of loss and AUC); --path-column and --image-root say how --real and --test name their images.
+The rules of 1-4 and 6 are in classify_protocol.py; `run_cell` trains one (regime, ratio, fold). results.csv
+gets a row per finished cell: a rerun with the same arguments skips those, other settings are refused.
 """
 from __future__ import annotations
 
@@ -53,54 +48,42 @@ FIELDS = ["regime", "ratio", "fold", "n_real", "n_synthetic", "mean_auc", "epoch
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--real", required=True, help="labelled CSV of real images (path + label columns)")
-    p.add_argument("--synthetic", help="synthetic.csv from sample.py (path, source, source_b, labels...); "
-                   "default: none, only the real-only regimes (ratio 1:0) run")
-    p.add_argument("--test", help="fixed test CSV; default: a held-out split of --real")
-    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="held-out share of --real (no --test)")
-    p.add_argument("--labels", help="comma-separated label columns (default: the 7 paper labels)")
+    p.add_argument("--synthetic", help="sample.py's synthetic.csv (default: none, only ratio 1:0 runs)")
+    p.add_argument("--test", help="fixed test CSV (default: a held-out split of --real)")
+    p.add_argument("--test-fraction", type=cli.number(float, 0.0, 1.0, lo_open=True, hi_open=True), default=0.2,
+                   help="held-out share of --real without --test")
+    p.add_argument("--labels", type=cli.comma_list(str), help="label columns (default: the 7 paper labels)")
     cli.add_data_flags(p, labels=True)  # --path-column, --image-root (for --real, --test), --uncertain
-    p.add_argument("--patient-column", help="column of patient ids for patient-level splits "
-                   "(default: 'patient_id' when the CSV has it, else image-level splits)")
+    p.add_argument("--patient-column", help="patient ids, for patient-level splits (default: 'patient_id' if any)")
     p.add_argument("--regimes", type=cli.comma_list(cli.positive_int), default="50,100,500,1000,5000",
-                   help="comma-separated real training-set sizes N")
-    p.add_argument("--ratios", type=cli.comma_list(ex.parse_ratio), default=None,
-                   help="comma-separated k of the real:synthetic ratios 1:k (default: 0,1,5,10,50 with "
-                        "--synthetic, else 0)")
-    p.add_argument("--fully-synthetic", action="store_true", help="add the synthetic-only setting ('inf')")
-    p.add_argument("--synthetic-shortfall", choices=("cap", "replace"), default="cap",
-                   help="too few eligible synthetic images: use them all (cap) or repeat them (replace)")
+                   help="real training-set sizes N")
+    p.add_argument("--ratios", type=cli.comma_list(ex.parse_ratio),
+                   help="k of the real:synthetic ratios 1:k (default: 0,1,5,10,50 with --synthetic, else 0)")
+    p.add_argument("--fully-synthetic", action="store_true", help="add synthetic-only ('inf', as many as the top k)")
     p.add_argument("--folds", type=cli.number(int, 2), default=5, help="cross-validation folds per regime")
-    p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, plot)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="empty an --out that holds results of other settings and start clean")
-    p.add_argument("--model", choices=("densenet121", "tiny"), default="densenet121",
-                   help="tiny: a ~30k-parameter DenseNet for CPU runs")
-    p.add_argument("--weights", help="DenseNet-121 state dict to start from (torchvision ImageNet or XRV: "
-                   "inputs scaled as each expects; default: random init, inputs 2x-1)")
+    p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, auc_vs_ratio.png)")
+    p.add_argument("--overwrite", action="store_true", help="empty an --out of other settings, start clean")
+    p.add_argument("--model", choices=("densenet121", "tiny"), default="densenet121", help="tiny: 30k parameters, CPU")
+    p.add_argument("--weights", help="torchvision (ImageNet) or XRV DenseNet-121 state dict to start from, inputs "
+                   "scaled as each expects (default: random init, inputs 2x-1)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grey; 3 = RGB (ImageNet-normalised)")
     p.add_argument("--in-channels", type=cli.positive_int, help="input channels (default: the weights', else 1)")
-    p.add_argument("--drop-rate", type=cli.number(float, 0.0, 1.0, hi_open=True), default=0.0,
-                   help="dropout probability after each dense layer")
+    p.add_argument("--drop-rate", type=cli.number(float, 0, 1, hi_open=True), default=0.0, help="dense-layer dropout")
     p.add_argument("--image-size", type=cli.positive_int, default=224, help="square input size in pixels")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="training images per step (paper: 64)")
     p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=cli.nonneg_float, default=1e-5, help="AdamW weight decay")
     p.add_argument("--patience", type=cli.nonneg_int, default=10, help="ReduceLROnPlateau patience (epochs)")
-    p.add_argument("--early-stop", type=cli.positive_int, default=25, help="stop after this many epochs "
-                   "without a validation mean-AUC gain")
+    p.add_argument("--early-stop", type=cli.positive_int, default=25, help="epochs without a val-AUC gain to stop")
     p.add_argument("--max-epochs", type=cli.positive_int, default=150, help="most epochs per cell (paper: 150)")
     p.add_argument("--augment", action="store_true", help="the paper's random sharpening + affine")
-    p.add_argument("--num-workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
-                   help="image decoding threads (0 = one)")
+    p.add_argument("--num-workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the test split, folds, subsets and networks")
     return p.parse_args(argv)
 
 
-_fraction = cli.number(float, 0.0, 1.0, lo_open=True, hi_open=True)  # in (0, 1)
-
-
-# ------------------------------------------------------------------------------------------------ inputs
+# ------------------------------------------------------------------------------------------------ data
 class ImageBank:
     """Preprocessed images kept as uint8 [C, S, S], C = --channels (quantised the same way whether cached or not)."""
 
@@ -121,11 +104,27 @@ class ImageBank:
         return torch.stack([self.images[int(i)] for i in ids]).float() / 255  # [B, C, S, S]
 
 
-def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean BCE-with-logits over the known labels: nan entries (--uncertain ignore) add no loss or gradient."""
-    known = ~torch.isnan(y)
-    loss = F.binary_cross_entropy_with_logits(logits, torch.where(known, y, 0.0), reduction="none")
-    return (loss * known).sum() / known.sum().clamp_min(1)
+def split_real(args, names) -> tuple[ex.Table, ex.Table]:
+    """-> (pool of real training candidates, fixed test set); patient-level when --real has patient ids."""
+    patient = args.patient_column or "patient_id"
+    csv_args = dict(uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column, image_root=args.image_root)
+    real = ex.load_table(args.real, names, patient, "--real", **csv_args)
+    if args.patient_column and patient not in real.extras:
+        cli.fail(f"--patient-column: {args.real} has no {patient!r} column")
+    level = "patient" if patient in real.extras else "image"
+    if args.test:  # drop real rows that are test images, or of test patients
+        test = ex.load_table(args.test, names, patient, "--test", **csv_args)
+        seen = {str(Path(p).resolve()) for p in test.paths} | set(test.groups)  # its images and patients
+        in_test = np.array([str(Path(p).resolve()) in seen or g in seen for p, g in zip(real.paths, real.groups)], bool)
+    else:
+        in_test = ex.holdout_split(real.groups, args.test_fraction, args.seed)
+        test = real.subset(in_test)
+    for name, n_pos, n in zip(names, np.nansum(test.labels, 0), (~np.isnan(test.labels)).sum(0)):
+        if n_pos in (0, n):  # n: the test images where the label is known (not ignored)
+            warnings.warn(f"test label {name!r} has only one class ({int(n_pos)} of {n} "
+                          "positive): its AUC is nan and left out of the mean", stacklevel=2)
+    print(f"real pool {int((~in_test).sum())}, test {len(test.paths)} ({level}-level splits), labels {names}")
+    return real.subset(~in_test), test
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -138,18 +137,18 @@ def build_model(args, num_labels: int) -> tuple[nn.Module, int, str]:
     if args.channels == 3 and args.in_channels not in (None, 3):
         cli.fail(f"--in-channels {args.in_channels}: --channels 3 images have 3 channels")
     if args.weights is None:
-        cfg = dict(in_channels=args.in_channels or args.channels, num_classes=num_labels, drop_rate=args.drop_rate)
-        net = (DenseNet121.tiny if args.model == "tiny" else DenseNet121)(**cfg)
-        return net, cfg["in_channels"], "imagenet" if args.channels == 3 else "unit"
+        in_ch = args.in_channels or args.channels
+        net = (DenseNet121.tiny if args.model == "tiny" else DenseNet121)(
+            in_channels=in_ch, num_classes=num_labels, drop_rate=args.drop_rate)
+        return net, in_ch, "imagenet" if args.channels == 3 else "unit"
     if args.model != "densenet121":
         cli.fail("--weights holds a DenseNet-121; use --model densenet121")
     net = DenseNet121.from_pretrained(args.weights)
-    w_in = net.config.in_channels
+    conv, w_in = net.features.conv0, net.config.in_channels
     in_ch = args.in_channels or max(w_in, args.channels)
-    if in_ch != w_in:  # average the stem filters over input channels, keeping their summed response
-        w = net.features.conv0.weight.detach()  # [64, w_in, 7, 7]
-        net.features.conv0 = nn.Conv2d(in_ch, w.shape[0], 7, stride=2, padding=3, bias=False)
-        net.features.conv0.weight.data = w.mean(1, keepdim=True).repeat(1, in_ch, 1, 1) * (w_in / in_ch)
+    if in_ch != w_in:  # the stem's filters averaged over the input channels, keeping their summed response
+        conv.weight = nn.Parameter(conv.weight.detach().sum(1, keepdim=True).repeat(1, in_ch, 1, 1) / in_ch)
+        conv.in_channels = in_ch
     net.classifier = nn.Linear(net.num_features, num_labels)
     for m in net.modules():
         if isinstance(m, DenseLayer):
@@ -168,92 +167,91 @@ def model_input(x: torch.Tensor, in_ch: int, norm: str) -> torch.Tensor:
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-@torch.no_grad()
-def predict(model, bank, ids, labels, args, in_ch, norm, device) -> np.ndarray:
-    """Per-label test AUC [C] of `model` on bank[ids] against labels[ids] (nan for one-class labels)."""
-    model.eval()
-    step = 2 * args.batch_size
-    scores = torch.cat([torch.sigmoid(model(model_input(bank.batch(ids[b : b + step]).to(device), in_ch, norm))
-                                      .float()).cpu() for b in range(0, len(ids), step)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one-class labels are nan; said once for the test set in split_real()
-        return roc_auc(labels[ids], scores.numpy()).numpy()
+def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over the known labels: nan entries (--uncertain ignore) add no loss or gradient."""
+    known = ~torch.isnan(y)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.where(known, y, 0.0), reduction="none")
+    return (loss * known).sum() / known.sum().clamp_min(1)
 
 
 def train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, device, desc) -> dict:
-    """Train one cell (best validation mean AUC kept in memory) and score it on the test set."""
+    """Train one cell (the best validation mean AUC's weights kept in memory) and score them on the test set."""
     torch.manual_seed(seed)  # the same initialisation for every ratio of a (regime, fold)
     model, in_ch, norm = build_model(args, labels.shape[1])
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.patience)
-    y_all = torch.from_numpy(labels)
     gen, aug_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    best_state, best_val, best_score, best_epoch, stale = None, math.nan, -math.inf, 0, 0
-    bar = tqdm(range(1, args.max_epochs + 1), desc=desc, leave=False)
-    for epoch in bar:
+
+    def inputs(ids, train=False) -> torch.Tensor:  # bank[ids] -> the network's input, augmented in training
+        x = bank.batch(ids).to(device)
+        return model_input(augment(x, aug_gen) if train and args.augment else x, in_ch, norm)
+
+    @torch.no_grad()
+    def aucs(ids) -> np.ndarray:  # per-label AUC [C] on bank[ids], nan for a one-class label
+        model.eval()
+        step = 2 * args.batch_size
+        scores = torch.cat([torch.sigmoid(model(inputs(ids[b : b + step])).float()).cpu()
+                            for b in range(0, len(ids), step)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one-class labels are nan; said once for the test set in split_real()
+            return roc_auc(labels[ids], scores.numpy()).numpy()
+
+    best_state, best_val, best_score, best_epoch = None, math.nan, -math.inf, 0
+    for epoch in (bar := tqdm(range(1, args.max_epochs + 1), desc=desc, leave=False)):
         model.train()
         order = train_ids[torch.randperm(len(train_ids), generator=gen).numpy()]
         for b in range(0, len(order), args.batch_size):
             ids = order[b : b + args.batch_size]
             if len(ids) == 1 and len(order) > 1:
                 continue  # BatchNorm cannot train on a batch of one
-            x = bank.batch(ids).to(device)
-            x = augment(x, aug_gen) if args.augment else x
-            loss = masked_bce(model(model_input(x, in_ch, norm)), y_all[ids].to(device))
+            loss = masked_bce(model(inputs(ids, train=True)), torch.from_numpy(labels[ids]).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val = ex.nanmean(predict(model, bank, val_ids, labels, args, in_ch, norm, device))
+        val = ex.nanmean(aucs(val_ids))
         score = -math.inf if math.isnan(val) else val  # nan: no label with both classes in val
         sched.step(score)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_auc=f"{val:.3f}")
         if best_state is None or score > best_score:
-            best_val, best_score, best_epoch, stale = val, score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        elif (stale := stale + 1) >= args.early_stop:
+            best_state, best_val, best_score, best_epoch = copy.deepcopy(model.state_dict()), val, score, epoch
+        elif epoch - best_epoch >= args.early_stop:
             break
     model.load_state_dict(best_state)
-    aucs = predict(model, bank, test_ids, labels, args, in_ch, norm, device)
-    return dict(aucs=aucs, epochs=epoch, best_epoch=best_epoch, best_val_auc=best_val)
+    return dict(aucs=aucs(test_ids), epochs=epoch, best_epoch=best_epoch, best_val_auc=best_val)
 
 
 # ------------------------------------------------------------------------------------------------ main
+def run_cell(cell: dict, wanted, train_ids, val_ids, test_ids, bank, labels, args, seed, device, names) -> dict:
+    """Train and score one (regime, ratio, fold) -> its results.csv row (`wanted`: synthetic images asked)."""
+    desc = f"N={cell['regime']} {ex.ratio_label(cell['ratio'])} fold {cell['fold']}"
+    if cell["n_synthetic"] < wanted:
+        warnings.warn(f"{desc}: only {cell['n_synthetic']} eligible synthetic images for {wanted} wanted", stacklevel=2)
+    res = dict(aucs=np.full(len(names), math.nan), epochs=0, best_epoch=0, best_val_auc=math.nan)
+    if len(train_ids) == 0:
+        warnings.warn(f"{desc}: no training image; recorded as nan", stacklevel=2)
+    else:
+        bank.load(np.concatenate([train_ids, val_ids, test_ids]))
+        t0 = time.time()
+        res = train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, device, desc)
+        print(f"{desc}: {cell['n_real']} real + {cell['n_synthetic']} synthetic, test mean AUC "
+              f"{ex.nanmean(res['aucs']):.4f} (best epoch {res['best_epoch']}/{res['epochs']}, "
+              f"{time.time() - t0:.0f}s)")
+    aucs = res.pop("aucs")
+    return cell | dict(mean_auc=ex.nanmean(aucs), **dict(zip(names, map(float, aucs))), **res)
+
+
 def write_summary(out: Path, rows: list[dict]) -> str:
     """summary.md (classify_protocol.summarize) and auc_vs_ratio.png (one line per regime)."""
     stats, text = ex.summarize(rows)
-    (out / "summary.md").write_text(text)
+    with hub.atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(text)
     ratios, regimes = sorted({s["ratio"] for s in stats}), sorted({s["regime"] for s in stats})
     at = {(s["regime"], s["ratio"]): s for s in stats}
     curve = lambda key: {f"N = {n}": [at[n, k][key] if (n, k) in at else math.nan for k in ratios] for n in regimes}
     line_plot(curve("mean"), [ex.ratio_label(k) for k in ratios], out / "auc_vs_ratio.png", errors=curve("std"),
               title="Mean test AUC vs real:synthetic ratio", xlabel="real:synthetic", ylabel="mean AUC")
     return text
-
-
-def split_real(args, names) -> tuple[ex.Table, ex.Table]:
-    """-> (pool of real training candidates, fixed test set); patient-level when --real has patient ids."""
-    patient = args.patient_column or "patient_id"
-    csv_args = dict(uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column, image_root=args.image_root)
-    real = ex.load_table(args.real, names, patient, "--real", **csv_args)
-    if args.patient_column and args.patient_column not in real.extras:
-        cli.fail(f"--patient-column: {args.real} has no {args.patient_column!r} column")
-    level = "patient" if patient in real.extras else "image"
-    if args.test:  # drop real rows that are test images, or of test patients
-        test = ex.load_table(args.test, names, patient, "--test", **csv_args)
-        seen = {str(Path(p).resolve()) for p in test.paths}
-        seen_patients = set(test.groups) if level == "patient" and patient in test.extras else set()
-        in_test = np.array([str(Path(p).resolve()) in seen or g in seen_patients
-                            for p, g in zip(real.paths, real.groups)], bool)
-    else:
-        in_test = ex.holdout_split(real.groups, args.test_fraction, args.seed)
-        test = real.subset(in_test)
-    for name, n_pos, n in zip(names, np.nansum(test.labels, 0), (~np.isnan(test.labels)).sum(0)):
-        if n_pos in (0, n):  # n: the test images where the label is known (not ignored)
-            warnings.warn(f"test label {name!r} has only one class ({int(n_pos)} of {n} "
-                          "positive): its AUC is nan and left out of the mean", stacklevel=2)
-    print(f"real pool {int((~in_test).sum())}, test {len(test.paths)} ({level}-level splits), labels {names}")
-    return real.subset(~in_test), test
 
 
 def settings(args, names, regimes, ratios) -> dict:
@@ -265,31 +263,11 @@ def settings(args, names, regimes, ratios) -> dict:
     return config
 
 
-def run_cell(cell: dict, wanted, train_ids, val_ids, test_ids, bank, labels, args, seed, device, names) -> dict:
-    """Train and score one (regime, ratio, fold) -> its results.csv row (`wanted`: synthetic images asked)."""
-    desc = f"N={cell['regime']} {ex.ratio_label(cell['ratio'])} fold {cell['fold']}"
-    if cell["n_synthetic"] < wanted:
-        warnings.warn(f"{desc}: only {cell['n_synthetic']} eligible synthetic images for {wanted} wanted", stacklevel=2)
-    if len(train_ids) == 0:
-        warnings.warn(f"{desc}: no training image; recorded as nan", stacklevel=2)
-        res = dict(aucs=np.full(len(names), math.nan), epochs=0, best_epoch=0, best_val_auc=math.nan)
-    else:
-        bank.load(np.concatenate([train_ids, val_ids, test_ids]))
-        t0 = time.time()
-        res = train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, device, desc)
-        print(f"{desc}: {cell['n_real']} real + {cell['n_synthetic']} synthetic, test mean AUC "
-              f"{ex.nanmean(res['aucs']):.4f} (best epoch {res['best_epoch']}/{res['epochs']}, "
-              f"{time.time() - t0:.0f}s)")
-    return cell | dict(mean_auc=ex.nanmean(res["aucs"]), **dict(zip(names, map(float, res["aucs"]))),
-                       epochs=res["epochs"], best_epoch=res["best_epoch"], best_val_auc=float(res["best_val_auc"]))
-
-
 def main(argv=None):
     args = parse_args(argv)
     out, results = Path(args.out), Path(args.out) / "results.csv"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = [s.strip() for s in args.labels.split(",")] if args.labels else list(LABELS)
-    regimes = sorted(set(args.regimes))
+    names, regimes = args.labels or list(LABELS), sorted(set(args.regimes))
     ratios = sorted(set(args.ratios or ([0.0, 1.0, 5.0, 10.0, 50.0] if args.synthetic else [0.0])))
     ratios += [math.inf] if args.fully_synthetic and math.inf not in ratios else []
     largest = max((k for k in ratios if not math.isinf(k)), default=0.0)
@@ -309,17 +287,13 @@ def main(argv=None):
     labels = np.concatenate([pool.labels, syn.labels, test.labels]).astype(np.float32)
     test_ids = np.arange(off_test, off_test + len(test.paths))
 
-    config = settings(args, names, regimes, ratios)
-    fields = [*FIELDS[:6], *names, *FIELDS[6:]]
     # every input was checked above: only now is --out claimed (same settings: resume; other: refused). A
     # start that failed before its first result left only the two records: nothing to lose, so it is reused.
+    config, fields = settings(args, names, regimes, ratios), [*FIELDS[:6], *names, *FIELDS[6:]]
     unused = out.is_dir() and {p.name for p in out.iterdir()} <= {"settings.json", "config.json"}
     cli.claim_output(out, config, overwrite=args.overwrite or unused)
     hub.write_json_atomic(config, out / "config.json")
-    try:
-        rows = ex.read_results(results, fields)
-    except ValueError as e:
-        cli.fail(str(e))
+    rows = ex.read_results(results, fields)
     done = {(r["regime"], r["ratio"], r["fold"]) for r in rows}
     if done:
         print(f"resuming: {len(done)} finished cell(s) in {results} are skipped")
@@ -331,17 +305,14 @@ def main(argv=None):
                                            args.seed + n * 1000 + fold)
             seed = int(np.random.SeedSequence([args.seed, n, fold]).generate_state(1)[0])
             for k in (k for k in ratios if (n, k, fold) not in done):
-                picked, wanted = ex.synthetic_rows(k, largest, syn_order, len(train_real),
-                                                   args.synthetic_shortfall == "replace")
+                picked, wanted = ex.take_synthetic(k, largest, syn_order, len(train_real))
                 real_ids = train_real[:0] if math.isinf(k) else train_real
                 cell = dict(regime=n, ratio=k, fold=fold, n_real=len(real_ids), n_synthetic=len(picked))
                 train_ids = np.concatenate([real_ids, off_syn + picked]).astype(np.int64)
                 rows.append(run_cell(cell, wanted, train_ids, val_ids, test_ids, bank, labels, args, seed, device,
                                      names))
-                ex.append_result(results, fields, rows[-1])
+                ex.write_results(results, fields, rows)
                 write_summary(out, rows)
-    if not rows:
-        cli.fail("no results")
     print(write_summary(out, rows))
     return rows
 

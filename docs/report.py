@@ -1,16 +1,9 @@
 """Collect the artefacts of docs/small_real.sh into figures and tables (`python -m docs.report`).
 
-Reads, under --runs (the recipe's folder names; each part is optional, missing ones are listed and skipped):
-    small-real/metrics.jsonl, small-real/samples/     training loss, FID every K steps, sample grids
-    small-real-reconstruction/synthetic.csv, images/   4 reconstructions per held-out source (sample.py)
-    small-real-interpolation/synthetic.csv, images/    slerp r = 0, 0.25, 0.5, 0.75, 1 per pair (sample.py)
-    small-real-segment/summary.json, labels/           DiffSeg Dice + the image-blind baselines (segment.py)
-    small-real-segment-search/summary.csv              the timestep / threshold / grid search
-    classify/summary.md, auc_vs_ratio.png              test AUC per (regime, ratio) (classify.py)
-Writes to --out: fid.png, loss.png, eval_samples.png, reconstruction.png and interpolation.png (captioned
-grids of the generated images only, rebuilt from synthetic.csv, as ../shared/data is not redistributed),
-segment_maps.png (label maps with the ground-truth lung contour), auc_vs_ratio.png, and tables.md (markdown
-tables with every number quoted in docs/results.md).
+Reads the recipe's folders under --runs (each part optional: missing ones are listed and skipped) and writes to
+--out fid.png, loss.png, eval_samples.png, reconstruction.png and interpolation.png (the generated images only,
+rebuilt from synthetic.csv: ../shared/data is not redistributed), segment_maps.png (label maps with the
+ground-truth lung contour), auc_vs_ratio.png, and tables.md (every number quoted in docs/results.md).
 """
 
 from __future__ import annotations
@@ -29,6 +22,15 @@ from data.readers import read_image
 from data.transforms import preprocess_mask
 from eval.figures import caption_grid, line_plot
 from eval.segmentation import overlay
+
+SEGMENT_ROWS = [  # summary.json of segment.py: (row of the Dice table, key); {rule} is its dice_rule
+    ("all-foreground (every pixel lung)", "mean_dice_baseline_all_foreground"),
+    ("lung prior (leave-one-out mean mask)", "mean_dice_baseline_prior"),
+    ("DiffSeg, t={timestep}, threshold {threshold}, grid {grid} ({rule} rule)", "mean_dice"),
+    ("same, oracle best union of segments", "mean_dice_best_union"),
+    ("same, Hungarian matching (DiffSeg protocol)", "mean_dice_hungarian"),
+    ("as many square blocks as segments, {rule} rule (image-blind)", "mean_dice_baseline_blocks"),
+]
 
 
 def read_csv_rows(path: Path) -> list[dict]:
@@ -55,16 +57,15 @@ def curves(run: Path, out: Path, bins: int = 15) -> list[str]:
         lines += ["", f"Mean loss over the last {len(tail)} logged steps (to step {loss[-1]['step']}): "
                       f"{np.mean([r['loss'] for r in tail]):.4f} (first logged: {loss[0]['loss']:.4f}).",
                   f"Throughput {speed[-1]:.1f} img/s (UNet steps, evaluation pauses included)." if speed else ""]
-    if samples := sorted((run / "samples").glob("step_*.png")):  # keep the bottom row: the reconstructions
-        grid = Image.open(samples[-1])  # (the top row is the real held-out images)
+    if samples := sorted((run / "samples").glob("step_*.png")):  # the bottom row: generated (top: real held-out)
+        grid = Image.open(samples[-1])
         grid.crop((0, grid.height // 2, grid.width, grid.height)).save(out / "eval_samples.png")
     return lines
 
 
 def generated_grid(folder: Path, path: Path, max_rows: int = 8):
-    """A captioned grid of sample.py's generated images only, rebuilt from its synthetic.csv (the real source
-    images stay out: ../shared/data is not redistributed here). One row per source image (reconstruction) or
-    per pair (interpolation, each blend captioned with its r)."""
+    """A captioned grid of sample.py's generated images only, from its synthetic.csv: one row per source image
+    (reconstruction) or per pair (interpolation, each blend captioned with its r)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in read_csv_rows(folder / "synthetic.csv"):
         groups.setdefault((r["source"], r["source_b"]), []).append(r)
@@ -80,8 +81,7 @@ def generated_grid(folder: Path, path: Path, max_rows: int = 8):
 
 
 def segment_maps(seg: Path, masks: Path, out: Path, count: int = 8):
-    """segment_maps.png: DiffSeg label maps in colour with the ground-truth lung contour, over flat gray
-    (the CXRs themselves stay out of the figure: ../shared/data is not redistributed here)."""
+    """segment_maps.png: DiffSeg label maps in colour with the ground-truth lung contour, over flat grey."""
     rows, tiles = read_csv_rows(seg / "dice.csv")[:count], []
     for r in rows:
         labels = torch.from_numpy(np.array(Image.open(seg / "labels" / f"{r['image']}.png")).astype(np.int64))
@@ -90,31 +90,20 @@ def segment_maps(seg: Path, masks: Path, out: Path, count: int = 8):
             if mask.is_file() else None
         tiles.append(np.asarray(overlay(torch.full(labels.shape, 0.6), labels, gt)))
     captions = [f"{r['num_segments']} segments, Dice {float(r['dice']):.2f}" for r in rows]
-    if tiles:
-        caption_grid([tiles[i:i + 4] for i in range(0, len(tiles), 4)], None, None,
-                     [captions[i:i + 4] for i in range(0, len(tiles), 4)],
-                     title="DiffSeg segments (colours), ground-truth lung contour (yellow)"
-                     ).save(out / "segment_maps.png")
+    caption_grid([tiles[i:i + 4] for i in range(0, len(tiles), 4)], None, None,
+                 [captions[i:i + 4] for i in range(0, len(tiles), 4)],
+                 title="DiffSeg segments (colours), ground-truth lung contour (yellow)").save(out / "segment_maps.png")
 
 
 def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
-    """The Dice table (DiffSeg at the run's setting under each rule, against the image-blind baselines) and the
-    search table."""
-    lines = []
-    if (seg / "summary.json").is_file():
-        s = json.loads((seg / "summary.json").read_text())
-        st, rule = s["settings"], s["dice_rule"]
-        lines += ["| method | mean Dice | std |", "|---|---:|---:|",
-                  f"| all-foreground (every pixel lung) | {s['mean_dice_baseline_all_foreground']:.3f} | |",
-                  f"| lung prior (leave-one-out mean mask) | {s['mean_dice_baseline_prior']:.3f} | |",
-                  f"| DiffSeg, t={st['timestep']}, threshold {st['threshold']}, grid {st['grid']} ({rule} rule) "
-                  f"| {s['mean_dice']:.3f} | {s['std_dice']:.3f} |",
-                  f"| same, oracle best union of segments | {s['mean_dice_best_union']:.3f} | |",
-                  f"| same, Hungarian matching (DiffSeg protocol) | {s['mean_dice_hungarian']:.3f} | |",
-                  f"| as many square blocks as segments, {rule} rule (image-blind) "
-                  f"| {s['mean_dice_baseline_blocks']:.3f} | |",
-                  "", f"n = {s['n']} images, {s['mean_num_segments']:.1f} segments per image on average."]
-        segment_maps(seg, masks, out)
+    """The Dice table (DiffSeg against the image-blind baselines), segment_maps.png and the search table."""
+    s = json.loads((seg / "summary.json").read_text())
+    std = {"mean_dice": f" {s['std_dice']:.3f}"}  # of DiffSeg's own row only
+    lines = ["| method | mean Dice | std |", "|---|---:|---:|"]
+    lines += [f"| {name.format(rule=s['dice_rule'], **s['settings'])} | {s[key]:.3f} |{std.get(key, '')} |"
+              for name, key in SEGMENT_ROWS]
+    lines += ["", f"n = {s['n']} images, {s['mean_num_segments']:.1f} segments per image on average."]
+    segment_maps(seg, masks, out)
     if (search / "summary.csv").is_file():
         rows = read_csv_rows(search / "summary.csv")
         keys = [k for k in ("timestep", "threshold", "grid") if k in rows[0]]
@@ -127,6 +116,13 @@ def segmentation(seg: Path, search: Path, masks: Path, out: Path) -> list[str]:
     return lines
 
 
+def classification(cls: Path, out: Path) -> list[str]:
+    """classify.py's own summary.md (title dropped, headings one level down) and auc_vs_ratio.png."""
+    if (cls / "auc_vs_ratio.png").is_file():
+        shutil.copy(cls / "auc_vs_ratio.png", out / "auc_vs_ratio.png")
+    return ["#" + s if s.startswith("#") else s for s in (cls / "summary.md").read_text().splitlines()[1:]]
+
+
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--runs", default="runs", help="folder holding the recipe's outputs (docs/small_real.sh OUT)")
@@ -135,28 +131,23 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    small, recon, interp, seg = (runs / f"small-real{x}" for x in ("", "-reconstruction", "-interpolation", "-segment"))
+    parts = [  # (section title, or None for figures only; the file it needs; what makes it, from what)
+        ("Training and FID", small / "metrics.jsonl", curves, (small, out)),
+        (None, recon / "synthetic.csv", generated_grid, (recon, out / "reconstruction.png")),
+        (None, interp / "synthetic.csv", generated_grid, (interp, out / "interpolation.png")),
+        ("Lung segmentation (DiffSeg)", seg / "summary.json", segmentation,
+         (seg, runs / "small-real-segment-search", Path(args.data) / "cxr-lungs" / "masks", out)),
+        ("Classification with synthetic data (phantom labels, test mean AUC)", runs / "classify" / "summary.md",
+         classification, (runs / "classify", out)),
+    ]
     text, missing = ["# Small-real recipe: generated tables", ""], []
-    if (runs / "small-real" / "metrics.jsonl").is_file():
-        text += ["## Training and FID", "", *curves(runs / "small-real", out), ""]
-    else:
-        missing.append("small-real/metrics.jsonl")
-    for name in ("small-real-reconstruction", "small-real-interpolation"):
-        if (runs / name / "synthetic.csv").is_file():
-            generated_grid(runs / name, out / f"{name.removeprefix('small-real-')}.png")
-        else:
-            missing.append(f"{name}/synthetic.csv")
-    seg = segmentation(runs / "small-real-segment", runs / "small-real-segment-search",
-                       Path(args.data) / "cxr-lungs" / "masks", out)
-    text += ["## Lung segmentation (DiffSeg)", "", *seg, ""] if seg else []
-    missing += [] if seg else ["small-real-segment/summary.json"]
-    cls = runs / "classify"
-    if (cls / "summary.md").is_file():  # classify.py's own summary.md, title dropped, headings one level down
-        text += ["## Classification with synthetic data (phantom labels, test mean AUC)", "",
-                 *("#" + s if s.startswith("#") else s for s in (cls / "summary.md").read_text().splitlines()[1:]), ""]
-        if (cls / "auc_vs_ratio.png").is_file():
-            shutil.copy(cls / "auc_vs_ratio.png", out / "auc_vs_ratio.png")
-    else:
-        missing.append("classify/summary.md")
+    for title, needed, make, inputs in parts:
+        if not needed.is_file():
+            missing.append(needed.relative_to(runs).as_posix())
+            continue
+        lines = make(*inputs)
+        text += [f"## {title}", "", *lines, ""] if title else []
     text += ["Missing: " + ", ".join(missing), ""] if missing else []
     (out / "tables.md").write_text("\n".join(text))
     print(f"wrote {out}/tables.md" + (f" (missing: {', '.join(missing)})" if missing else ""))

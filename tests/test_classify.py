@@ -116,14 +116,13 @@ def test_ratio_arithmetic():
     assert ex.n_synthetic(0, 40) == 0 and ex.n_synthetic(1, 40) == 40 and ex.n_synthetic(5, 40) == 200
     assert ex.n_synthetic(50, 4) == 200 and ex.n_synthetic(0.5, 5) == 2  # round half to even
     order = np.arange(7)
-    assert ex.take_synthetic(order, 5, replace=False).tolist() == [0, 1, 2, 3, 4]
-    assert ex.take_synthetic(order, 10, replace=False).tolist() == list(range(7))  # cap
-    assert ex.take_synthetic(order, 10, replace=True).tolist() == list(range(7)) + [0, 1, 2]
-    assert ex.take_synthetic(order[:0], 10, replace=True).tolist() == []
-    assert ex.synthetic_rows(5, 10, order, 1, replace=False)[0].tolist() == [0, 1, 2, 3, 4]
-    rows, wanted = ex.synthetic_rows(math.inf, 10, order, 1, replace=False)  # synthetic only: as many as 1:10
+    assert ex.take_synthetic(5, 10, order, 1)[0].tolist() == [0, 1, 2, 3, 4]
+    rows, wanted = ex.take_synthetic(5, 10, order, 2)  # too few eligible: all of them
     assert wanted == 10 and rows.tolist() == list(range(7))
-    assert ex.synthetic_rows(math.inf, 0, order, 1, replace=False)[1] == 7  # --ratios 0: every eligible one
+    assert ex.take_synthetic(1, 10, order[:0], 10)[0].tolist() == []
+    rows, wanted = ex.take_synthetic(math.inf, 10, order, 1)  # synthetic only: as many as 1:10
+    assert wanted == 10 and rows.tolist() == list(range(7))
+    assert ex.take_synthetic(math.inf, 0, order, 1)[1] == 7  # --ratios 0: every eligible one
     assert [ex.parse_ratio(s) for s in ("0", "5", "inf", "synthetic-only")] == [0, 5, math.inf, math.inf]
     assert [ex.format_ratio(k) for k in (0.0, 5.0, 0.5, math.inf)] == ["0", "5", "0.5", "inf"]
     assert ex.ratio_label(10) == "1:10" and ex.ratio_label(math.inf) == "synthetic only"
