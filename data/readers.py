@@ -201,17 +201,13 @@ def read_labels_csv(path: str | Path, labels=None, *, uncertain: float = 0.0, pa
 
 
 def sample_labels(files: dict[str, bytes], names: list[str], uncertain: float, where: str) -> np.ndarray:
-    """Labels of one shard sample, float32 [C] for `names`: from `.json` ({name: value}, optionally under
-    "labels", or a list of C values) or `.cls` (a class index -> one-hot, or C comma-separated values).
-    ValueError (naming `where`) when the sample has neither or they do not fit `names`."""
+    """Labels of one shard sample, float32 [C] for `names`: from `.json` ({name: value} or a list of C values)
+    or `.cls` (C comma- or space-separated values). ValueError (naming `where`) when the sample has neither or
+    they do not fit `names`."""
     if "json" in files:
         meta = json.loads(files["json"])
-        meta = meta.get("labels", meta) if isinstance(meta, dict) else meta
     elif "cls" in files:
-        text = files["cls"].decode().strip()
-        meta = text.replace(",", " ").split()
-        if len(meta) == 1:
-            meta = [float(k == int(text)) for k in range(len(names))]
+        meta = files["cls"].decode().replace(",", " ").split()
     else:
         raise ValueError(f"{where}: no .json or .cls labels")
     if isinstance(meta, dict):
