@@ -1,49 +1,30 @@
 """Procedural chest X-ray phantoms: the built-in data set for tiny presets, demos and tests.
 
-`make_phantom(seed, size)` draws a posteroanterior (PA) chest radiograph from analytic shapes, white = dense
-(bone, fluid, soft tissue), black = air, patient right on the image left. Shapes live in normalized anatomical
-coordinates (u to the image right, v down, in [0, 1]; the film spans ~40 cm, so 0.01 = 4 mm) and every
-random choice is drawn from np.random.default_rng(seed) before any pixel exists: anatomy and labels do not
-depend on `size` (32 to 1024 px and more), only rasterization and film grain do.
-
-Anatomy, summed as attenuation A and developed as 1 - exp(-kA):
-- body: soft-tissue trunk, arms, neck and sloping shoulders, thicker (whiter) in the middle; air outside.
-- lungs: dark fields with domed apices, a mediastinal border, a lateral wall along the ribs and a domed base
-  (the hemidiaphragm) meeting the wall at a sharp costophrenic angle. The right lung (image left) is wider,
-  its dome higher (the liver lies under it); air is thickest mid-lung, so lungs darken toward their centre.
-- mediastinum: the bright central column with the spine (vertebrae, disc spaces, pedicles), the dark
-  trachea splitting at the carina, the aortic knob and pulmonary trunk bulging into the left lung.
-- heart: a tilted ellipse, two thirds left of the midline, standing on the left hemidiaphragm.
-- bones: posterior rib arcs (out from the spine, rising, then curving down the chest wall), fainter
-  anterior ribs sloping down medially, S-shaped clavicles, humeral heads.
-- hila and vessels (lung markings) radiating from them, fading toward the periphery; a gastric bubble.
-- film: blur, parenchymal texture, grain, exposure/gamma, vignetting, small rotation/zoom/shift.
+`make_phantom(seed, size)` draws a posteroanterior (PA) chest radiograph from analytic shapes (data/shapes.py),
+white = dense, black = air, patient right on the image left. Shapes live in normalized anatomical coordinates
+(u to the image right, v down, in [0, 1]; the film spans ~40 cm, so 0.01 = 4 mm), and every random choice is
+drawn from np.random.default_rng(seed) before any pixel exists (`_anatomy`): anatomy and labels do not depend
+on `size`, only rasterization and film grain do. Attenuation A is summed and developed as 1 - exp(-kA):
+- body: trunk, arms, neck and sloping shoulders; lungs: dark fields with domed apices and bases (the
+  hemidiaphragms, the right one higher over the liver), darker toward their centre; mediastinum with spine,
+  trachea and carina, aortic knob; heart: a tilted ellipse, two thirds left of the midline;
+- bones: posterior and fainter anterior ribs, S-shaped clavicles, humeral heads; hila and vessels fading
+  toward the periphery; a gastric bubble; film blur, texture, grain, gamma, vignetting, small rotation/zoom.
 
 Findings and labels (independent draws; a seed may have none or several):
-- Cardiomegaly: cardiothoracic ratio (widest heart / widest inner thorax) > 0.5, the classic PA rule
-  (Danzer 1919), measured on the drawn heart, diaphragm and lung walls.
-- Pleural Effusion: fluid fills a lung base up to a meniscus climbing the lateral wall; at the least the
-  costophrenic angle is blunted.
-- Pneumothorax: the lung collapses toward its hilum; a thin bright visceral pleural line, and beyond it
-  black air without lung markings up to the chest wall.
-- Consolidation: a fluffy focal airspace opacity (air bronchograms show through), or a lobar one:
-- Pneumonia: lobar consolidation, a dense opacity filling a lung zone up to one straight sharp border (a
-  fissure). Lobar consolidation is labelled Consolidation and Pneumonia, focal only Consolidation.
-- Atelectasis: plate-like (discoid) bands in a lower zone plus volume loss (that hemidiaphragm raised).
-- Edema: bilateral perihilar "bat-wing" haziness, diffuse lung haze and Kerley B lines at the bases.
-
-The lung mask is the anatomical lung field of both lungs as projected: bounded by chest wall, apices,
-mediastinum, heart and hemidiaphragms, whatever fills it (pneumothorax air, effusion fluid and opacities are
-inside it). Atelectatic volume loss shrinks it, since it raises the diaphragm.
-
-The shapes they are drawn from (signed distances, noise, the lung outline) are in data/shapes.py.
-
-CLI: python -m data.phantom --out DIR -n 100 [--size 256] [--seed 0] [--grid PATH]
+- Cardiomegaly: cardiothoracic ratio (widest heart / widest inner thorax) > 0.5 (Danzer 1919), measured.
+- Pleural Effusion: fluid fills a lung base up to a meniscus climbing the lateral wall.
+- Pneumothorax: the lung collapses toward its hilum; a bright visceral pleural line, black air beyond it.
+- Consolidation: a fluffy focal opacity, or a lobar one filling a lung zone up to a straight fissure;
+  Pneumonia: the lobar one (labelled Consolidation and Pneumonia).
+- Atelectasis: plate-like bands in a lower zone plus volume loss (that hemidiaphragm raised).
+- Edema: bilateral perihilar "bat-wing" haze, diffuse haze and Kerley B lines at the bases.
+The lung mask is the anatomical field of both lungs (chest wall, apices, mediastinum, heart, diaphragm),
+whatever fills it; atelectatic volume loss shrinks it.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -312,6 +293,7 @@ def phantom_cli(argv, make, label_names, name: str, what: str, seed_help: str):
     from tqdm import tqdm
 
     import cli
+    import hub
 
     ap = cli.ArgumentParser(prog=f"python -m data.{name}", formatter_class=cli.HelpFormatter,
                             description=f"Write {what}, their masks and labels.")
@@ -321,18 +303,16 @@ def phantom_cli(argv, make, label_names, name: str, what: str, seed_help: str):
     ap.add_argument("--seed", type=cli.nonneg_int, default=0, help=seed_help)
     ap.add_argument("--grid", help="also write a 4x4 example mosaic PNG to this path (default: none)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out, rows = Path(args.out), []
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    with open(out / "labels.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "mask", *label_names])
-        for i in tqdm(range(args.n), desc=name):
-            image, mask, labels = make(args.seed + i, args.size)
-            file = f"{name}_{args.seed + i:06d}.png"
-            Image.fromarray(image).save(out / "images" / file)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / file)
-            w.writerow([f"images/{file}", f"masks/{file}", *(labels[k] for k in label_names)])
+    for i in tqdm(range(args.n), desc=name):
+        image, mask, labels = make(args.seed + i, args.size)
+        file = f"{name}_{args.seed + i:06d}.png"
+        Image.fromarray(image).save(out / "images" / file)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / file)
+        rows.append({"path": f"images/{file}", "mask": f"masks/{file}", **labels})
+    hub.write_csv_atomic(out / "labels.csv", rows, ["path", "mask", *label_names])
     if args.grid:
         Image.fromarray(phantom_grid(4, args.size, args.seed, make)).save(args.grid)
 
