@@ -242,7 +242,6 @@ class ShardDataset(_SkipLog, IterableDataset):
         if self.shuffle and self.shuffle_buffer > 1:
             gen = seeded(self.seed, self.epoch, -2, self.rank, info.id if info else 0)
             stream = self._shuffled(stream, gen)
-        skipped_before = len(self.skipped)
         for index, shard, key, files in stream:
             try:
                 img, mask, labels, where = readers.decode_sample(files, f"{shard}:{key}", self.label_names,
@@ -255,9 +254,6 @@ class ShardDataset(_SkipLog, IterableDataset):
             if self.augment:  # seeded by the sample's name: the same augmentation however shards are split
                 gen = seeded(self.seed, self.epoch, zlib.crc32(f"{Path(shard).name}/{key}".encode()))
             yield make_item(img, mask, labels, where, index, self.size, gen)
-        if len(self.skipped) > skipped_before:
-            warnings.warn(f"{self.source}: skipped {len(self.skipped) - skipped_before} sample(s) in this "
-                          f"pass (rank {self.rank}); see .report()", DataWarning, stacklevel=2)
 
     def diagnose(self) -> str:
         """Why a full pass gave no usable sample: one line naming the shards and what their samples hold."""
@@ -284,23 +280,21 @@ class ShardDataset(_SkipLog, IterableDataset):
 
 def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1, channels=1,
                  masks=None, phantoms=1000, shuffle=False, uncertain=0.0, path_column=None, image_root=None):
-    """The dataset for `source` (see the module docstring). `rank`/`world_size` split .tar shards between
-    processes; map-style datasets are split by the sampler instead (e.g. DistributedSampler), so the
-    arguments are checked but unused there. `phantoms`: the number of phantom images. CSV: `path_column`,
-    `image_root` (`readers.read_labels_csv`). `uncertain`: label -1's value (nan = ignore). `channels`: 1 or 3 (RGB)."""
+    """The dataset for `source` (module docstring). `rank`/`world_size` split .tar shards between processes
+    (map-style datasets are split by their sampler); `phantoms`: how many; `uncertain`: label -1's value."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if masks is not None and (source is None or str(source) == "phantom" or str(source).lower().endswith(".csv")
                               or readers.is_shard_source(source)):  # CSV: a `mask` column; shards: `.mask.png`
         raise ValueError(f"masks={masks} pairs masks with a folder of images, but {source} is not one")
+    common = dict(augment=augment, seed=seed, channels=channels)
     if source is None or str(source) == "phantom":
-        return PhantomDataset(phantoms, size, labels=labels, augment=augment, seed=seed, channels=channels)
+        return PhantomDataset(phantoms, size, labels=labels, **common)
     path = Path(source)
     if path.suffix.lower() == ".csv":
-        return CSVDataset(path, size, labels=labels, augment=augment, seed=seed, uncertain=uncertain,
-                          path_column=path_column, image_root=image_root, channels=channels)
-    shards = dict(labels=labels, augment=augment, seed=seed, rank=rank, world_size=world_size,
-                  shuffle=shuffle, uncertain=uncertain, channels=channels)
+        return CSVDataset(path, size, labels=labels, uncertain=uncertain, path_column=path_column,
+                          image_root=image_root, **common)
+    shards = dict(labels=labels, rank=rank, world_size=world_size, shuffle=shuffle, uncertain=uncertain, **common)
     if readers.is_shard_source(source):
         return ShardDataset(source, size, **shards)
     if not path.exists():
@@ -314,7 +308,7 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
                          "give a CSV with a 'path' column and one column per label")
     if path.is_dir() or images:
         root = path if path.is_dir() else path.parent
-        return ImageFolderDataset(root, size, masks=masks, augment=augment, seed=seed, paths=images, channels=channels)
+        return ImageFolderDataset(root, size, masks=masks, paths=images, **common)
     raise ValueError(f"data source {source}: expected a folder, a .csv, .tar shards or an image file")
 
 

@@ -168,14 +168,8 @@ def resolve_path(value: str, base: Path) -> str:
 
 def read_labels_csv(path: str | Path, labels=None, *, uncertain: float = 0.0, path_column: str | None = None,
                     image_root: str | Path | None = None):
-    """Read a label CSV -> (paths, label matrix float32 [N, C], extra columns {name: list of str}).
-
-    The image paths come from `path_column` (default: the first of `path`, `Path`, `image`); relative ones are
-    joined to `image_root` (default: the CSV's folder). `labels=None` takes the paper's labels (data.LABELS)
-    that the CSV has, in paper order (possibly none: C = 0); a list of names demands exactly those columns.
-    Uncertain values (-1) become `uncertain` (nan keeps them as nan, for masking). Every other column
-    (`mask`, ids, metadata) is returned as written in the extras dict.
-    """
+    """A label CSV (module docstring) -> (paths, labels float32 [N, C], every other column {name: [str]}).
+    `labels=None`: the paper's LABELS that the CSV has, in paper order (C may be 0); names: exactly those."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label CSV {path} does not exist")
