@@ -138,7 +138,7 @@ def adjust_sharpness(x: torch.Tensor, factor) -> torch.Tensor:
     return out[0] if single else out
 
 
-def warp_affine(x: torch.Tensor, params: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def warp_affine(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Warp [B, C, H, W] by per-image (shear, tx, ty, scale) [B, 4]: in centred pixel coordinates the
     output point is p_out = M p_in + t with M = scale * [[1, shear], [0, 1]], t = (tx W, ty H)."""
     b, _, h, w = x.shape
@@ -150,7 +150,7 @@ def warp_affine(x: torch.Tensor, params: torch.Tensor, mode: str = "bilinear") -
     theta_lin = d.view(1, 2, 1) * m_inv / d.view(1, 1, 2)  # D M^-1 D^-1: [B, 2, 2]
     offset = -(theta_lin @ torch.stack([tx * 2, ty * 2], -1).unsqueeze(-1))  # -D M^-1 t: [B, 2, 1]
     grid = F.affine_grid(torch.cat([theta_lin, offset], -1), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @dataclass(frozen=True)
