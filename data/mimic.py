@@ -78,17 +78,12 @@ def build_splits(root: Path) -> tuple[dict[str, list[dict]], dict[str, int]]:
     counts = dict(not_frontal=0, other_folders=0, missing_files=0, unlabelled=0)
     for r in meta:
         subject, study, dicom_id = (r[k].strip() for k in ("subject_id", "study_id", "dicom_id"))
-        if (r["ViewPosition"] or "").strip().upper() not in FRONTAL:
-            counts["not_frontal"] += 1
-            continue
-        group = subject[:2]
-        split = "train" if group in TRAIN_GROUPS else "test" if group in TEST_GROUPS else None
-        if split is None:
-            counts["other_folders"] += 1
-            continue
+        split = "train" if subject[:2] in TRAIN_GROUPS else "test" if subject[:2] in TEST_GROUPS else None
         path = image_path(root, subject, study, dicom_id)
-        if not path.is_file():
-            counts["missing_files"] += 1
+        dropped = ("not_frontal" if (r["ViewPosition"] or "").strip().upper() not in FRONTAL else
+                   "other_folders" if split is None else "missing_files" if not path.is_file() else None)
+        if dropped:
+            counts[dropped] += 1
             continue
         found = labels.get((subject, study))
         counts["unlabelled"] += found is None
