@@ -145,14 +145,14 @@ def _findings(p, side, lung, lateral, v, in_lung, textures, edge):
     return opac, extra, md, mv, visible
 
 
-def _body(p, u, v, dabs, edge):
+def _body(p, u, v, mid_dist, edge):
     """Soft tissue: trunk and arms below the sloping shoulders, the neck, abdomen and breast shadows.
     Returns the attenuation so far, the body and below-diaphragm indicators and the diaphragm height."""
-    sh = p.shoulder + 0.1 * np.sqrt(np.clip((dabs - p.neck) / 0.3, 0, 1))  # trapezius slope ...
-    sh += 4 * np.maximum(dabs - p.trunk, 0) ** 2  # ... rounding over the shoulder joints
-    body = np.maximum(np.minimum(p.trunk + 0.2 - dabs, v - sh), p.neck - dabs)  # trunk + arms, neck
-    thick = np.sqrt(np.clip(1 - (dabs / (p.trunk + 0.03)) ** 2, 0, 1))  # thicker in the middle and at the top
-    inbody, trunk = soft(body, 0.02), soft(p.trunk - dabs, 0.03)
+    sh = p.shoulder + 0.1 * np.sqrt(np.clip((mid_dist - p.neck) / 0.3, 0, 1))  # trapezius slope ...
+    sh += 4 * np.maximum(mid_dist - p.trunk, 0) ** 2  # ... rounding over the shoulder joints
+    body = np.maximum(np.minimum(p.trunk + 0.2 - mid_dist, v - sh), p.neck - mid_dist)  # trunk + arms, neck
+    thick = np.sqrt(np.clip(1 - (mid_dist / (p.trunk + 0.03)) ** 2, 0, 1))  # thicker in the middle and at the top
+    inbody, trunk = soft(body, 0.02), soft(p.trunk - mid_dist, 0.03)
     atten = 0.03 + inbody * (0.21 + trunk * (0.04 + 0.1 * thick) + 0.06 * np.exp(-np.maximum(v - sh, 0) / 0.1))
     dia = diaphragm(p, u)
     below = soft(v - dia, edge)
@@ -207,13 +207,13 @@ def _chest_wall(p, lung, lateral, v, dia, clear, edge):
     return bone, clavicle, humerus
 
 
-def _mediastinum(p, u, v, dabs, heart, below, inbody, edge):
+def _mediastinum(p, u, v, mid_dist, heart, below, inbody, edge):
     """The central band's attenuation change: mediastinum, spine (bodies, disc spaces, pedicles), trachea
     and main bronchi."""
-    medi = soft(p.lungs[0].med + 0.015 - dabs, 0.02) * soft(v - p.lungs[0].apex, 0.08) * (1 - below)
+    medi = soft(p.lungs[0].med + 0.015 - mid_dist, 0.02) * soft(v - p.lungs[0].apex, 0.08) * (1 - below)
     sp, vp = p.spine, v / 0.05 - np.floor(v / 0.05)
-    ped = soft(0.01 - np.sqrt((dabs - 0.7 * sp) ** 2 + (0.05 * (vp - 0.35)) ** 2), 2 * edge)
-    spine = soft(sp - dabs, 2 * edge) * (0.02 - 0.008 * soft(0.1 - np.abs(vp - 0.9), edge)) + 0.008 * ped
+    ped = soft(0.01 - np.sqrt((mid_dist - 0.7 * sp) ** 2 + (0.05 * (vp - 0.35)) ** 2), 2 * edge)
+    spine = soft(sp - mid_dist, 2 * edge) * (0.02 - 0.008 * soft(0.1 - np.abs(vp - 0.9), edge)) + 0.008 * ped
     carina = p.lungs[1].hy - 0.07
     air = np.minimum(0.017 - np.abs(u - 0.503), carina - v)
     for sg in (-1, 1):
@@ -241,15 +241,15 @@ def make_phantom(seed: int, size: int = 256):
     c, s = math.cos(p.rot), math.sin(p.rot)
     xs, ys = (x - 0.5 - p.dx) / p.zoom, (y - 0.5 - p.dy) / p.zoom
     u, v = 0.5 + c * xs + s * ys, 0.5 - s * xs + c * ys  # anatomical coordinates of every pixel
-    dabs = np.abs(u - 0.5)
-    atten, inbody, below, dia = _body(p, u, v, dabs, edge)
+    mid_dist = np.abs(u - 0.5)
+    atten, inbody, below, dia = _body(p, u, v, mid_dist, edge)
     heart_sd = ellipse(u, v, *p.heart)
     heart = soft(heart_sd, 2 * edge) * (1 - below)
     knots = (np.arange(34, dtype=np.float32) + 0.5) / 34
     fine = p.grids[1] + 0.8 * texture(p.grids[0], knots, knots)  # two octaves of parenchymal texture
     # Each side on its half of the image (the midline column +- a margin for rotation and zoom), and the
     # lung's own work (interior, vessels, findings) only inside the lung's bounding box.
-    field, t1 = np.zeros_like(u), (np.arange(size, dtype=np.float32) + 0.5) / size
+    field, pixel_t = np.zeros_like(u), (np.arange(size, dtype=np.float32) + 0.5) / size
     mid, pad = int((0.5 + p.dx) * size), int(0.04 * size) + 2
     for side, lung in enumerate(p.lungs):
         cols = slice(0, mid + pad) if side == 0 else slice(max(mid - pad, 0), size)
@@ -257,16 +257,17 @@ def make_phantom(seed: int, size: int = 256):
         lateral = us - 0.5 if side else 0.5 - us  # distance from the midline toward this lung's side
         sd = np.minimum(lung_sd(lung, lateral, vs), -heart_sd[:, cols])
         in_lung, extra, clear = soft(sd, edge), np.zeros_like(us), np.zeros_like(us)
-        box, extra_box, clear_box = _lung_field(p, side, lung, lateral, vs, sd, in_lung, t1, t1[cols], fine, edge)
+        box, extra_box, clear_box = _lung_field(p, side, lung, lateral, vs, sd, in_lung, pixel_t, pixel_t[cols],
+                                                fine, edge)
         extra[box], clear[box] = extra_box, clear_box
         for bone in _chest_wall(p, lung, lateral, vs, dia[:, cols], clear, edge):  # ribs, clavicle, humerus
             extra += bone
         atten[:, cols] += extra  # everything above is 0 within 0.03 of the midline, so the halves add up
         field[:, cols] += in_lung
     atten += 0.09 * heart
-    cc = slice(max(mid - int(0.15 * size), 0), mid + int(0.15 * size))
-    band = (u[:, cc], v[:, cc], dabs[:, cc], heart[:, cc], below[:, cc], inbody[:, cc])
-    atten[:, cc] += _mediastinum(p, *band, edge)
+    central = slice(max(mid - int(0.15 * size), 0), mid + int(0.15 * size))
+    band = [a[:, central] for a in (u, v, mid_dist, heart, below, inbody)]
+    atten[:, central] += _mediastinum(p, *band, edge)
     if p.bubble:  # gastric air under the left dome
         left = p.lungs[1]
         atten -= 0.07 * soft(ellipse(u, v, 0.5 + left.peak, hemidiaphragm(left, left.peak) + 0.06, 0.05, 0.03), 0.01)
