@@ -1,10 +1,9 @@
-"""Data: the built-in phantom chest X-rays, image readers and the paper's preprocessing/augmentation.
+"""Data: image readers, datasets, the training loader, the paper's preprocessing/augmentation and the phantoms.
 
-`from data import LABELS, read_image, list_images` (API.md): the paper's 7 labels (data/labels.py), one image
-file -> array, a folder -> its image paths (data/readers.py).
+`from data import LABELS, read_image, list_images` (API.md): the paper's 7 labels, one image file -> array,
+a folder -> its image paths (all three in data/readers.py).
 """
 
-from .labels import LABELS
-from .readers import list_images, read_image
+from .readers import LABELS, list_images, read_image
 
 __all__ = ["LABELS", "list_images", "read_image"]

@@ -1,29 +1,22 @@
 """torch Datasets over every image source the scripts accept, with one entry point: `open_dataset`.
 
-`source` may be (API.md, `--data` / `--images`):
-- None or "phantom": the built-in phantoms, item i = `make_phantom(seed + i, size)` (CXRs, data/phantom.py) or
-  with `channels=3` `make_colour_phantom` (endoscopy-like frames, data/colour_phantom.py);
-- a folder: every PNG/JPEG/DICOM under it, recursively, in sorted order (`masks=DIR` pairs each image with
-  the mask of the same relative name in DIR);
-- a .csv with a path column (`path`, `Path` or `image`, or `path_column`; relative to `image_root`, default
-  the CSV's folder), optional label columns and an optional `mask` column (`readers.read_labels_csv`);
-- webdataset-style shards: one .tar, a brace pattern `shards-{000..099}.tar`, or a folder of .tar files.
-  They are streamed (the paper streams its 868k images with webdataset, Sec. 3) by `ShardDataset`, an
-  IterableDataset that splits the shards between DDP ranks and DataLoader workers: worker w of rank r
-  reads shards[r * W + w :: R * W]; when there are fewer shards than R * W readers, every reader opens all
-  shards and keeps every (R * W)-th sample instead. Either way each sample goes to exactly one reader.
-  Shards hold different sample counts, so ranks may see different numbers of samples: train by steps.
+`source` (API.md, `--data` / `--images`) is one of:
+- None or "phantom": the built-in phantoms, item i = `make_phantom(seed + i, size)` (data/phantom.py), or
+  with `channels=3` `make_colour_phantom` (data/colour_phantom.py);
+- a folder: every PNG/JPEG/DICOM under it, sorted (`masks=DIR`: the mask of the same relative name in DIR);
+- a .csv with a path column, optional label columns and an optional `mask` column (`readers.read_labels_csv`);
+- webdataset-style shards: one .tar, a brace pattern `shards-{000..099}.tar`, or a folder of .tar files,
+  streamed as the paper streams its 868k images (Sec. 3) by `ShardDataset`. Worker w of rank r reads
+  shards[r * W + w :: R * W]; with fewer shards than R * W readers, every reader opens all shards and keeps
+  every (R * W)-th sample instead: either way each sample goes to exactly one reader.
 
-Every item is a dict: `image` float32 [1, S, S] in [0, 1] (`transforms.preprocess_cxr`; RGB [3, S, S] with
-`channels=3`), `path` (str), `index` (int), `labels` float32 [C] when the source has labels, `mask` float32
-{0, 1} [1, S, S] when it has masks. With `augment=True` the paper's augmentation (`transforms.augment`) is
-applied with a generator seeded by (seed, epoch, item), so a run is reproducible; call `set_epoch(e)` to draw
-new augmentations each epoch.
+An item is a dict: `image` float32 [C, S, S] in [0, 1] (`transforms.preprocess_cxr`), `path`, `index`, and
+`labels` float32 [K] / `mask` float32 {0, 1} [1, S, S] when the source has them. `augment=True` applies
+`transforms.augment` with a generator keyed by (seed, epoch, item): reproducible; `set_epoch(e)` redraws.
 
-Unreadable images never stop a long run: they are skipped with a `DataWarning` naming the file and recorded
-in `dataset.skipped` (`dataset.report()` summarises). A map-style dataset returns the next readable item
-instead (index i+1, i+2, ... wrapping around), so the result is deterministic. With DataLoader workers
-each worker keeps its own `skipped` list; the warnings still reach stderr. An empty source is a ValueError.
+Unreadable images never stop a long run: they are skipped with a `DataWarning` naming the file and listed in
+`dataset.skipped` (`report()` sums up). A map-style dataset then returns the next readable item (i+1, i+2,
+... wrapping around), so the result stays deterministic. An empty source is a ValueError.
 """
 
 from __future__ import annotations
@@ -43,6 +36,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate, get_work
 
 from . import LABELS, readers
 from .colour_phantom import COLOUR_LABELS, make_colour_phantom
+from .phantom import make_phantom
 from .readers import ImageReadError, read_image
 from .transforms import augment, preprocess_cxr, preprocess_mask, seeded
 
@@ -74,9 +68,8 @@ class _SkipLog:
     def report(self) -> str:
         if not self.skipped:
             return f"{self.source}: no samples skipped"
-        head = "\n  ".join(self.skipped[:10])
-        more = f"\n  ... and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
-        return f"{self.source}: skipped {len(self.skipped)} unreadable sample(s):\n  {head}{more}"
+        lines = self.skipped[:10] + ([f"... and {len(self.skipped) - 10} more"] if len(self.skipped) > 10 else [])
+        return f"{self.source}: skipped {len(self.skipped)} unreadable sample(s):\n  " + "\n  ".join(lines)
 
     def set_epoch(self, epoch: int):
         """Augmentations (and the shard shuffle) are drawn per (seed, epoch): call once per epoch."""
@@ -84,7 +77,9 @@ class _SkipLog:
 
 
 class _MapDataset(_SkipLog, Dataset):
-    """Shared logic of the map-style datasets; subclasses define `paths` and `_load(i)`."""
+    """A map-style dataset of image files `paths`, with optional `masks` (files) and `labels` [N, C]."""
+
+    masks = labels = None
 
     def __init__(self, source, size: int | None, augment: bool, seed: int, channels: int = 1):
         self.source, self.size, self.augment, self.seed, self.channels = str(source), size, augment, seed, channels
@@ -94,7 +89,11 @@ class _MapDataset(_SkipLog, Dataset):
         return len(self.paths)
 
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
-        raise NotImplementedError
+        img = read_image(self.paths[i], self.channels)
+        mask = None if self.masks is None else read_image(self.masks[i])
+        if mask is not None and mask.shape != img.shape[:2]:
+            raise ImageReadError(f"mask {self.masks[i]} has shape {mask.shape}, its image {img.shape[:2]}")
+        return img, mask, None if self.labels is None else self.labels[i]
 
     def select(self, indices) -> _MapDataset:
         """A dataset of these items only (a train or held-out split): an unreadable item falls back to the
@@ -103,7 +102,7 @@ class _MapDataset(_SkipLog, Dataset):
         part = copy.copy(self)
         part.skipped, part._bad = [], set()
         for name in ("paths", "masks", "labels"):  # per-item fields; labels: a tensor [N, C]
-            values = getattr(self, name, None)
+            values = getattr(self, name)
             if values is not None:
                 setattr(part, name, values[idx] if torch.is_tensor(values) else [values[i] for i in idx])
         if getattr(self, "columns", None):
@@ -128,13 +127,6 @@ class _MapDataset(_SkipLog, Dataset):
         raise ValueError(f"no readable image in {self.source}: all {n} failed\n{self.report()}")
 
 
-def _read_mask(path, img: np.ndarray) -> np.ndarray:
-    mask = read_image(path)
-    if mask.shape != img.shape[:2]:
-        raise ImageReadError(f"mask {path} has shape {mask.shape}, its image {img.shape[:2]}")
-    return mask
-
-
 class ImageFolderDataset(_MapDataset):
     """Every PNG/JPEG/DICOM under `root` (sorted); `masks`: a folder with one mask per image under the same
     relative path and stem (any image extension)."""
@@ -144,32 +136,27 @@ class ImageFolderDataset(_MapDataset):
         self.paths = list(paths) if paths is not None else readers.list_images(root)  # open_dataset lists them
         if not self.paths:
             raise ValueError(f"no PNG/JPEG/DICOM images found in {root}")
-        self.masks = None if masks is None else readers.pair_masks(self.paths, root, masks)
-
-    def _load(self, i):
-        img = read_image(self.paths[i], self.channels)
-        return img, None if self.masks is None else _read_mask(self.masks[i], img), None
+        if masks is not None:
+            self.masks = readers.pair_masks(self.paths, root, masks)
 
 
 class CSVDataset(_MapDataset):
     """Rows of a label CSV (`readers.read_labels_csv`: path column, image root, labels, `uncertain`) and an
-    optional `mask` column, resolved like the image paths."""
+    optional `mask` column, resolved like the image paths; `columns`: every other column {name: [str]}."""
 
     def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0,
                  path_column=None, image_root=None, channels=1):
         super().__init__(csv_path, size, augment, seed, channels)
-        self.paths, matrix, extras = readers.read_labels_csv(csv_path, labels, uncertain=uncertain,
-                                                             path_column=path_column, image_root=image_root)
+        self.paths, matrix, self.columns = readers.read_labels_csv(csv_path, labels, uncertain=uncertain,
+                                                                   path_column=path_column, image_root=image_root)
         self.label_names = readers.label_columns(readers.csv_columns(csv_path), labels, f"label CSV {csv_path}")
         self.labels = torch.from_numpy(matrix) if self.label_names else None  # [N, C]
-        self.columns = extras  # every other column (ids, patient ids, metadata): {name: [str per row]}
-        self.masks = None
         root = Path(image_root) if image_root is not None else Path(csv_path).parent
-        if "mask" in extras:
-            blank = [k + 2 for k, m in enumerate(extras["mask"]) if not m.strip()]
+        if "mask" in self.columns:
+            blank = [k + 2 for k, m in enumerate(self.columns["mask"]) if not m.strip()]
             if blank:
                 raise ValueError(f"label CSV {csv_path}: empty 'mask' on line(s) {blank[:5]}")
-            self.masks = [readers.resolve_path(m.strip(), root) for m in extras["mask"]]
+            self.masks = [readers.resolve_path(m.strip(), root) for m in self.columns["mask"]]
         missing = [p for p in self.paths if not os.path.exists(p)]
         if len(missing) == len(self.paths):
             raise ValueError(f"none of the {len(missing)} images listed in {csv_path} exist, e.g. "
@@ -177,11 +164,6 @@ class CSVDataset(_MapDataset):
         if missing:
             warnings.warn(f"{len(missing)} image(s) listed in {csv_path} do not exist and will be skipped, "
                           f"e.g. {missing[:3]}", DataWarning, stacklevel=2)
-
-    def _load(self, i):
-        img = read_image(self.paths[i], self.channels)
-        mask = None if self.masks is None else _read_mask(self.masks[i], img)
-        return img, mask, None if self.labels is None else self.labels[i]
 
 
 class PhantomDataset(_MapDataset):
@@ -195,8 +177,6 @@ class PhantomDataset(_MapDataset):
         self.label_names = readers.label_columns(known, known if labels is None else labels, f"the phantoms' ({where})")
 
     def _load(self, i):
-        from .phantom import make_phantom
-
         make = make_phantom if self.channels == 1 else make_colour_phantom
         img, mask, found = make(self.seed + i, self.size or 256)
         return img, mask, torch.tensor([float(found[k]) for k in self.label_names])
@@ -212,8 +192,6 @@ class ShardDataset(_SkipLog, IterableDataset):
                  world_size=1, shuffle=False, shuffle_buffer=1000, uncertain=0.0, channels=1):
         self.source = str(shards)
         self.shards = readers.list_shards(shards) if isinstance(shards, str | Path) else [str(s) for s in shards]
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.size, self.augment, self.seed, self.rank, self.world_size = size, augment, seed, rank, world_size
         self.shuffle, self.shuffle_buffer, self.uncertain, self.channels = shuffle, shuffle_buffer, uncertain, channels
         # None: images only (the diffusion model needs no labels)
@@ -264,7 +242,6 @@ class ShardDataset(_SkipLog, IterableDataset):
         if self.shuffle and self.shuffle_buffer > 1:
             gen = seeded(self.seed, self.epoch, -2, self.rank, info.id if info else 0)
             stream = self._shuffled(stream, gen)
-        skipped_before = len(self.skipped)
         for index, shard, key, files in stream:
             try:
                 img, mask, labels, where = readers.decode_sample(files, f"{shard}:{key}", self.label_names,
@@ -277,9 +254,6 @@ class ShardDataset(_SkipLog, IterableDataset):
             if self.augment:  # seeded by the sample's name: the same augmentation however shards are split
                 gen = seeded(self.seed, self.epoch, zlib.crc32(f"{Path(shard).name}/{key}".encode()))
             yield make_item(img, mask, labels, where, index, self.size, gen)
-        if len(self.skipped) > skipped_before:
-            warnings.warn(f"{self.source}: skipped {len(self.skipped) - skipped_before} sample(s) in this "
-                          f"pass (rank {self.rank}); see .report()", DataWarning, stacklevel=2)
 
     def diagnose(self) -> str:
         """Why a full pass gave no usable sample: one line naming the shards and what their samples hold."""
@@ -306,23 +280,21 @@ class ShardDataset(_SkipLog, IterableDataset):
 
 def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1, channels=1,
                  masks=None, phantoms=1000, shuffle=False, uncertain=0.0, path_column=None, image_root=None):
-    """The dataset for `source` (see the module docstring). `rank`/`world_size` split .tar shards between
-    processes; map-style datasets are split by the sampler instead (e.g. DistributedSampler), so the
-    arguments are checked but unused there. `phantoms`: the number of phantom images. CSV: `path_column`,
-    `image_root` (`readers.read_labels_csv`). `uncertain`: label -1's value (nan = ignore). `channels`: 1 or 3 (RGB)."""
+    """The dataset for `source` (module docstring). `rank`/`world_size` split .tar shards between processes
+    (map-style datasets are split by their sampler); `phantoms`: how many; `uncertain`: label -1's value."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if masks is not None and (source is None or str(source) == "phantom" or str(source).lower().endswith(".csv")
                               or readers.is_shard_source(source)):  # CSV: a `mask` column; shards: `.mask.png`
         raise ValueError(f"masks={masks} pairs masks with a folder of images, but {source} is not one")
+    common = dict(augment=augment, seed=seed, channels=channels)
     if source is None or str(source) == "phantom":
-        return PhantomDataset(phantoms, size, labels=labels, augment=augment, seed=seed, channels=channels)
+        return PhantomDataset(phantoms, size, labels=labels, **common)
     path = Path(source)
     if path.suffix.lower() == ".csv":
-        return CSVDataset(path, size, labels=labels, augment=augment, seed=seed, uncertain=uncertain,
-                          path_column=path_column, image_root=image_root, channels=channels)
-    shards = dict(labels=labels, augment=augment, seed=seed, rank=rank, world_size=world_size,
-                  shuffle=shuffle, uncertain=uncertain, channels=channels)
+        return CSVDataset(path, size, labels=labels, uncertain=uncertain, path_column=path_column,
+                          image_root=image_root, **common)
+    shards = dict(labels=labels, rank=rank, world_size=world_size, shuffle=shuffle, uncertain=uncertain, **common)
     if readers.is_shard_source(source):
         return ShardDataset(source, size, **shards)
     if not path.exists():
@@ -336,7 +308,7 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
                          "give a CSV with a 'path' column and one column per label")
     if path.is_dir() or images:
         root = path if path.is_dir() else path.parent
-        return ImageFolderDataset(root, size, masks=masks, augment=augment, seed=seed, paths=images, channels=channels)
+        return ImageFolderDataset(root, size, masks=masks, paths=images, **common)
     raise ValueError(f"data source {source}: expected a folder, a .csv, .tar shards or an image file")
 
 

@@ -1,25 +1,19 @@
-"""DICOM files -> grey (or RGB) arrays, following the display pipeline of DICOM PS3.3 C.11 with pydicom's own functions.
+"""DICOM files -> grey (or RGB) arrays: the display pipeline of DICOM PS3.3 C.11, with pydicom's own functions.
 
-pydicom (>= 3, for `pydicom.pixels`) is an optional extra: `pip install -r requirements-dicom.txt`; compressed
-transfer syntaxes (JPEG, JPEG-LS, JPEG 2000) also need a decoder plugin (pylibjpeg or python-gdcm, see that
-file). Multi-frame files give their first frame. What comes out, by Photometric Interpretation:
-
-- MONOCHROME1/2: modality LUT or rescale slope/intercept (`apply_modality_lut`), then the VOI LUT or window
-  (`apply_voi_lut`); the result is mapped linearly from the VOI output range onto uint16 (uint8 when
-  BitsStored <= 8). The image is inverted once, so that high values are bright (P-values, PS3.3 C.11.6), when
-  it is MONOCHROME1 (minimum = white, PS3.3 C.7.6.3.1.2) or its Presentation LUT Shape is INVERSE. The two
-  describe the same inversion: the DX module requires INVERSE exactly with MONOCHROME1 (PS3.3 C.8.11.6.1.2),
-  so it is never applied twice. This equals `pydicom.pixels.apply_presentation_lut` (which inverts as
-  `max - x`) up to our linear uint mapping. A Presentation LUT Sequence is applied with that function, and its
-  output (P-values by definition, PS3.3 C.11.4) mapped from the LUT's bit depth.
-- PALETTE COLOR: the stored indices go through the palette (`apply_color_lut`) to RGB, then to luminance.
-- RGB / YBR (pydicom converts YBR to RGB): luminance, ITU-R BT.601 weights 0.299 R + 0.587 G + 0.114 B (the
-  weights of Pillow's `convert("L")`, so a colour DICOM reads like a colour PNG). 8-bit samples -> uint8 via
-  Pillow; deeper samples (BitsStored, or the palette's entry depth, up to 32) -> uint16, scaled by
-  65535 / (2**bits - 1), never wrapped.
-With `channels=3` (colour modalities: dermoscopy, endoscopy or slide DICOMs) the RGB of the last two items is
-kept as [H, W, 3] (uint8 for 8-bit samples, else uint16 scaled the same way) instead of its luminance, and a
-grey image comes out as above, repeated to 3 channels.
+pydicom >= 3 is an optional extra (`pip install -r requirements-dicom.txt`; compressed transfer syntaxes also
+need a decoder plugin, see that file). Multi-frame files give their first frame. By Photometric Interpretation:
+- MONOCHROME1/2: modality LUT or rescale (`apply_modality_lut`), then the VOI LUT or window (`apply_voi_lut`),
+  mapped linearly from the VOI output range onto uint16 (uint8 when BitsStored <= 8). The image is inverted
+  once, so that high values are bright (P-values, PS3.3 C.11.6), when it is MONOCHROME1 (minimum = white,
+  PS3.3 C.7.6.3.1.2) or its Presentation LUT Shape is INVERSE: the DX module requires INVERSE exactly with
+  MONOCHROME1 (PS3.3 C.8.11.6.1.2), so both describe one inversion, never applied twice. This equals
+  `apply_presentation_lut` (`max - x`) up to our linear mapping. A Presentation LUT Sequence is applied with
+  that function, its output (P-values, PS3.3 C.11.4) mapped from the LUT's bit depth.
+- PALETTE COLOR: the indices go through the palette (`apply_color_lut`) to RGB; RGB / YBR (pydicom converts
+  YBR to RGB). Then luminance, ITU-R BT.601 0.299 R + 0.587 G + 0.114 B (Pillow's `convert("L")`, so a colour
+  DICOM reads like a colour PNG), or with `channels=3` the RGB itself: uint8 for 8-bit samples, else uint16
+  scaled by 65535 / (2**bits - 1) (BitsStored, or the palette's entry depth), never wrapped. A grey image
+  with `channels=3` is repeated to 3 channels.
 """
 
 from __future__ import annotations
@@ -43,29 +37,23 @@ def decode_dicom(data: bytes, channels: int = 1) -> np.ndarray:
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    colour = luminance if channels == 1 else keep_rgb
     if photometric == "PALETTE COLOR":
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])  # bits per palette entry (PS3.3 C.7.6.3.1.5)
-        return colour(apply_color_lut(arr, ds)[..., :3], bits)
+        return _from_rgb(apply_color_lut(arr, ds)[..., :3], bits, channels)
     if arr.ndim == 3:
-        return colour(arr[..., :3], int(ds.get("BitsStored", arr.dtype.itemsize * 8)))
+        return _from_rgb(arr[..., :3], int(ds.get("BitsStored", arr.dtype.itemsize * 8)), channels)
     grey = _grey(arr, ds)
     return grey if channels == 1 else np.repeat(grey[..., None], 3, axis=2)
 
 
-def luminance(rgb: np.ndarray, bits: int) -> np.ndarray:
-    """RGB [H, W, 3] of `bits`-bit samples -> BT.601 luminance: uint8 for 8 bits, else uint16."""
+def _from_rgb(rgb: np.ndarray, bits: int, channels: int) -> np.ndarray:
+    """RGB [H, W, 3] of `bits`-bit samples -> its BT.601 luminance [H, W] (`channels=1`) or itself (3): uint8
+    for 8 bits (luminance by Pillow, as for a PNG), else uint16 scaled by 65535 / (2**bits - 1)."""
     if bits <= 8:
-        return np.array(Image.fromarray(np.ascontiguousarray(rgb).astype(np.uint8)).convert("L"))
-    luma = rgb.astype(np.float64) @ np.array(BT601)
-    return np.rint(np.clip(luma * (65535 / (2.0**bits - 1)), 0, 65535)).astype(np.uint16)
-
-
-def keep_rgb(rgb: np.ndarray, bits: int) -> np.ndarray:
-    """RGB [H, W, 3] of `bits`-bit samples -> uint8 for 8 bits, else uint16 scaled by 65535 / (2**bits - 1)."""
-    if bits <= 8:
-        return np.ascontiguousarray(rgb).astype(np.uint8)
-    return np.rint(np.clip(rgb.astype(np.float64) * (65535 / (2.0**bits - 1)), 0, 65535)).astype(np.uint16)
+        rgb = np.ascontiguousarray(rgb).astype(np.uint8)
+        return rgb if channels == 3 else np.array(Image.fromarray(rgb).convert("L"))
+    out = rgb.astype(np.float64) if channels == 3 else rgb.astype(np.float64) @ np.array(BT601)
+    return np.rint(np.clip(out * (65535 / (2.0**bits - 1)), 0, 65535)).astype(np.uint16)
 
 
 def _grey(arr: np.ndarray, ds) -> np.ndarray:

@@ -80,10 +80,7 @@ class Batches:
             micro += 1
 
     def next(self):
-        return next(self._it)
-
-    def state(self) -> None:
-        return None  # the micro-step is the whole position
+        return next(self._it)  # the micro-step is the whole position: nothing to save for a resume
 
 
 class StreamBatches:
@@ -148,13 +145,10 @@ def _readable(dataset, idx: list[int], what: str) -> list[int]:
 def split_data(cfg, rank: int, world: int):
     """(train, held-out) datasets for a TrainConfig: phantoms (disjoint seeds), --val-data, or held out of
     --data (the last --val-count images, or the last whole --val-group groups)."""
-    common = {k: v for k in ("path_column", "image_root") if (v := getattr(cfg, k, None)) is not None}
-    common["channels"] = getattr(cfg, "channels", 1)  # 3: RGB images; without --data the colour phantoms
-    if not cfg.data:
-        train = open_dataset("phantom", cfg.image_size, phantoms=cfg.phantom_count, seed=cfg.seed, **common)
-        val = open_dataset("phantom", cfg.image_size, phantoms=cfg.val_count,
-                           seed=cfg.seed + VAL_PHANTOM_SEED_OFFSET, **common)
-        return train, val
+    common = dict(path_column=cfg.path_column, image_root=cfg.image_root, channels=cfg.channels)  # 3: RGB
+    if not cfg.data:  # held-out phantoms: seeds no training phantom uses
+        return tuple(open_dataset("phantom", cfg.image_size, phantoms=n, seed=cfg.seed + offset, **common)
+                     for n, offset in ((cfg.phantom_count, 0), (cfg.val_count, VAL_PHANTOM_SEED_OFFSET)))
     train = open_dataset(cfg.data, cfg.image_size, rank=rank, world_size=world, shuffle=True, **common)
     if cfg.val_data:
         val = open_dataset(cfg.val_data, cfg.image_size, **common)
@@ -189,15 +183,13 @@ def split_data(cfg, rank: int, world: int):
     train_idx = sorted(set(range(n)) - set(held))
     if not train_idx:
         raise ValueError(f"--val-group {cfg.val_group!r} leaves no training images in {cfg.data}")
-    val_idx = _readable(train, held, f"--data {cfg.data}")
-    assert not set(val_idx) & set(train_idx), "a training image entered the held-out set"
-    return train.select(train_idx), train.select(val_idx)
+    return train.select(train_idx), train.select(_readable(train, held, f"--data {cfg.data}"))
 
 
 def write_image_list(dataset, path: Path):
     """The held-out images as a CSV with an absolute `path` column (for sample.py / segment.py --images):
     exactly the images used; nothing for phantoms, which have no files."""
-    if isinstance(dataset, PhantomDataset) or not hasattr(dataset, "paths"):
+    if isinstance(dataset, PhantomDataset):
         return
     hub.write_csv_atomic(path, [{"path": str(Path(p).resolve())} for p in dataset.paths], ["path"])
 
@@ -267,13 +259,9 @@ def cache_latents(train, encode, cfg, path: Path):
     mean, std, c_GLB), saved to `path` (atomically)."""
     keyed = KeyedImages(train, cfg.seed, cfg.augment)
     keys = list(range((cfg.cache_copies if cfg.augment else 1) * len(train)))
-    mean, std, cond = [], [], []
-    for i in tqdm(range(0, len(keys), cfg.batch_size), desc="cache latents", leave=False):
-        m, sd, c = encode(torch.stack([keyed[k] for k in keys[i : i + cfg.batch_size]]))
-        mean.append(m.cpu())
-        std.append(sd.cpu())
-        cond.append(c.cpu())
+    parts = [[t.cpu() for t in encode(torch.stack([keyed[k] for k in keys[i : i + cfg.batch_size]]))]
+             for i in tqdm(range(0, len(keys), cfg.batch_size), desc="cache latents", leave=False)]
     try:
-        hub.save_file_atomic({"mean": torch.cat(mean), "std": torch.cat(std), "cond": torch.cat(cond)}, path)
+        hub.save_file_atomic({name: torch.cat(ts) for name, ts in zip(("mean", "std", "cond"), zip(*parts))}, path)
     except OSError as e:  # a full disk: name the file (the temporary one is already removed)
         raise OSError(f"cannot write the latent cache {path}: {e}") from e

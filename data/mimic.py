@@ -14,8 +14,7 @@ downloaded from PhysioNet):
 Written: `DIR/train.csv` (p10-p18) and `DIR/test.csv` (p19), columns `path` (absolute, so the CSVs work from
 anywhere without --image-root), `patient_id`, `study_id` and the 7 labels in paper order, written as 1, 0,
 -1 (uncertain, kept for `--uncertain` to decide) or blank. Images listed but not on disk (a partial download)
-are left out and counted; one summary line is printed. Then, e.g.:
-`python classify.py --real DIR/train.csv --test DIR/test.csv --uncertain zeros --out runs/mimic-clf`.
+are left out and counted; one summary line is printed.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from pathlib import Path
 import cli
 import hub
 
-from .labels import LABELS
+from .readers import LABELS, parse_label
 
 METADATA = "mimic-cxr-2.0.0-metadata.csv.gz"
 CHEXPERT = "mimic-cxr-2.0.0-chexpert.csv.gz"
@@ -52,17 +51,9 @@ def read_gz_csv(path: Path, need: list[str]) -> list[dict]:
 
 
 def label_value(text: str | None, where: str) -> str:
-    """A CheXpert value -> '1', '0', '-1' or '' (blank: not mentioned)."""
+    """A CheXpert value -> '1', '0', '-1' or '' (blank: not mentioned), checked by readers.parse_label."""
     text = (text or "").strip()
-    if text == "":
-        return ""
-    try:
-        v = float(text)
-    except ValueError:
-        v = None
-    if v not in (1.0, 0.0, -1.0):
-        raise ValueError(f"{where}: label value {text!r} is not 1.0, 0.0, -1.0 or blank")
-    return str(int(v))
+    return "" if not text else str(int(parse_label(text, where, uncertain=-1.0)))
 
 
 def study_labels(root: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -87,17 +78,12 @@ def build_splits(root: Path) -> tuple[dict[str, list[dict]], dict[str, int]]:
     counts = dict(not_frontal=0, other_folders=0, missing_files=0, unlabelled=0)
     for r in meta:
         subject, study, dicom_id = (r[k].strip() for k in ("subject_id", "study_id", "dicom_id"))
-        if (r["ViewPosition"] or "").strip().upper() not in FRONTAL:
-            counts["not_frontal"] += 1
-            continue
-        group = subject[:2]
-        split = "train" if group in TRAIN_GROUPS else "test" if group in TEST_GROUPS else None
-        if split is None:
-            counts["other_folders"] += 1
-            continue
+        split = "train" if subject[:2] in TRAIN_GROUPS else "test" if subject[:2] in TEST_GROUPS else None
         path = image_path(root, subject, study, dicom_id)
-        if not path.is_file():
-            counts["missing_files"] += 1
+        dropped = ("not_frontal" if (r["ViewPosition"] or "").strip().upper() not in FRONTAL else
+                   "other_folders" if split is None else "missing_files" if not path.is_file() else None)
+        if dropped:
+            counts[dropped] += 1
             continue
         found = labels.get((subject, study))
         counts["unlabelled"] += found is None
@@ -106,16 +92,12 @@ def build_splits(root: Path) -> tuple[dict[str, list[dict]], dict[str, int]]:
     return splits, counts
 
 
-def parse_args(argv=None):
+def main(argv=None) -> dict[str, int]:
     p = argparse.ArgumentParser(prog="python -m data.mimic", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, metavar="MIMIC_CXR_JPG_DIR",
                    help=f"the MIMIC-CXR-JPG folder (holds files/, {METADATA} and {CHEXPERT})")
     p.add_argument("--out", required=True, metavar="DIR", help="where train.csv (p10-p18) and test.csv (p19) go")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> dict[str, int]:
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     splits, counts = build_splits(Path(args.root))
     if not splits["train"] and not splits["test"]:
         raise ValueError(f"no frontal p10-p19 image of {Path(args.root) / METADATA} is on disk under "

@@ -1,49 +1,30 @@
 """Procedural chest X-ray phantoms: the built-in data set for tiny presets, demos and tests.
 
-`make_phantom(seed, size)` draws a posteroanterior (PA) chest radiograph from analytic shapes, white = dense
-(bone, fluid, soft tissue), black = air, patient right on the image left. Shapes live in normalized anatomical
-coordinates (u to the image right, v down, in [0, 1]; the film spans ~40 cm, so 0.01 = 4 mm) and every
-random choice is drawn from np.random.default_rng(seed) before any pixel exists: anatomy and labels do not
-depend on `size` (32 to 1024 px and more), only rasterization and film grain do.
-
-Anatomy, summed as attenuation A and developed as 1 - exp(-kA):
-- body: soft-tissue trunk, arms, neck and sloping shoulders, thicker (whiter) in the middle; air outside.
-- lungs: dark fields with domed apices, a mediastinal border, a lateral wall along the ribs and a domed base
-  (the hemidiaphragm) meeting the wall at a sharp costophrenic angle. The right lung (image left) is wider,
-  its dome higher (the liver lies under it); air is thickest mid-lung, so lungs darken toward their centre.
-- mediastinum: the bright central column with the spine (vertebrae, disc spaces, pedicles), the dark
-  trachea splitting at the carina, the aortic knob and pulmonary trunk bulging into the left lung.
-- heart: a tilted ellipse, two thirds left of the midline, standing on the left hemidiaphragm.
-- bones: posterior rib arcs (out from the spine, rising, then curving down the chest wall), fainter
-  anterior ribs sloping down medially, S-shaped clavicles, humeral heads.
-- hila and vessels (lung markings) radiating from them, fading toward the periphery; a gastric bubble.
-- film: blur, parenchymal texture, grain, exposure/gamma, vignetting, small rotation/zoom/shift.
+`make_phantom(seed, size)` draws a posteroanterior (PA) chest radiograph from analytic shapes (data/shapes.py),
+white = dense, black = air, patient right on the image left. Shapes live in normalized anatomical coordinates
+(u to the image right, v down, in [0, 1]; the film spans ~40 cm, so 0.01 = 4 mm), and every random choice is
+drawn from np.random.default_rng(seed) before any pixel exists (`_anatomy`): anatomy and labels do not depend
+on `size`, only rasterization and film grain do. Attenuation A is summed and developed as 1 - exp(-kA):
+- body: trunk, arms, neck and sloping shoulders; lungs: dark fields with domed apices and bases (the
+  hemidiaphragms, the right one higher over the liver), darker toward their centre; mediastinum with spine,
+  trachea and carina, aortic knob; heart: a tilted ellipse, two thirds left of the midline;
+- bones: posterior and fainter anterior ribs, S-shaped clavicles, humeral heads; hila and vessels fading
+  toward the periphery; a gastric bubble; film blur, texture, grain, gamma, vignetting, small rotation/zoom.
 
 Findings and labels (independent draws; a seed may have none or several):
-- Cardiomegaly: cardiothoracic ratio (widest heart / widest inner thorax) > 0.5, the classic PA rule
-  (Danzer 1919), measured on the drawn heart, diaphragm and lung walls.
-- Pleural Effusion: fluid fills a lung base up to a meniscus climbing the lateral wall; at the least the
-  costophrenic angle is blunted.
-- Pneumothorax: the lung collapses toward its hilum; a thin bright visceral pleural line, and beyond it
-  black air without lung markings up to the chest wall.
-- Consolidation: a fluffy focal airspace opacity (air bronchograms show through), or a lobar one:
-- Pneumonia: lobar consolidation, a dense opacity filling a lung zone up to one straight sharp border (a
-  fissure). Lobar consolidation is labelled Consolidation and Pneumonia, focal only Consolidation.
-- Atelectasis: plate-like (discoid) bands in a lower zone plus volume loss (that hemidiaphragm raised).
-- Edema: bilateral perihilar "bat-wing" haziness, diffuse lung haze and Kerley B lines at the bases.
-
-The lung mask is the anatomical lung field of both lungs as projected: bounded by chest wall, apices,
-mediastinum, heart and hemidiaphragms, whatever fills it (pneumothorax air, effusion fluid and opacities are
-inside it). Atelectatic volume loss shrinks it, since it raises the diaphragm.
-
-The shapes they are drawn from (signed distances, noise, the lung outline) are in data/shapes.py.
-
-CLI: python -m data.phantom --out DIR -n 100 [--size 256] [--seed 0] [--grid PATH]
+- Cardiomegaly: cardiothoracic ratio (widest heart / widest inner thorax) > 0.5 (Danzer 1919), measured.
+- Pleural Effusion: fluid fills a lung base up to a meniscus climbing the lateral wall.
+- Pneumothorax: the lung collapses toward its hilum; a bright visceral pleural line, black air beyond it.
+- Consolidation: a fluffy focal opacity, or a lobar one filling a lung zone up to a straight fissure;
+  Pneumonia: the lobar one (labelled Consolidation and Pneumonia).
+- Atelectasis: plate-like bands in a lower zone plus volume loss (that hemidiaphragm raised).
+- Edema: bilateral perihilar "bat-wing" haze, diffuse haze and Kerley B lines at the bases.
+The lung mask is the anatomical field of both lungs (chest wall, apices, mediastinum, heart, diaphragm),
+whatever fills it; atelectatic volume loss shrinks it.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -164,14 +145,14 @@ def _findings(p, side, lung, lateral, v, in_lung, textures, edge):
     return opac, extra, md, mv, visible
 
 
-def _body(p, u, v, dabs, edge):
+def _body(p, u, v, mid_dist, edge):
     """Soft tissue: trunk and arms below the sloping shoulders, the neck, abdomen and breast shadows.
     Returns the attenuation so far, the body and below-diaphragm indicators and the diaphragm height."""
-    sh = p.shoulder + 0.1 * np.sqrt(np.clip((dabs - p.neck) / 0.3, 0, 1))  # trapezius slope ...
-    sh += 4 * np.maximum(dabs - p.trunk, 0) ** 2  # ... rounding over the shoulder joints
-    body = np.maximum(np.minimum(p.trunk + 0.2 - dabs, v - sh), p.neck - dabs)  # trunk + arms, neck
-    thick = np.sqrt(np.clip(1 - (dabs / (p.trunk + 0.03)) ** 2, 0, 1))  # thicker in the middle and at the top
-    inbody, trunk = soft(body, 0.02), soft(p.trunk - dabs, 0.03)
+    sh = p.shoulder + 0.1 * np.sqrt(np.clip((mid_dist - p.neck) / 0.3, 0, 1))  # trapezius slope ...
+    sh += 4 * np.maximum(mid_dist - p.trunk, 0) ** 2  # ... rounding over the shoulder joints
+    body = np.maximum(np.minimum(p.trunk + 0.2 - mid_dist, v - sh), p.neck - mid_dist)  # trunk + arms, neck
+    thick = np.sqrt(np.clip(1 - (mid_dist / (p.trunk + 0.03)) ** 2, 0, 1))  # thicker in the middle and at the top
+    inbody, trunk = soft(body, 0.02), soft(p.trunk - mid_dist, 0.03)
     atten = 0.03 + inbody * (0.21 + trunk * (0.04 + 0.1 * thick) + 0.06 * np.exp(-np.maximum(v - sh, 0) / 0.1))
     dia = diaphragm(p, u)
     below = soft(v - dia, edge)
@@ -226,13 +207,13 @@ def _chest_wall(p, lung, lateral, v, dia, clear, edge):
     return bone, clavicle, humerus
 
 
-def _mediastinum(p, u, v, dabs, heart, below, inbody, edge):
+def _mediastinum(p, u, v, mid_dist, heart, below, inbody, edge):
     """The central band's attenuation change: mediastinum, spine (bodies, disc spaces, pedicles), trachea
     and main bronchi."""
-    medi = soft(p.lungs[0].med + 0.015 - dabs, 0.02) * soft(v - p.lungs[0].apex, 0.08) * (1 - below)
+    medi = soft(p.lungs[0].med + 0.015 - mid_dist, 0.02) * soft(v - p.lungs[0].apex, 0.08) * (1 - below)
     sp, vp = p.spine, v / 0.05 - np.floor(v / 0.05)
-    ped = soft(0.01 - np.sqrt((dabs - 0.7 * sp) ** 2 + (0.05 * (vp - 0.35)) ** 2), 2 * edge)
-    spine = soft(sp - dabs, 2 * edge) * (0.02 - 0.008 * soft(0.1 - np.abs(vp - 0.9), edge)) + 0.008 * ped
+    ped = soft(0.01 - np.sqrt((mid_dist - 0.7 * sp) ** 2 + (0.05 * (vp - 0.35)) ** 2), 2 * edge)
+    spine = soft(sp - mid_dist, 2 * edge) * (0.02 - 0.008 * soft(0.1 - np.abs(vp - 0.9), edge)) + 0.008 * ped
     carina = p.lungs[1].hy - 0.07
     air = np.minimum(0.017 - np.abs(u - 0.503), carina - v)
     for sg in (-1, 1):
@@ -260,15 +241,15 @@ def make_phantom(seed: int, size: int = 256):
     c, s = math.cos(p.rot), math.sin(p.rot)
     xs, ys = (x - 0.5 - p.dx) / p.zoom, (y - 0.5 - p.dy) / p.zoom
     u, v = 0.5 + c * xs + s * ys, 0.5 - s * xs + c * ys  # anatomical coordinates of every pixel
-    dabs = np.abs(u - 0.5)
-    atten, inbody, below, dia = _body(p, u, v, dabs, edge)
+    mid_dist = np.abs(u - 0.5)
+    atten, inbody, below, dia = _body(p, u, v, mid_dist, edge)
     heart_sd = ellipse(u, v, *p.heart)
     heart = soft(heart_sd, 2 * edge) * (1 - below)
     knots = (np.arange(34, dtype=np.float32) + 0.5) / 34
     fine = p.grids[1] + 0.8 * texture(p.grids[0], knots, knots)  # two octaves of parenchymal texture
     # Each side on its half of the image (the midline column +- a margin for rotation and zoom), and the
     # lung's own work (interior, vessels, findings) only inside the lung's bounding box.
-    field, t1 = np.zeros_like(u), (np.arange(size, dtype=np.float32) + 0.5) / size
+    field, pixel_t = np.zeros_like(u), (np.arange(size, dtype=np.float32) + 0.5) / size
     mid, pad = int((0.5 + p.dx) * size), int(0.04 * size) + 2
     for side, lung in enumerate(p.lungs):
         cols = slice(0, mid + pad) if side == 0 else slice(max(mid - pad, 0), size)
@@ -276,16 +257,17 @@ def make_phantom(seed: int, size: int = 256):
         lateral = us - 0.5 if side else 0.5 - us  # distance from the midline toward this lung's side
         sd = np.minimum(lung_sd(lung, lateral, vs), -heart_sd[:, cols])
         in_lung, extra, clear = soft(sd, edge), np.zeros_like(us), np.zeros_like(us)
-        box, extra_box, clear_box = _lung_field(p, side, lung, lateral, vs, sd, in_lung, t1, t1[cols], fine, edge)
+        box, extra_box, clear_box = _lung_field(p, side, lung, lateral, vs, sd, in_lung, pixel_t, pixel_t[cols],
+                                                fine, edge)
         extra[box], clear[box] = extra_box, clear_box
         for bone in _chest_wall(p, lung, lateral, vs, dia[:, cols], clear, edge):  # ribs, clavicle, humerus
             extra += bone
         atten[:, cols] += extra  # everything above is 0 within 0.03 of the midline, so the halves add up
         field[:, cols] += in_lung
     atten += 0.09 * heart
-    cc = slice(max(mid - int(0.15 * size), 0), mid + int(0.15 * size))
-    band = (u[:, cc], v[:, cc], dabs[:, cc], heart[:, cc], below[:, cc], inbody[:, cc])
-    atten[:, cc] += _mediastinum(p, *band, edge)
+    central = slice(max(mid - int(0.15 * size), 0), mid + int(0.15 * size))
+    band = [a[:, central] for a in (u, v, mid_dist, heart, below, inbody)]
+    atten[:, central] += _mediastinum(p, *band, edge)
     if p.bubble:  # gastric air under the left dome
         left = p.lungs[1]
         atten -= 0.07 * soft(ellipse(u, v, 0.5 + left.peak, hemidiaphragm(left, left.peak) + 0.06, 0.05, 0.03), 0.01)
@@ -312,6 +294,7 @@ def phantom_cli(argv, make, label_names, name: str, what: str, seed_help: str):
     from tqdm import tqdm
 
     import cli
+    import hub
 
     ap = cli.ArgumentParser(prog=f"python -m data.{name}", formatter_class=cli.HelpFormatter,
                             description=f"Write {what}, their masks and labels.")
@@ -321,18 +304,16 @@ def phantom_cli(argv, make, label_names, name: str, what: str, seed_help: str):
     ap.add_argument("--seed", type=cli.nonneg_int, default=0, help=seed_help)
     ap.add_argument("--grid", help="also write a 4x4 example mosaic PNG to this path (default: none)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out, rows = Path(args.out), []
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    with open(out / "labels.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "mask", *label_names])
-        for i in tqdm(range(args.n), desc=name):
-            image, mask, labels = make(args.seed + i, args.size)
-            file = f"{name}_{args.seed + i:06d}.png"
-            Image.fromarray(image).save(out / "images" / file)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / file)
-            w.writerow([f"images/{file}", f"masks/{file}", *(labels[k] for k in label_names)])
+    for i in tqdm(range(args.n), desc=name):
+        image, mask, labels = make(args.seed + i, args.size)
+        file = f"{name}_{args.seed + i:06d}.png"
+        Image.fromarray(image).save(out / "images" / file)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / file)
+        rows.append({"path": f"images/{file}", "mask": f"masks/{file}", **labels})
+    hub.write_csv_atomic(out / "labels.csv", rows, ["path", "mask", *label_names])
     if args.grid:
         Image.fromarray(phantom_grid(4, args.size, args.seed, make)).save(args.grid)
 

@@ -1,30 +1,17 @@
-"""Readers: image files (PNG/JPEG/DICOM) -> grey (or RGB) arrays, label CSVs, and webdataset-style .tar shards.
+"""Readers: image files (PNG/JPEG/DICOM) -> arrays, label CSVs, and webdataset-style .tar shards.
 
-The paper trains on 868k CXRs from several public sets (MIMIC-CXR, CheXpert, PadChest, ...; DiNO-Diffusion
-Sec. 3) that arrive as 8-bit JPEG, 16-bit PNG or DICOM, streamed with webdataset. Everything here returns the
-*stored* intensities: `read_image` keeps uint8 as uint8 and 16-bit as uint16; turning them into model inputs
-is `transforms.py`'s job.
+The paper trains on 868k CXRs from public sets (MIMIC-CXR, CheXpert, PadChest, ...; DiNO-Diffusion Sec. 3)
+that arrive as 8-bit JPEG, 16-bit PNG or DICOM. `read_image` returns the *stored* intensities (uint8 stays
+uint8, 16-bit becomes uint16); turning them into model inputs is transforms.py's job. Grey by default (colour
+as Pillow's `convert("L")` luminance, ITU-R 601-2), or with `channels=3` RGB [H, W, 3] (grey repeated), for
+colour modalities. DICOM (optional pydicom >= 3) is data/dicom.py; in folders, DICOM files without an
+extension (`IM0001`, as PACS exports them) are found by their `DICM` marker. An unreadable file raises
+`ImageReadError` naming it, so a dataset can skip it and carry on.
 
-- PNG/JPEG go through Pillow. Modes: L -> uint8; I;16* -> uint16; I (32-bit, how old Pillows open 16-bit
-  PNGs) -> uint16 when the values fit, else min-max scaled; F -> min-max scaled to uint16; everything else
-  (RGB, RGBA, P, CMYK, 1, LA) -> luminance via Pillow's `convert("L")` (ITU-R 601-2: 0.299 R + 0.587 G +
-  0.114 B). EXIF orientation is applied. With `channels=3` (colour modalities, `train.py --channels 3`) colour
-  files are kept as RGB [H, W, 3] uint8 (`convert("RGB")`: alpha dropped, palettes and CMYK converted) and grey
-  ones (L, LA, 1, I, F, I;16) are read as above and repeated to 3 channels, so every image has the same shape.
-- DICOM (optional extra: pydicom >= 3, `pip install -r requirements-dicom.txt`) follows the display pipeline
-  of DICOM PS3.3 C.11 with pydicom's own functions (data/dicom.py): modality LUT, VOI LUT or window, a
-  single inversion for MONOCHROME1 or Presentation LUT Shape INVERSE, palettes and colour to luminance (or,
-  with `channels=3`, kept as RGB: YBR converted by pydicom, palettes applied).
-  In folders, DICOM files without an extension (`IM0001`, as PACS exports them) are found by their `DICM`
-  marker.
-- Anything unreadable raises `ImageReadError` naming the file, so a dataset can skip it and carry on.
-
-Label CSVs (`read_labels_csv`) hold one row per image: a path column (`path_column`, default the first of
-`path`, `Path` (CheXpert's train.csv), `image`), optional 0/1 label columns and anything else. Relative paths
-start from `image_root` (default: the CSV's folder; CheXpert's paths start from the folder holding
-`CheXpert-v1.0/`). CheXpert conventions for label values (Irvin et al., 2019): blank = not mentioned = 0;
--1 = uncertain, mapped to `uncertain` (0.0 = "U-Zeros" by default, 1.0 = "U-Ones", nan = "U-Ignore": masked
-out of the loss and the AUC by classify.py).
+Label CSVs hold one row per image: a path column (`path`, `Path` (CheXpert's train.csv), `image`, or
+--path-column), optional 0/1 label columns and anything else. Relative paths start from `image_root`
+(default: the CSV's folder). CheXpert's values (Irvin et al., 2019): blank = not mentioned = 0; -1 =
+uncertain -> `uncertain` (0.0 "U-Zeros", 1.0 "U-Ones", nan "U-Ignore": masked out by classify.py).
 
 Shards follow webdataset's layout: a tar whose consecutive members share a key (the member name up to the
 first dot of its basename): `x001.png`, `x001.json`, `x001.mask.png` form one sample.
@@ -35,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 import tarfile
 from collections.abc import Iterator
@@ -45,7 +31,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .dicom import decode_dicom, is_dicom_file
-from .labels import LABELS
+
+# The 7 findings the paper's downstream classifier predicts (DiNO-Diffusion Sec. 2.5), in paper order.
+LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumonia", "Pneumothorax")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -86,29 +74,20 @@ def _decode_pil(data: bytes, channels: int = 1) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # decode now: truncated files fail here, not later
         img = ImageOps.exif_transpose(img)
-        if channels == 3:
-            grey = img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;16")
-            return np.repeat(_grey_pil(img)[..., None], 3, axis=2) if grey else np.array(img.convert("RGB"))
-        return _grey_pil(img)
-
-
-def _grey_pil(img: Image.Image) -> np.ndarray:
-    """A decoded Pillow image -> grey [H, W] uint8 / uint16 (the modes of the module docstring)."""
-    if img.mode == "L":
-        return np.array(img)
-    if img.mode.startswith("I;16"):
-        return np.array(img).astype(np.uint16)
-    if img.mode in ("I", "F"):
-        arr = np.array(img)
-        if img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535:
-            return arr.astype(np.uint16)
-        return _minmax(arr.astype(np.float64), 65535).astype(np.uint16)
-    return np.array(img.convert("L"))
-
-
-def _minmax(arr: np.ndarray, top: float) -> np.ndarray:
-    lo, hi = float(arr.min()), float(arr.max())
-    return np.zeros_like(arr) if hi <= lo else (arr - lo) * (top / (hi - lo))
+        grey = img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;16")
+        if channels == 3 and not grey:  # alpha dropped, palettes and CMYK converted
+            return np.array(img.convert("RGB"))
+        if img.mode.startswith("I;16"):
+            arr = np.array(img).astype(np.uint16)
+        elif img.mode in ("I", "F"):  # 32-bit: how old Pillows open 16-bit PNGs, or float
+            arr = np.array(img).astype(np.float64)
+            if img.mode == "F" or arr.min() < 0 or arr.max() > 65535:  # min-max onto uint16
+                lo, hi = arr.min(), arr.max()
+                arr = np.zeros_like(arr) if hi <= lo else (arr - lo) * (65535 / (hi - lo))
+            arr = arr.astype(np.uint16)
+        else:
+            arr = np.array(img.convert("L"))
+        return np.repeat(arr[..., None], 3, axis=2) if channels == 3 else arr
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -138,17 +117,15 @@ def pair_masks(paths, root: str | Path, masks: str | Path) -> list[Path]:
 def parse_label(value, where: str, uncertain: float = 0.0) -> float:
     """One label value -> float: 1 / 0; blank or nan -> 0 (not mentioned); -1 -> `uncertain`."""
     text = "" if value is None else str(value).strip()
-    if text == "" or text.lower() == "nan":
+    if text.lower() in ("", "nan"):
         return 0.0
     try:
         v = float(text)
     except ValueError:
-        v = math.inf
-    if v in (0.0, 1.0):
-        return v
-    if v == -1.0:
-        return uncertain
-    raise ValueError(f"{where}: label value {value!r} is not 0, 1, -1 (uncertain) or blank")
+        v = None
+    if v not in (0.0, 1.0, -1.0):
+        raise ValueError(f"{where}: label value {value!r} is not 0, 1, -1 (uncertain) or blank")
+    return uncertain if v == -1.0 else v
 
 
 def label_columns(columns, labels, where) -> list[str]:
@@ -191,14 +168,8 @@ def resolve_path(value: str, base: Path) -> str:
 
 def read_labels_csv(path: str | Path, labels=None, *, uncertain: float = 0.0, path_column: str | None = None,
                     image_root: str | Path | None = None):
-    """Read a label CSV -> (paths, label matrix float32 [N, C], extra columns {name: list of str}).
-
-    The image paths come from `path_column` (default: the first of `path`, `Path`, `image`); relative ones are
-    joined to `image_root` (default: the CSV's folder). `labels=None` takes the paper's labels (data.LABELS)
-    that the CSV has, in paper order (possibly none: C = 0); a list of names demands exactly those columns.
-    Uncertain values (-1) become `uncertain` (nan keeps them as nan, for masking). Every other column
-    (`mask`, ids, metadata) is returned as written in the extras dict.
-    """
+    """A label CSV (module docstring) -> (paths, labels float32 [N, C], every other column {name: [str]}).
+    `labels=None`: the paper's LABELS that the CSV has, in paper order (C may be 0); names: exactly those."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label CSV {path} does not exist")
@@ -224,17 +195,13 @@ def read_labels_csv(path: str | Path, labels=None, *, uncertain: float = 0.0, pa
 
 
 def sample_labels(files: dict[str, bytes], names: list[str], uncertain: float, where: str) -> np.ndarray:
-    """Labels of one shard sample, float32 [C] for `names`: from `.json` ({name: value}, optionally under
-    "labels", or a list of C values) or `.cls` (a class index -> one-hot, or C comma-separated values).
-    ValueError (naming `where`) when the sample has neither or they do not fit `names`."""
+    """Labels of one shard sample, float32 [C] for `names`: from `.json` ({name: value} or a list of C values)
+    or `.cls` (C comma- or space-separated values). ValueError (naming `where`) when the sample has neither or
+    they do not fit `names`."""
     if "json" in files:
         meta = json.loads(files["json"])
-        meta = meta.get("labels", meta) if isinstance(meta, dict) else meta
     elif "cls" in files:
-        text = files["cls"].decode().strip()
-        meta = text.replace(",", " ").split()
-        if len(meta) == 1:
-            meta = [float(k == int(text)) for k in range(len(names))]
+        meta = files["cls"].decode().replace(",", " ").split()
     else:
         raise ValueError(f"{where}: no .json or .cls labels")
     if isinstance(meta, dict):

@@ -25,19 +25,17 @@ from data.datasets import (
 )
 from data.readers import ImageReadError, decode_image, list_shards, read_image, read_labels_csv
 from data.transforms import (
-    RandomAffine,
-    RandomSharpen,
+    Augment,
     adjust_sharpness,
     augment,
     border_box,
-    center_crop_square,
     preprocess_cxr,
     preprocess_mask,
-    remove_border,
     resize,
     to_uint8,
     warp_affine,
 )
+from tests.support_data import center_crop_square, remove_border
 
 rng = np.random.default_rng(0)
 
@@ -176,8 +174,8 @@ def test_augment_deterministic_per_generator():
 def test_augment_identity_at_zero_strength():
     x = torch.rand(2, 1, 12, 20)
     assert (warp_affine(x, torch.tensor([[0.0, 0, 0, 1]] * 2)) - x).abs().max() < 1e-5
-    none = dict(sharpen=RandomSharpen(p=0.0), affine=RandomAffine(shear=0.0, translate=0.0, scale=(1.0, 1.0)))
-    assert (augment(x, torch.Generator().manual_seed(0), **none) - x).abs().max() < 1e-5
+    none = Augment(sharpen_p=0.0, shear=0.0, translate=0.0, scale=(1.0, 1.0))
+    assert (none(x, torch.Generator().manual_seed(0)) - x).abs().max() < 1e-5
     assert torch.equal(adjust_sharpness(x, 1.0), x)
 
 
