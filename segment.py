@@ -307,7 +307,7 @@ def main(argv=None):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         done = segment_mine(args, unet, combos, folders, size, x, world,
                             "segmenting" + (f" step {step}" if sweep else ""))
-        for i, c in enumerate(combos if distributed.is_main() else []):  # rank 0 writes the reports
+        for i, c in enumerate(combos if world.rank == 0 else []):  # rank 0 writes the reports
             rows = [row | {f"dice_baseline_{name}": s[j].item() for name, s in baselines.items()}
                     for j, _, row in done[i]]
             meta = {"settings": c | {"step": step, "refine": args.refine, "size": size}, "step": step,
@@ -315,7 +315,7 @@ def main(argv=None):
                     "ema": not args.no_ema, "skipped": x.skipped,
                     "mean_threshold_used": float(np.mean([t for _, t, _ in done[i]]))}
             summaries.append(report(folders[i], rows, meta, x.images))
-    if (sweep or searched) and distributed.is_main():
+    if (sweep or searched) and world.rank == 0:
         write_table(out, summaries, (["step"] if sweep else []) + searched)
     distributed.close()
     return summaries
