@@ -21,13 +21,12 @@ look at the same places, so their rows are close; DiffSeg clusters rows:
    refinement from the object maps (`kmeans_refine`).
 
 Threshold "auto" (`auto_threshold`). A fixed KL threshold suits one model only: distances scale with how sharp
-its attention is. SD-size models merge well at 0.05-1.1 (the DiffSeg reference uses 1.1 for SD 2.1), but the
-small models of this repository attend so smoothly that their anchor distances are ~0.001-0.01, and at 0.05
-every anchor merges into one segment (docs/results.md). "auto" takes the AUTO_QUANTILE = 0.1 quantile of the
-distances between all pairs of the image's own anchors: "two places are one object when they are as close as
-the closest 10 % of anchor pairs". With K objects of similar size about 1/K of the pairs lie on one object,
-so 0.1 keeps objects down to about a tenth of the image apart, at any distance scale. Measured on the tiny
-preset's phantoms (README): 0.1 gives ~4-5 segments (lungs, body, background), 0.05 ~10, 0.3 mostly one.
+its attention is. SD-size models merge well at 0.05-1.1, but the small models of this repository attend so
+smoothly that their anchor distances are ~0.001-0.01 and 0.05 merges everything into one segment
+(docs/results.md). "auto" is the AUTO_QUANTILE = 0.1 quantile of the distances between all pairs of the image's
+own anchors: "two places are one object when they are as close as the closest 10 % of anchor pairs". With K
+objects of similar size about 1/K of the pairs lie on one object, so 0.1 keeps objects down to about a tenth
+of the image apart, at any distance scale (tiny preset's phantoms: ~4-5 segments; 0.05 ~10, 0.3 mostly one).
 
 Memory stays bounded at any grid: nothing [N, N]-sized is built beyond A itself (distances and upsampling go
 chunk by chunk). float32 throughout (the reference uses float16 for iteration 0, float64 after).

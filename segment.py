@@ -61,9 +61,18 @@ def one_of(*options):
     return parse
 
 
-# --search KEY: the type of its flag. The UNet runs once per (timestep, context); the other keys reuse it.
-SEARCH = {"timestep": cli.nonneg_int, "context": one_of("own", "zeros"), "threshold": threshold_value,
-          "grid": cli.number(int, 2), "iterations": cli.positive_int, "upsample": one_of("bilinear", "nearest")}
+# The DiffSeg settings --search can vary: (flag type, default, default in vanilla mode (the paper's SD 1.5
+# setting), help). The UNet runs once per (timestep, context); the other settings reuse its attention.
+SEARCH = {
+    "timestep": (cli.nonneg_int, 300, 300, "UNet timestep (paper: 300)"),
+    "context": (one_of("own", "zeros"), "own", "zeros", "condition: the image's own c_GLB, or zeros"),
+    "threshold": (threshold_value, "auto", 0.5, "KL merge threshold: a number, or auto = the 0.1 quantile of the "
+                  "image's own anchor-anchor KL distances, which follows the model's distance scale (diffseg.py)"),
+    "grid": (cli.number(int, 2), 16, 32, "anchor grid side M"),
+    "iterations": (cli.positive_int, 3, 3, "merge iterations (reference: 3)"),
+    "upsample": (one_of("bilinear", "nearest"), "bilinear", "bilinear",
+                 "maps -> image size: bilinear then argmax (reference), or nearest: argmax then repeat"),
+}
 
 
 def parse_args(argv=None):
@@ -93,16 +102,9 @@ def parse_args(argv=None):
     d.add_argument("--limit", type=cli.positive_int, help="only the first N images (default: all)")
     s = p.add_argument_group("DiffSeg")
     s.add_argument("--size", type=cli.positive_int, help="image side S (default: the run's image_size; vanilla 512)")
-    s.add_argument("--timestep", type=SEARCH["timestep"], default=300, help="UNet timestep (paper: 300)")
-    s.add_argument("--context", type=SEARCH["context"], help="own (c_GLB of the image) or zeros (default: own; "
-                   "vanilla zeros)")
-    s.add_argument("--threshold", type=threshold_value, help="KL merge threshold: a number, or 'auto' = the 0.1 "
-                   "quantile of the image's own pairwise anchor KL distances, which follows the model's distance "
-                   "scale (rule: diffseg.py) (default: auto; vanilla 0.5, the paper's SD 1.5 value)")
-    s.add_argument("--grid", type=SEARCH["grid"], help="anchor grid side M (default 16; vanilla 32)")
-    s.add_argument("--iterations", type=SEARCH["iterations"], default=3, help="merge iterations (reference: 3)")
-    s.add_argument("--upsample", type=SEARCH["upsample"], default="bilinear", help="maps -> image size: bilinear "
-                   "then argmax (reference), or nearest: argmax then repeat")
+    for key, (kind, default, vanilla, text) in SEARCH.items():
+        other = f"; vanilla: {vanilla}" if vanilla != default else ""
+        s.add_argument(f"--{key}", type=kind, help=f"{text} (default: {default}{other})")
     s.add_argument("--refine", action="store_true", help="k-means refinement of the object maps")
     s.add_argument("--search", nargs="+", metavar="KEY=V1,V2", help='grid search, e.g. "threshold=auto,0.05 '
                    'grid=8,16 timestep=100,300" (default: none); keys: ' + ", ".join(SEARCH))
@@ -116,9 +118,9 @@ def parse_args(argv=None):
         p.error("vanilla mode has no checkpoints and no DINO: --step, --checkpoints all, --context own need --run")
     if args.step is not None and args.checkpoints == "all":
         p.error("--step and --checkpoints all exclude each other")
-    args.context = args.context or ("zeros" if vanilla else "own")
-    args.threshold = args.threshold if args.threshold is not None else (0.5 if vanilla else "auto")
-    args.grid = args.grid if args.grid is not None else (32 if vanilla else 16)
+    for key, (_, default, vanilla_default, _) in SEARCH.items():
+        if getattr(args, key) is None:
+            setattr(args, key, vanilla_default if vanilla else default)
     return args
 
 
@@ -133,7 +135,7 @@ def settings_grid(args) -> tuple[list[dict], list[str]]:
         values[key], searched = [], searched + [key]
         for text in texts.split(","):
             try:
-                values[key].append(SEARCH[key](text))
+                values[key].append(SEARCH[key][0](text))
             except argparse.ArgumentTypeError as e:
                 cli.fail(f"--{key} {text}: {e}")
     if "own" in values["context"] and args.run is None:
@@ -142,9 +144,10 @@ def settings_grid(args) -> tuple[list[dict], list[str]]:
     return combos, [k for k in SEARCH if k in searched]
 
 
-def list_inputs(args) -> list[tuple[str, str, str | None]]:
-    """(stem, image path, mask path or None) per image, in sorted / CSV order; `open_dataset` lists the images
-    and pairs the masks (--masks DIR, or a CSV's mask column)."""
+def read_inputs(args, size: int, channels: int):
+    """-> items [(stem, image path, mask path or None)], images float32 [N, channels, S, S] (3: a colour run's
+    RGB), masks bool [N, S, S] or None, skipped [(path, reason)]. `open_dataset` lists the images and pairs the
+    masks (--masks DIR, or a CSV's mask column); masks are cropped and resized like their image."""
     src = Path(args.images)
     if not (src.is_dir() or (src.suffix.lower() == ".csv" and src.is_file())):
         cli.fail(f"--images {src}: expected a folder of images or a .csv file")
@@ -153,35 +156,29 @@ def list_inputs(args) -> list[tuple[str, str, str | None]]:
                             image_root=args.image_root)
     except (ValueError, OSError) as e:
         cli.fail(f"--images {src}: {e}")
-    masks = data.masks
+    mask_paths = data.masks
     if args.mask_column:
         if args.mask_column not in getattr(data, "columns", {}):
             cli.fail(f"--images {src}: no column {args.mask_column!r} (--mask-column)")
         root = Path(args.image_root or src.parent)
-        masks = [resolve_path(m.strip(), root) if m.strip() else None for m in data.columns[args.mask_column]]
-    items = list(zip(data.paths, masks or [None] * len(data.paths)))[: args.limit]
-    stems = [Path(p).stem for p, _ in items]
-    if len(set(stems)) < len(stems):
+        mask_paths = [resolve_path(m.strip(), root) if m.strip() else None for m in data.columns[args.mask_column]]
+    items = [(Path(p).stem, str(p), m and str(m)) for p, m in zip(data.paths, mask_paths or [None] * len(data.paths))]
+    items = items[: args.limit]
+    if len({stem for stem, _, _ in items}) < len(items):
         cli.fail(f"--images {src}: file stems must be unique (outputs are named by stem)")
-    missing = [s for s, (_, m) in zip(stems, items) if masks and m is None]
+    missing = [stem for stem, _, m in items if mask_paths and m is None]
     if missing:
         cli.fail(f"no mask for {len(missing)} image(s), e.g. {missing[:5]} (--mask-column {args.mask_column})")
-    return [(s, str(p), m and str(m)) for s, (p, m) in zip(stems, items)]
-
-
-def load_inputs(items, size: int, resize_masks: bool, channels: int = 1):
-    """-> kept items, images float32 [N, channels, S, S] (3: a colour run's RGB), masks bool [N, S, S] or None,
-    skipped [(path, reason)]. Masks are cropped and resized like their image (`preprocess_mask`)."""
     kept, images, masks, skipped = [], [], [], []
     for stem, path, mask_path in tqdm(items, desc="reading", leave=False):
         try:
             img, mask = read_image(path, channels), None if mask_path is None else read_image(mask_path)
         except ImageReadError as e:
             warnings.warn(f"skipping {path}: {e}", stacklevel=2)
-            skipped.append((str(path), str(e)))
+            skipped.append((path, str(e)))
             continue
         if mask is not None and mask.shape != img.shape[:2]:
-            if not resize_masks:
+            if not args.resize_masks:
                 cli.fail(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {path} "
                          f"is {img.shape[1]}x{img.shape[0]} (W x H); --resize-masks resizes masks")
             mask = np.array(Image.fromarray(mask).resize(img.shape[1::-1], Image.NEAREST))
@@ -239,7 +236,7 @@ def prepare(args, combos, world: distributed.World):
     multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
     if size % multiple:
         cli.fail(f"--size {size} must be a multiple of {multiple} (VAE factor x UNet downsampling)")
-    items, images, masks, skipped = load_inputs(list_inputs(args), size, args.resize_masks, pipeline.run_channels(cfg))
+    items, images, masks, skipped = read_inputs(args, size, pipeline.run_channels(cfg))
     mine = distributed.mine(len(items), world)
     js = mine or [0]  # [0]: a rank without images (N > images) still checks --grid
     batches = [images[js[i : i + args.batch_size]].to(world.device) for i in range(0, len(js), args.batch_size)]
@@ -303,8 +300,6 @@ def main(argv=None):
             unet.load_state_dict(hub.load_state_dict_file(weights), strict=True)
         folders = [out.joinpath(*([f"step_{step:07d}"] if sweep else []), "_".join(f"{k}{c[k]}" for k in searched))
                    for c in combos]
-        for folder, sub in itertools.product(folders, ("labels", "overlays")):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
         done = segment_mine(args, unet, combos, folders, size, x, world,
                             "segmenting" + (f" step {step}" if sweep else ""))
         for i, c in enumerate(combos if world.rank == 0 else []):  # rank 0 writes the reports
