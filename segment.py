@@ -204,14 +204,9 @@ def load_models(args, device):
         unet = pipeline.build_unet(args.unet, None, sub(args.unet, args.unet_subfolder, "unet"))
         vae = pipeline.build_vae(args.vae, None, sub(args.vae, args.vae_subfolder, "vae"))
         return pipeline.freeze(unet.to(device)), pipeline.freeze(vae.to(device)), None, {}, [None]
-    if not Path(args.run, "config.json").is_file():
-        cli.fail(f"--run {args.run}: not a run directory (no config.json)")
-    steps = [s for s, _ in pipeline.checkpoints(args.run) if args.step in (None, s)]
-    if not steps:
-        cli.fail(f"--run {args.run}: checkpoints/ has no " + ("any checkpoint" if args.step is None else
-                                                                f"step {args.step}"))
-    run = pipeline.load_run(args.run, ema=not args.no_ema, step=steps[-1], device=device)
-    return run.unet, run.vae, run.dino, run.config, steps if args.checkpoints == "all" else steps[-1:]
+    run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=device)
+    steps = [s for s, _ in pipeline.checkpoints(args.run)] if args.checkpoints == "all" else [run.step]
+    return run.unet, run.vae, run.dino, run.config, steps
 
 
 class Inputs(NamedTuple):
