@@ -22,14 +22,13 @@ import hub
 import pipeline
 from data.datasets import open_dataset
 from eval import figures
-from generate import generate, interpolate, to_grayscale
+from generate import AUTOCAST, generate, interpolate, to_grayscale
 
 EPILOG = """Writes OUT/images/<k>_<source stem>.png, synthetic.csv (path, source, source_b, r, seed, labels; for
 classify.py --synthetic) and grid.png (each real source and its samples; per pair: real a, the blends, real b).
 Sample k has seed --seed * 1000003 + k. A rerun into the same --out generates only the PNGs not there yet;
 torchrun --nproc_per_node N -- sample.py ... deals sample k to rank k % N (the same images, whatever N)."""
 RUNTIME_FLAGS = ("out", "overwrite", "device", "batch_size", "compile")  # how fast, not what: a rerun continues
-AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision -> UNet dtype
 
 
 def parse_args(argv=None):
