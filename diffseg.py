@@ -6,10 +6,10 @@ p_q = softmax(q_q . K / sqrt(d)) is a distribution over the locations query q lo
 look at the same places, so their rows are close; DiffSeg clusters rows:
 
 1. Attention aggregation (Sec. 3.2, Eq. 2; `AttentionAggregator`). One UNet forward (t = 300, no noise) gives
-   16 head-averaged maps [B, h*w, h*w] on 64/32/16/8 grids for a 512-px image (32/16/8/4 for 256 px). Layers
-   of one grid are averaged; each grid's KEY dims are upsampled bilinearly to the finest grid and renormalised
-   to sum 1, its QUERY dims repeated (nearest), and grids summed with weights proportional to their side
-   ([64, 32, 16, 8] / 120). Result A [B, N, N], N = 64 * 64 (`self_attention`: the forward and the aggregation).
+   16 head-averaged maps [B, h*w, h*w] on 64/32/16/8 grids for a 512-px image. Layers of one grid are
+   averaged; each grid's KEY dims are upsampled bilinearly to the finest grid and renormalised to sum 1, its
+   QUERY dims repeated (nearest), and grids summed with weights proportional to their side ([64, 32, 16, 8] /
+   120). Result A [B, N, N], N = 64 * 64 (`self_attention`: the forward and the aggregation).
 2. Anchors (Sec. 3.3, sampling grid; `anchor_grid`): M x M query locations (M = 16 on 64x64: 1, 5, ..., 61).
 3. Iterative attention merging (Sec. 3.3, Eq. 3-4; `merge_attention`) with D(x, y) = (KL(x||y) + KL(y||x)) / 2
    (`symmetric_kl`). Iteration 0: each anchor's proposal = mean of ALL N rows of A within `threshold` of the
@@ -17,23 +17,19 @@ look at the same places, so their rows are close; DiffSeg clusters rows:
    mean of every proposal within `threshold` of it (matched or not, exactly as the reference); those become
    matched. The survivors are K object maps, distributions over the N locations.
 4. Non-maximum suppression (Sec. 3.4; `labels_from_objects`): upsample the object maps bilinearly to the
-   output size, every pixel takes the index of the largest map there (`upsample="nearest"`: argmax on the
-   attention grid, then repeat). Optional (`refine=True`, the reference's): k-means from the object maps.
+   output size, every pixel takes the index of the largest map there. Optional: the reference's k-means
+   refinement from the object maps (`kmeans_refine`).
 
-Threshold (`threshold="auto"`, `auto_threshold`). A fixed KL threshold suits one model only: the distances
-scale with how sharp its attention is and with log N. SD-size models merge well at 0.05-1.1 (DiNO-Diffusion;
-the DiffSeg reference uses 1.1 for SD 2.1), but the attention of the small models of this repository is so
-smooth that their anchor distances are ~0.001-0.01: at 0.05 every anchor merges into one segment (measured:
-tiny preset and small-real, docs/results.md). "auto" measures the scale on the image itself: the threshold is
-the AUTO_QUANTILE = 0.1 quantile of the symmetric KL distances between all pairs of its M x M anchors. The
-rule reads "two places are one object when they are as close as the closest 10 % of anchor pairs": with K
+Threshold "auto" (`auto_threshold`). A fixed KL threshold suits one model only: distances scale with how sharp
+its attention is. SD-size models merge well at 0.05-1.1, but the small models of this repository attend so
+smoothly that their anchor distances are ~0.001-0.01 and 0.05 merges everything into one segment
+(docs/results.md). "auto" is the AUTO_QUANTILE = 0.1 quantile of the distances between all pairs of the image's
+own anchors: "two places are one object when they are as close as the closest 10 % of anchor pairs". With K
 objects of similar size about 1/K of the pairs lie on one object, so 0.1 keeps objects down to about a tenth
-of the image apart, whatever the model's distance scale (a relative rule: it is invariant to rescaling every
-distance). Measured on the tiny preset's held-out phantoms (README): quantile 0.1 gives ~4-5 segments
-(lungs, body, background), 0.05 ~10, 0.3 mostly one.
+of the image apart, at any distance scale (tiny preset's phantoms: ~4-5 segments; 0.05 ~10, 0.3 mostly one).
 
 Memory stays bounded at any grid: nothing [N, N]-sized is built beyond A itself (distances and upsampling go
-chunk by chunk). Precision: float32 throughout (the reference uses float16 for iteration 0, float64 after).
+chunk by chunk). float32 throughout (the reference uses float16 for iteration 0, float64 after).
 """
 
 from __future__ import annotations
@@ -42,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 # Smallest normal float32 (torch.finfo). The clamp only guards log(0): every normal float32 probability is
-# left untouched, so distances equal the unclamped math wherever that is finite (the reference has no clamp);
-# log(KL_EPS) = -87.3 keeps every product finite, so a map with mass where another has none is just far.
+# left untouched (the reference has no clamp); log(KL_EPS) = -87.3 keeps every product finite, so a map with
+# mass where another has none is just far.
 KL_EPS = torch.finfo(torch.float32).tiny
 AUTO_QUANTILE = 0.1  # threshold="auto": this quantile of the anchor-anchor distances (module docstring)
 AUTO_FLOOR = 1e-6  # the rounding of float32 KL of equal rows (merge_attention): smaller cannot be resolved
@@ -57,24 +53,19 @@ def _pair(size) -> tuple[int, int]:
 class AttentionAggregator:
     """Step 1: average, upsample, renormalise and weight self-attention maps into one [B, N, N] tensor.
 
-    `add(m)` (or calling the aggregator, so it can be `unet.capture_self_attention`'s callback) takes any
-    object with `.name`, `.resolution` (h, w) and `.probs` [B, h*w, h*w]; it keeps one float32 running sum per
-    grid. `result()` turns the finest grid's sum into the output in place and adds the coarser grids chunk-wise
-    over `chunk_rows` output queries, so the peak at 512 px is about 68 MiB + 20 MiB of temporaries per image
-    (256 px: 4.3 + 5 MiB). It empties the aggregator, which can then take the next batch.
-    out_res: output grid (int or (h, w)); default = the largest grid added. weights: {grid side or (h, w):
-    weight}, used as given (the reference's `weight_ratio`); default = sqrt(h*w) / sum over grids present.
+    Calling it (it is `unet.capture_self_attention`'s callback) with an `AttentionMap` (.name, .resolution
+    (h, w), .probs [B, h*w, h*w]) adds the map to one float32 running sum per grid. `result()` turns the finest
+    grid's sum into the output in place and adds the coarser grids `chunk_rows` output queries at a time (peak
+    at 512 px: about 68 MiB + 20 MiB of temporaries per image), then empties the aggregator for the next batch.
     Upsampling the keys after averaging equals averaging the upsampled layers exactly: half-pixel bilinear
     upsampling by an integer factor r multiplies every row sum by r^2, so renormalising is linear.
     """
 
-    def __init__(self, out_res=None, weights=None, chunk_rows: int = CHUNK_ROWS):
-        self.out_res = None if out_res is None else _pair(out_res)
-        self.weights = None if weights is None else {_pair(k): float(v) for k, v in weights.items()}
+    def __init__(self, chunk_rows: int = CHUNK_ROWS):
         self.chunk_rows, self.resolution = chunk_rows, None  # resolution: the grid of the last result
-        self.sums, self.counts = {}, {}  # grid -> running sum [B, h*w, h*w]; grid -> layers added
+        self.sums = {}  # (h, w) -> running sum [B, h*w, h*w]
 
-    def add(self, m):
+    def __call__(self, m):
         (h, w), probs = _pair(m.resolution), m.probs
         if probs.ndim != 3 or probs.shape[1:] != (h * w, h * w):
             raise ValueError(f"attention map {m.name!r}: probs {list(probs.shape)} is not "
@@ -86,41 +77,22 @@ class AttentionAggregator:
             self.sums[h, w] += probs.float()
         else:
             self.sums[h, w] = probs.detach().to(torch.float32, copy=True)
-        self.counts[h, w] = self.counts.get((h, w), 0) + 1
-
-    __call__ = add
-
-    def extend(self, maps):
-        for m in maps:
-            self.add(m)
-        return self
 
     def grid_weights(self) -> dict[tuple[int, int], float]:
-        if self.weights is None:
-            sides = {g: (g[0] * g[1]) ** 0.5 for g in self.sums}
-            return {g: s / sum(sides.values()) for g, s in sides.items()}
-        missing = [g for g in self.sums if g not in self.weights]
-        if missing:
-            raise ValueError(f"weights has no entry for grid(s) {missing}; it covers {list(self.weights)}")
-        return {g: self.weights[g] for g in self.sums}
+        """The reference's default `weight_ratio`: each grid's side sqrt(h*w) / the sum over the grids."""
+        sides = {g: (g[0] * g[1]) ** 0.5 for g in self.sums}
+        return {g: s / sum(sides.values()) for g, s in sides.items()}
 
     def result(self) -> torch.Tensor:
-        """-> float32 [B, H*W, H*W] (H, W = out_res); every row sums to 1 when the weights sum to 1."""
+        """-> float32 [B, H*W, H*W] on the finest grid (H, W), every row a distribution (sums to 1)."""
         if not self.sums:
             raise ValueError("AttentionAggregator.result(): no attention maps were added")
         weights, sums = self.grid_weights(), self.sums
-        out_h, out_w = self.out_res or max(sums, key=lambda g: g[0] * g[1])
-        for g in sums:
-            if g[0] > out_h or g[1] > out_w:
-                raise ValueError(f"attention grid {g} is finer than out_res {(out_h, out_w)}")
-        self.sums, self.counts, self.resolution = {}, {}, (out_h, out_w)
-        n_out, first = out_h * out_w, next(iter(sums.values()))
-        if (out_h, out_w) in sums:  # in place: the finest grid's sum becomes the output
-            out = sums.pop((out_h, out_w))
-            out /= out.sum(-1, keepdim=True)  # mean of the layers, renormalised as the reference does
-            out *= weights[out_h, out_w]
-        else:
-            out = first.new_zeros(first.shape[0], n_out, n_out)
+        out_h, out_w = self.resolution = max(sums, key=lambda g: g[0] * g[1])
+        self.sums, n_out = {}, out_h * out_w
+        out = sums.pop((out_h, out_w))  # in place: the finest grid's sum becomes the output
+        out /= out.sum(-1, keepdim=True)  # the mean of the layers, renormalised as the reference does
+        out *= weights[out_h, out_w]
         for (h, w), s in sums.items():
             # the native query feeding each output query: nearest = repeat for integer ratios  [n_out]
             src = ((torch.arange(out_h, device=s.device) * h // out_h)[:, None] * w
@@ -135,21 +107,29 @@ class AttentionAggregator:
         return out
 
 
+@torch.inference_mode()
+def self_attention(unet, latents, context, timestep: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One UNet forward with capture -> aggregated attention [B, N, N] and its grid (h, w)."""
+    agg = AttentionAggregator()
+    with unet.capture_self_attention(callback=agg):
+        unet(latents, timestep, context)
+    return agg.result(), agg.resolution
+
+
 def symmetric_kl(x: torch.Tensor, y: torch.Tensor, eps: float = KL_EPS, chunk_rows: int = CHUNK_ROWS):
     """Pairwise D(x_i, y_j) = (KL(x_i||y_j) + KL(y_j||x_i)) / 2 of row distributions [M, D], [N, D] -> [M, N].
 
     KL(x||y) = sum x log x - sum x log y, so D = (sum x log x + sum y log y - x . log y - log x . y) / 2:
     two matrix products, with log y built chunk by chunk over the rows of y (never an [M, N, D] tensor).
-    x is the small set (anchors, proposals) and is held whole. float32; log(clamp(p, eps)) guards log 0.
+    x is the small set (anchors, proposals) and is held whole. In x's dtype; log(clamp(p, eps)) guards log 0.
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"symmetric_kl needs x [M, D] and y [N, D], got {list(x.shape)} and {list(y.shape)}")
-    x = x.float()
     log_x = x.clamp_min(eps).log_()
     hx = (x[:, None, :] @ log_x[:, :, None]).reshape(-1)  # row-wise sum x log x, no [M, D] temporary
     out = x.new_empty(x.shape[0], y.shape[0])
     for start in range(0, y.shape[0], chunk_rows):
-        yc = y[start:start + chunk_rows].float()
+        yc = y[start:start + chunk_rows].to(x.dtype)
         log_yc = yc.clamp_min(eps).log_()  # the only [chunk, D] temporary
         hy = (yc[:, None, :] @ log_yc[:, :, None]).reshape(-1)
         out[:, start:start + chunk_rows] = 0.5 * (hx[:, None] + hy[None, :] - x @ log_yc.T - log_x @ yc.T)
@@ -176,15 +156,13 @@ def anchor_grid(resolution, grid: int = 16, device=None) -> torch.Tensor:
 
 def auto_threshold(attn: torch.Tensor, resolution, grid: int = 16, quantile: float = AUTO_QUANTILE) -> float:
     """The "auto" merge threshold of ONE image attn [N, N]: the `quantile` of the symmetric KL distances
-    between its M x M anchors' attention rows, all pairs i != j (module docstring, "Threshold").
+    between its M x M anchors' attention rows, all pairs i != j (module docstring).
 
     float64 (M*M rows only): the float32 expansion in `symmetric_kl` rounds by ~1e-6, which is the whole
     scale of very smooth maps. Never below AUTO_FLOOR, so that the threshold stays > 0.
     """
     rows = attn[anchor_grid(resolution, grid, device=attn.device)].double()
-    log = rows.clamp_min(KL_EPS).log()
-    h = (rows * log).sum(1)
-    d = 0.5 * (h[:, None] + h[None, :] - rows @ log.T - log @ rows.T)  # [M*M, M*M]
+    d = symmetric_kl(rows, rows)  # [M*M, M*M]
     off = d[~torch.eye(len(rows), dtype=torch.bool, device=d.device)]
     return max(float(torch.quantile(off, quantile)), AUTO_FLOOR)
 
@@ -199,8 +177,7 @@ def merge_attention(attn: torch.Tensor, resolution, grid: int = 16, threshold=0.
     attn = attn.float()
     if threshold == "auto":
         threshold = auto_threshold(attn, resolution, grid)
-    many = isinstance(threshold, (list, tuple))
-    ts = [float(t) for t in threshold] if many else [float(threshold)] * iterations
+    ts = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold] * iterations
     if len(ts) != iterations or iterations < 1:
         raise ValueError(f"threshold {threshold} must be one value or one per iteration (iterations={iterations})")
     if min(ts) <= 0:
@@ -277,44 +254,20 @@ def labels_from_objects(objects: torch.Tensor, resolution, out_size=None, upsamp
 
 
 def diffseg(attn: torch.Tensor, grid: int = 16, threshold=0.05, iterations: int = 3, out_size=None,
-            resolution=None, upsample: str = "bilinear", refine: bool = False, return_objects: bool = False):
+            resolution=None, upsample: str = "bilinear", refine: bool = False) -> torch.Tensor:
     """Aggregated attention [B, N, N] -> label maps LongTensor [B, H, W] (steps 2-4, image by image).
 
     resolution: the attention grid (h, w); default sqrt(N) square. out_size: int or (H, W), e.g. the image
-    size (512 or 256); default the attention grid. Defaults (grid 16, threshold 0.05) are DiNO-Diffusion's;
-    vanilla SD uses 32 and 0.5. Deterministic. With return_objects=True, returns (labels, objects) where
-    objects[b] is [K_b, h, w], the object maps whose indices the labels hold (some may win no pixel).
+    size; default the attention grid. Defaults (grid 16, threshold 0.05) are DiNO-Diffusion's; vanilla SD
+    uses 32 and 0.5. Deterministic.
     """
-    if attn.ndim != 3 or attn.shape[1] != attn.shape[2]:
-        raise ValueError(f"diffseg needs attention [B, N, N], got {list(attn.shape)}")
-    n = attn.shape[1]
-    side = round(n ** 0.5)
-    if resolution is None and side * side != n:
-        raise ValueError(f"attention has N = {n} locations, not a square grid: pass resolution=(h, w)")
-    h, w = _pair(resolution or side)
-    if h * w != n:
-        raise ValueError(f"resolution {(h, w)} does not match N = {n} attention locations")
-    labels, objects = [], []
+    n = attn.shape[-1]
+    h, w = _pair(resolution or round(n ** 0.5))
+    if attn.ndim != 3 or attn.shape[1:] != (h * w, h * w):
+        raise ValueError(f"diffseg: attention {list(attn.shape)} is not [B, {h * w}, {h * w}] for the grid {(h, w)}"
+                         + ("" if resolution else ": N is not a square grid, pass resolution=(h, w)"))
+    labels = []
     for a in attn:
         obj = merge_attention(a, (h, w), grid, threshold, iterations)
-        obj = kmeans_refine(a, obj) if refine else obj
-        labels.append(labels_from_objects(obj, (h, w), out_size, upsample))
-        objects.append(obj.reshape(-1, h, w))
-    return (torch.stack(labels), objects) if return_objects else torch.stack(labels)
-
-
-def diffseg_from_maps(maps, grid: int = 16, threshold=0.05, iterations: int = 3, out_size=None, out_res=None,
-                      weights=None, upsample: str = "bilinear", refine: bool = False, return_objects: bool = False):
-    """AttentionMaps (e.g. the list `unet.capture_self_attention()` yields) -> label maps [B, H, W] (1-4)."""
-    agg = AttentionAggregator(out_res, weights).extend(maps)
-    attn = agg.result()
-    return diffseg(attn, grid, threshold, iterations, out_size, agg.resolution, upsample, refine, return_objects)
-
-
-@torch.inference_mode()
-def self_attention(unet, latents, context, timestep: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One UNet forward with capture -> aggregated attention [B, N, N] and its grid (h, w)."""
-    agg = AttentionAggregator()
-    with unet.capture_self_attention(callback=agg):
-        unet(latents, timestep, context)
-    return agg.result(), agg.resolution
+        labels.append(labels_from_objects(kmeans_refine(a, obj) if refine else obj, (h, w), out_size, upsample))
+    return torch.stack(labels)

@@ -6,9 +6,8 @@ its --run-path/--numa-binding). Without RANK (plain `python sample.py`) nothing 
 
 The work items (samples, images) are dealt round-robin: item i goes to rank i % N. Every item is computed
 from its own inputs and seed, so its output is that of a one-process run whatever N is (up to the float
-rounding a different batch composition brings). A rerun deals the same way and each rank skips its own
-complete items, so a rerun with another N continues too. Rank 0 alone writes the folder-wide files
-(settings.json, the CSVs, summaries) and does so after `barrier()`: every rank's items are on disk by then.
+rounding a different batch composition brings), and a rerun with another N skips the same complete items.
+Rank 0 alone writes the folder-wide files (settings.json, the CSVs, summaries), once every rank's are on disk.
 """
 
 from __future__ import annotations
@@ -52,11 +51,6 @@ def close():
         dist.destroy_process_group()
 
 
-def is_main() -> bool:
-    """Rank 0 (or no process group): the process that writes the folder-wide files."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def gather(items: list) -> list:
     """Every rank's `items` (picklable), concatenated rank by rank, on every rank."""
     if not dist.is_initialized():
@@ -64,15 +58,6 @@ def gather(items: list) -> list:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
-
-
-def total(n: int) -> int:
-    """Sum of `n` over all ranks."""
-    if not dist.is_initialized():
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return int(t.item())
 
 
 def mine(n_items: int, world: World) -> list[int]:
@@ -100,9 +85,9 @@ class Progress:
     0's batches counts N times (the round-robin deal gives every rank the same share, to within one item),
     so the rate is img/s across ranks and the ETA is the whole job's."""
 
-    def __init__(self, pending: int, world: World, desc: str, unit: str = "img"):
+    def __init__(self, pending: int, world: World, desc: str):
         self.size = world.size
-        self.bar = tqdm(total=total(pending), desc=desc, unit=unit, disable=world.rank != 0, smoothing=0.1)
+        self.bar = tqdm(total=sum(gather([pending])), desc=desc, unit="img", disable=world.rank != 0, smoothing=0.1)
 
     def update(self, n: int):
         self.bar.update(min(n * self.size, self.bar.total - self.bar.n))

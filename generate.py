@@ -9,8 +9,8 @@ Classifier-free guidance (Ho & Salimans 2022; beyond the paper, which samples wi
     eps = eps_uncond + w * (eps_cond - eps_uncond),
 where eps_uncond uses the null condition the model was trained with under condition dropout (zeros here).
 
-Every sample can have its own seed: its initial noise (and, for stochastic samplers, its per-step noise)
-comes from its own torch.Generator, so sample i of a batch is the same image whatever the batch size.
+Every sample can have its own seed: its initial noise (and, for the DDPM sampler, its per-step noise) comes
+from its own torch.Generator, so sample i of a batch is the same image whatever the batch size.
 """
 
 from __future__ import annotations
@@ -20,23 +20,21 @@ from contextlib import nullcontext
 
 import torch
 
-from ddpm import DDIMScheduler
+AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision -> the UNet's dtype
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, r: float) -> torch.Tensor:
-    """Spherical interpolation between token sets a, b [..., D] per token, fraction r in [0, 1].
-
-    Interpolates direction on the sphere and norm linearly; falls back to lerp for (anti)parallel vectors.
-    """
+    """Spherical interpolation between token sets a, b [..., D] per token, fraction r in [0, 1]: the direction
+    moves along the great circle, the norm linearly; (anti)parallel tokens (sin omega < 1e-6) move linearly."""
     a32, b32 = a.float(), b.float()
     na, nb = a32.norm(dim=-1, keepdim=True), b32.norm(dim=-1, keepdim=True)
-    ua, ub = a32 / na.clamp_min(1e-12), b32 / nb.clamp_min(1e-12)
-    dot = (ua * ub).sum(-1, keepdim=True).clamp(-1.0, 1.0)
-    omega = torch.arccos(dot)
+    ua, ub = a32 / na.clamp_min(1e-12), b32 / nb.clamp_min(1e-12)  # 1e-12: guards a zero token
+    omega = torch.arccos((ua * ub).sum(-1, keepdim=True).clamp(-1.0, 1.0))
     so = torch.sin(omega)
     near = so.abs() < 1e-6
-    wa = torch.where(near, 1.0 - r, torch.sin((1.0 - r) * omega) / so.where(~near, torch.ones_like(so)))
-    wb = torch.where(near, torch.full_like(so, r), torch.sin(r * omega) / so.where(~near, torch.ones_like(so)))
+    so = so.where(~near, torch.ones_like(so))
+    wa = torch.where(near, 1.0 - r, torch.sin((1.0 - r) * omega) / so)
+    wb = torch.where(near, torch.full_like(so, r), torch.sin(r * omega) / so)
     direction = wa * ua + wb * ub
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (direction * ((1.0 - r) * na + r * nb)).to(a.dtype)
@@ -46,27 +44,18 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, r: float, method: str = "lerp"
     """c = (1 - r) a + r b (lerp, the paper's interpolation, Sec. 2.3) or `slerp`, for r in [0, 1]."""
     if not 0.0 <= float(r) <= 1.0 or math.isnan(float(r)):
         raise ValueError(f"interpolation fraction r must be in [0, 1], got {r}")
-    if method not in ("lerp", "slerp"):
-        raise ValueError(f"unknown interpolation method {method!r} (expected 'lerp' or 'slerp')")
-    return torch.lerp(a, b, float(r)) if method == "lerp" else slerp(a, b, r)
-
-
-def latent_shape(unet, vae, height: int, width: int) -> tuple[int, int, int]:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if height % factor or width % factor:
-        raise ValueError(f"image size {height}x{width} must be a multiple of the VAE factor {factor}")
-    return (unet.config.in_channels, height // factor, width // factor)
+    return {"lerp": torch.lerp, "slerp": slerp}[method](a, b, float(r))
 
 
 @torch.no_grad()
 def generate(unet, vae, scheduler, context: torch.Tensor, *, seeds=None, latents: torch.Tensor | None = None,
-             height: int | None = None, width: int | None = None, steps: int = 50, eta: float = 0.0,
-             guidance: float = 1.0, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+             height: int | None = None, width: int | None = None, steps: int = 50, guidance: float = 1.0,
+             autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sample images conditioned on `context` [B, G, D]; returns decoded images [B, C, H, W] in [0, 1].
 
     The initial noise is `latents` [B, 4, h, w] when given, else drawn from `seeds` (one int per sample, each
-    sample reproducible on its own), which also feed a stochastic sampler's per-step noise (DDPM, DDIM with
-    eta > 0). `scheduler` is a DDIMScheduler (eta used) or a DDPMScheduler. `guidance` > 1 needs a model
+    sample reproducible on its own), which also feed the DDPM sampler's per-step noise. `scheduler`: a
+    DDIMScheduler (deterministic, eta = 0, the paper's) or a DDPMScheduler. `guidance` > 1 needs a model
     trained with condition dropout; its null condition is zeros.
     """
     device = next(unet.parameters()).device
@@ -77,8 +66,12 @@ def generate(unet, vae, scheduler, context: torch.Tensor, *, seeds=None, latents
     if latents is None:
         if gens is None:
             raise ValueError("generate needs seeds= or latents=")
-        size = height or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        shape = latent_shape(unet, vae, size, width or size)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        height = height or unet.config.sample_size * factor
+        width = width or height
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} must be a multiple of the VAE factor {factor}")
+        shape = (unet.config.in_channels, height // factor, width // factor)
         latents = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
     latents = latents.to(device=device, dtype=torch.float32)
     if guidance != 1.0:  # one batch [null condition; condition]
@@ -86,14 +79,13 @@ def generate(unet, vae, scheduler, context: torch.Tensor, *, seeds=None, latents
     scheduler.set_timesteps(steps, device=device)
     use_amp = autocast_dtype is not None and autocast_dtype != torch.float32
     amp = torch.autocast(device.type, dtype=autocast_dtype) if use_amp else nullcontext()
-    step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
     for t in scheduler.timesteps:
         with amp:
             eps = unet(torch.cat([latents, latents]) if guidance != 1.0 else latents, t, context).float()
         if guidance != 1.0:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        latents = scheduler.step(eps, t, latents, generator=gens, **step_kwargs).prev_sample
+        latents = scheduler.step(eps, t, latents, generator=gens).prev_sample
     return decode_latents(vae, latents)
 
 
@@ -109,12 +101,8 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, *, sample: bool = False, generator=None) -> torch.Tensor:
     """Images [B, 1 or 3, H, W] in [0, 1] -> UNet-space latents (posterior mean or sample) * scaling_factor."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    x = images.to(next(vae.parameters()).dtype) * 2 - 1
-    post = vae.encode(x)
-    z = post.sample(generator) if sample else post.mode()
-    return z.float() * vae.config.scaling_factor
+    post = vae.encode(images.expand(-1, 3, -1, -1).to(next(vae.parameters()).dtype) * 2 - 1)
+    return (post.sample(generator) if sample else post.mode()).float() * vae.config.scaling_factor
 
 
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,13 @@ from diffseg import (
     anchor_grid,
     auto_threshold,
     diffseg,
-    diffseg_from_maps,
     kmeans_refine,
     merge_attention,
     symmetric_kl,
 )
 from eval.metrics import dice
 from eval.segmentation import best_union_dice, hungarian_dice, lung_scores, nms_dice
+from tests.support_segment import aggregate, diffseg_from_maps
 
 AttentionMap = namedtuple("AttentionMap", "name resolution probs")  # the unet.AttentionMap contract
 
@@ -121,27 +121,13 @@ def test_symmetric_kl_zero_entries_stay_finite():
 
 def test_aggregator_matches_naive_formula():
     maps = random_maps((8, 4, 2), batch=2, layers=2) + random_maps((8,), batch=2, seed=1)
-    agg = AttentionAggregator(chunk_rows=7)  # odd chunks cross grid rows
-    for m in maps:
-        agg(m)  # usable as capture_self_attention's callback
-    assert agg.counts == {(8, 8): 3, (4, 4): 2, (2, 2): 2}
+    agg = aggregate(maps, chunk_rows=7)  # odd chunks cross grid rows; usable as capture_self_attention's callback
     torch.testing.assert_close(agg.grid_weights(), {(8, 8): 8 / 14, (4, 4): 4 / 14, (2, 2): 2 / 14})
     out = agg.result()
     assert out.shape == (2, 64, 64) and out.dtype == torch.float32 and agg.resolution == (8, 8)
     torch.testing.assert_close(out, naive_aggregate(maps, 8), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out.sum(-1), torch.ones(2, 64), atol=1e-5, rtol=0)  # rows are distributions
     assert not agg.sums  # emptied: ready for the next batch
-    # a larger out_res (no in-place path) and a list instead of a callback
-    torch.testing.assert_close(AttentionAggregator(out_res=16).extend(maps).result(), naive_aggregate(maps, 16),
-                               atol=1e-6, rtol=1e-5)
-
-
-def test_aggregator_custom_weights_used_as_given():
-    maps = random_maps((4, 2))
-    out = AttentionAggregator(weights={4: 1.0, (2, 2): 0.0}).extend(maps).result()
-    torch.testing.assert_close(out, maps[0].probs / maps[0].probs.sum(-1, keepdim=True))
-    with pytest.raises(ValueError, match=r"\(2, 2\)"):
-        AttentionAggregator(weights={4: 1.0}).extend(maps).result()
 
 
 def test_aggregator_bad_inputs():
@@ -149,12 +135,10 @@ def test_aggregator_bad_inputs():
     with pytest.raises(ValueError, match="no attention maps"):
         agg.result()
     with pytest.raises(ValueError, match=r"'bad'.*\[1, 16, 15\]"):
-        agg.add(AttentionMap("bad", (4, 4), torch.ones(1, 16, 15)))
-    agg.add(random_maps((4,), batch=2)[0])
+        agg(AttentionMap("bad", (4, 4), torch.ones(1, 16, 15)))
+    agg(random_maps((4,), batch=2)[0])
     with pytest.raises(ValueError, match="batch 1"):
-        agg.add(random_maps((2,), batch=1)[0])
-    with pytest.raises(ValueError, match="finer than out_res"):
-        AttentionAggregator(out_res=2).extend(random_maps((4,))).result()
+        agg(random_maps((2,), batch=1)[0])
 
 
 # ------------------------------------------------------------------------------------------ DiffSeg
@@ -191,7 +175,7 @@ def test_auto_threshold_follows_the_models_distance_scale():
     """threshold="auto" (a quantile of the anchor-anchor KL) finds the 4 regions on sharp maps and on maps
     150x smoother (tempered: p^0.1), where the fixed 0.5 that suits the sharp ones merges everything."""
     truth, maps = synthetic()
-    attn = AttentionAggregator().extend(maps).result()
+    attn = aggregate(maps).result()
     smooth = attn ** 0.1
     smooth /= smooth.sum(-1, keepdim=True)
     for a, min_dice in ((attn, 0.95), (smooth, 0.85)):
@@ -204,7 +188,7 @@ def test_auto_threshold_follows_the_models_distance_scale():
 
 def test_merge_iterations_reduce_proposals():
     truth, maps = synthetic()
-    attn = AttentionAggregator().extend(maps).result()[0]
+    attn = aggregate(maps).result()[0]
     one = merge_attention(attn, (32, 32), grid=8, threshold=0.5, iterations=1)
     assert one.shape == (64, 1024)  # iteration 0: one proposal per anchor
     assert merge_attention(attn, (32, 32), grid=8, threshold=0.5).shape == (4, 1024)
@@ -224,8 +208,7 @@ def test_kmeans_refine_matches_sklearn():
 
 def test_shapes_512px_input():
     maps = random_maps((64, 32, 16, 8))  # latent 64x64: the SD v1 grids
-    agg = AttentionAggregator()
-    agg.extend(maps)
+    agg = aggregate(maps)
     torch.testing.assert_close(agg.grid_weights(), {(s, s): s / 120 for s in (64, 32, 16, 8)})
     attn = agg.result()
     assert attn.shape == (1, 4096, 4096)
