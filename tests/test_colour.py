@@ -120,10 +120,15 @@ def test_channels_flag_picks_inception_and_refuses_xrv():
 
 
 # One colour micro run shared by the tests below: the VAE fitted long enough to decode colour, the UNet trained
-# from cached latents long enough to follow c_GLB's colour (about a minute on 2 CPU cores).
+# from cached latents long enough to follow c_GLB's colour (under a minute on 2 CPU cores). v-prediction
+# (Salimans & Ho 2022) rather than SD v1's epsilon: a frame's tint is its latent's per-channel mean, and only
+# the noisiest timesteps decide it. There the epsilon loss weighs an error in z0 by SNR(t) (0.005 at t = 999),
+# and x_t still holds sqrt(abar_t) z0, so in 300 steps the UNet learned to read the tint off the noise's own
+# mean and not off c_GLB (which does separate red from teal: cosine -0.5 between them, 0.99 within): a red
+# source's variations came out R - G +0.02 +- 0.15, half of them teal. v weighs that error by SNR + 1.
 COLOUR = ["--channels", "3", "--vae-fit-steps", "150", "--max-steps", "300", "--lr", "3e-3", "--warmup-steps",
           "5", "--save-every", "300", "--log-every", "10", "--phantom-count", "64", "--cache-latents",
-          "--batch-size", "8"]
+          "--batch-size", "8", "--scheduler", '{"prediction_type": "v_prediction"}']
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +166,17 @@ def test_reconstruction_keeps_the_tint_and_sample_writes_colour(colour_run, tmp_
                  "--steps", "10", "--out", str(out), "--device", "cpu"])
     pngs = sorted((out / "images").glob("*.png"))
     assert len(pngs) == 6 and all(Image.open(p).mode == "RGB" for p in pngs)
-    tint = {}
+    tint = {}  # nbi -> (the source's R - G, each variation's R - G)
     for nbi in (0, 1):
         src = torch.from_numpy(frames[nbi]).permute(2, 0, 1)[None].float() / 255
-        var = torch.stack([sample.load_png(p) for p in pngs if f"_src{nbi}" in p.name])
-        s, v = channel_means(src), channel_means(var)
-        print(f"nbi={nbi}: source RGB means {s.round(3)}, variations {v.round(3)}")
-        tint[nbi] = s, v
+        variations = [sample.load_png(p)[None] for p in pngs if f"_src{nbi}" in p.name]
+        s, v = channel_means(src), np.stack([channel_means(x) for x in variations])
+        print(f"nbi={nbi}: source RGB means {s.round(3)}, its variations' R - G {(v[:, 0] - v[:, 1]).round(3)}")
+        tint[nbi] = s[0] - s[1], v[:, 0] - v[:, 1]
     (s_red, v_red), (s_teal, v_teal) = tint[0], tint[1]
-    assert s_red[0] > s_red[1] + 0.2 and s_teal[1] > s_teal[0] + 0.15  # strongly tinted sources
-    # The micro model follows the tint, if not (in 300 steps) its full strength: the red source's variations are
-    # far redder (R - G) than the teal source's (measured: -0.00 vs -0.20), and the teal source's stay teal.
-    assert (v_red[0] - v_red[1]) - (v_teal[0] - v_teal[1]) > 0.1, (v_red, v_teal)
-    assert v_teal[1] > v_teal[0] + 0.1 and v_red[0] > v_teal[0] + 0.1, (v_red, v_teal)
+    assert s_red > 0.2 and s_teal < -0.15, (s_red, s_teal)  # strongly tinted sources
+    # Every variation keeps its source's tint, absolutely and near its strength. Measured R - G with training
+    # seeds 0, 1, 2: red source +0.32, its variations +0.34 to +0.42; teal source -0.21, its variations -0.26 to
+    # -0.13 (a 150-step VAE's own round trip is off by up to 0.09).
+    assert (v_red > 0.2).all() and (v_teal < -0.1).all(), (v_red, v_teal)
+    assert np.abs(v_red - s_red).max() < 0.15 and np.abs(v_teal - s_teal).max() < 0.15, (v_red, v_teal)
