@@ -19,6 +19,7 @@ from pathlib import Path
 
 import checkpoint
 import cli
+from cli import nonneg_float, nonneg_int, positive_float, positive_int, probability
 
 
 def flag(default, help: str, type=None, choices=None):  # noqa: A002 (argparse's names)
@@ -34,87 +35,82 @@ def flag(default, help: str, type=None, choices=None):  # noqa: A002 (argparse's
 class TrainConfig:
     preset: str = flag("tiny", "starting configuration; every other flag overrides one of its fields")
     data: str | None = flag(None, "training images: a folder (PNG/JPEG/DICOM), a CSV with a path column, or .tar "
-                            "shards ('shards-{000000..000099}.tar' or a folder of them); unset = the built-in "
-                            "phantom CXRs")
-    val_data: str | None = flag(None, "held-out images for FID and sample grids; unset = held out of --data "
-                                "(see --val-count)")
+                                  "shards ('shards-{000000..000099}.tar' or a folder of them); unset = the built-in "
+                                  "phantom CXRs")
+    val_data: str | None = flag(None, "held-out images for FID and sample grids; unset = held out of --data (see "
+                                      "--val-count)")
     val_group: str | None = flag(None, "with a CSV --data: hold out whole groups of this column (e.g. patient_id), "
-                                 "taking the last groups in sorted order until there are at least --val-count")
-    path_column: str | None = flag(None, "CSV column that holds the image paths; unset = 'path', else 'Path', "
-                                   "else 'image'")
+                                       "taking the last groups in sorted order until there are at least --val-count")
+    path_column: str | None = flag(None, "CSV column that holds the image paths; unset = 'path', else 'Path', else "
+                                         "'image'")
     image_root: str | None = flag(None, "folder that relative CSV paths start from; unset = the CSV's folder "
-                                  "(CheXpert: the folder that holds CheXpert-v1.0/)")
+                                        "(CheXpert: the folder that holds CheXpert-v1.0/)")
     out: str = flag("runs/tiny", "run directory: config.json, checkpoints/, metrics.jsonl, samples/, val.csv (the "
-                    "held-out images)")
-    image_size: int = flag(64, "training resolution in pixels (square; a multiple of 8 for the VAE)",
-                           cli.positive_int)
+                                 "held-out images)")
+    image_size: int = flag(64, "training resolution in pixels (square; a multiple of 8 for the VAE)", positive_int)
     channels: int = flag(1, "1 = grey (chest X-rays: every image read as luminance); 3 = colour (endoscopy, "
-                         "dermoscopy, H&E): RGB kept through the VAE, DINO, samples and grids, FID in Inception "
-                         "features; unset --data with 3 = the built-in colour phantoms", choices=[1, 3])
+                            "dermoscopy, H&E): RGB kept through the VAE, DINO, samples and grids, FID in Inception "
+                            "features; unset --data with 3 = the built-in colour phantoms", choices=[1, 3])
     # models: a pretrained source (Hub id / folder / file) or None = random init from the *_config dict
-    vae: str | None = flag(None, "pretrained VAE to load (Hub id, folder or file); unset = random init "
-                                "from --vae-config")
+    vae: str | None = flag(None, "pretrained VAE to load (Hub id, folder or file); unset = random init from "
+                                 "--vae-config")
     vae_subfolder: str | None = flag(None, "subfolder of --vae that holds the VAE (e.g. vae)")
     vae_config: dict = flag({}, "JSON object of VAEConfig fields for a random-init VAE")
     vae_fit_steps: int = flag(0, "random-init VAE only: steps of fitting it as an autoencoder before freezing it",
-                              cli.nonneg_int)
-    vae_fit_batch_size: int = flag(0, "images per VAE-fit step; 0 = --batch-size", cli.nonneg_int)
-    unet: str | None = flag(None, "pretrained UNet to start from (paper: SD v1.5); unset = random init "
-                                 "from --unet-config")
+                                 nonneg_int)
+    vae_fit_batch_size: int = flag(0, "images per VAE-fit step; 0 = --batch-size", nonneg_int)
+    unet: str | None = flag(None, "pretrained UNet to start from (paper: SD v1.5); unset = random init from "
+                                  "--unet-config")
     unet_subfolder: str | None = flag(None, "subfolder of --unet that holds the UNet (e.g. unet)")
     unet_config: dict = flag({}, "JSON object of UNetConfig fields for a random-init UNet")
     dino: str | None = flag(None, "frozen DINO ViT that gives c_GLB (facebook/dino-vitb16, "
-                            "timm/vit_base_patch14_reg4_dinov2.lvd142m); unset = random init from --dino-config")
+                                  "timm/vit_base_patch14_reg4_dinov2.lvd142m); unset = random init from --dino-config")
     dino_config: dict = flag({}, "JSON object of DinoConfig fields for a random-init ViT")
     scheduler: dict = flag({}, "JSON object of DDPMScheduler arguments (the training noise schedule); {} = SD v1's")
     # optimisation (paper Sec. 3: 8-bit Adam, constant lr 1e-4 after 1000 warmup steps, batch 64 x 2 x 4 GPUs)
-    max_steps: int = flag(1000, "optimizer steps to train for (can be raised on --resume)", cli.positive_int)
-    batch_size: int = flag(16, "images per process per micro-step", cli.positive_int)
+    max_steps: int = flag(1000, "optimizer steps to train for (can be raised on --resume)", positive_int)
+    batch_size: int = flag(16, "images per process per micro-step", positive_int)
     grad_accum: int = flag(1, "micro-steps per optimizer step (gradients are synchronised on the last one only)",
-                           cli.positive_int)
-    lr: float = flag(1e-4, "AdamW learning rate after warmup (can be changed on --resume)", cli.positive_float)
-    warmup_steps: int = flag(0, "steps of linear learning-rate warmup, then constant", cli.nonneg_int)
+                              positive_int)
+    lr: float = flag(1e-4, "AdamW learning rate after warmup (can be changed on --resume)", positive_float)
+    warmup_steps: int = flag(0, "steps of linear learning-rate warmup, then constant", nonneg_int)
     optimizer: str = flag("adamw", "adamw, or adamw8bit (8-bit AdamW, needs pip install bitsandbytes)",
-                          choices=["adamw", "adamw8bit"])
+                                   choices=["adamw", "adamw8bit"])
     mixed_precision: str = flag("no", "no, fp16 (with a GradScaler) or bf16: autocast for the UNet",
-                                choices=["no", "fp16", "bf16"])
+                                      choices=["no", "fp16", "bf16"])
     ema_decay: float = flag(0.9999, "EMA of the UNet weights with decay min(ema_decay, (1+k)/(10+k)); 0 = no EMA",
-                            cli.probability)
+                                    probability)
     min_snr_gamma: float = flag(0.0, "min-SNR loss weighting gamma (Hang et al. 2023 use 5); 0 = unweighted",
-                                cli.nonneg_float)
-    cond_dropout: float = flag(0.0, "probability of a zero condition per sample (what sample.py --guidance > 1 "
-                               "needs: classifier-free guidance); paper: 0", cli.probability)
+                                     nonneg_float)
+    cond_dropout: float = flag(0.0, "probability of a zero condition per sample (what sample.py --guidance > 1 needs: "
+                                    "classifier-free guidance); paper: 0", probability)
     augment: bool = flag(True, "the paper's augmentation: random sharpening + random affine")
-    cache_latents: bool = flag(False, "encode every image once (VAE mean/std and c_GLB) into OUT/cache and train "
-                               "from it")
-    cache_copies: int = flag(1, "augmented copies of each image in the latent cache (with --augment)",
-                             cli.positive_int)
+    cache_latents: bool = flag(False, "encode every image once (VAE mean/std and c_GLB) into OUT/cache and train from "
+                                      "it")
+    cache_copies: int = flag(1, "augmented copies of each image in the latent cache (with --augment)", positive_int)
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in the backward pass to save memory")
     compile: bool = flag(False, "torch.compile the UNet")
     num_workers: int = flag(0, "DataLoader worker processes per process (can be changed on --resume, except for "
-                            "shards)", cli.nonneg_int)
-    phantom_count: int = flag(2000, "number of built-in phantom training images (when --data is unset)",
-                              cli.positive_int)
-    val_count: int = flag(32, "held-out images", cli.positive_int)
-    seed: int = flag(0, "seed of every random choice (data order, noise, timesteps, augmentation, init)",
-                     cli.nonneg_int)
+                               "shards)", nonneg_int)
+    phantom_count: int = flag(2000, "number of built-in phantom training images (when --data is unset)", positive_int)
+    val_count: int = flag(32, "held-out images", positive_int)
+    seed: int = flag(0, "seed of every random choice (data order, noise, timesteps, augmentation, init)", nonneg_int)
     resume: bool = flag(False, "continue the run in --out from its newest complete checkpoint, exactly as if "
-                        "uninterrupted")
+                               "uninterrupted")
     overwrite: bool = flag(False, "delete whatever --out holds and start a new run there")
-    log_every: int = flag(10, "write loss, lr, grad norm and img/s to metrics.jsonl every K steps",
-                          cli.positive_int)
-    eval_every: int = flag(0, "FID and a sample grid every K steps; 0 = only at the end", cli.nonneg_int)
-    save_every: int = flag(500, "checkpoint every K steps (and at the last step)", cli.positive_int)
-    keep_last: int = flag(3, "keep only the newest K checkpoints; 0 = keep all", cli.nonneg_int)
-    fid_count: int = flag(32, "held-out images used for FID (paper: 5,000)", cli.positive_int)
-    fid_features: str = flag("xrv", "FID feature space: xrv (XRV DenseNet-121, the paper's; grey only) or "
-                             "inception (the default with --channels 3)", choices=["xrv", "inception"])
+    log_every: int = flag(10, "write loss, lr, grad norm and img/s to metrics.jsonl every K steps", positive_int)
+    eval_every: int = flag(0, "FID and a sample grid every K steps; 0 = only at the end", nonneg_int)
+    save_every: int = flag(500, "checkpoint every K steps (and at the last step)", positive_int)
+    keep_last: int = flag(3, "keep only the newest K checkpoints; 0 = keep all", nonneg_int)
+    fid_count: int = flag(32, "held-out images used for FID (paper: 5,000)", positive_int)
+    fid_features: str = flag("xrv", "FID feature space: xrv (XRV DenseNet-121, the paper's; grey only) or inception "
+                                    "(the default with --channels 3)", choices=["xrv", "inception"])
     fid_weights: str | None = flag(None, "FID network weights file; unset = random init (offline: FIDs comparable "
-                                   "within a run only)")
+                                         "within a run only)")
     fid_random_init: str = flag("densenet121", "the random-init FID network used without --fid-weights",
-                                choices=["densenet121", "tiny"])
-    sample_steps: int = flag(50, "DDIM steps for the evaluation samples", cli.positive_int)
-    grid_images: int = flag(4, "held-out images shown in each sample grid", cli.positive_int)
+                                               choices=["densenet121", "tiny"])
+    sample_steps: int = flag(50, "DDIM steps for the evaluation samples", positive_int)
+    grid_images: int = flag(4, "held-out images shown in each sample grid", positive_int)
 
 
 # What --resume may change: it does not alter what the run computes before the step it resumes from.
