@@ -36,7 +36,7 @@ def paths(run_dir, step: int) -> dict[str, Path]:
 
 
 def save(run_dir, step: int, *, model_state: dict, ema_state: dict | None, optimizer, scaler=None,
-         extra: dict | None = None, config: dict | None = None):
+         extra: dict | None = None):
     """Write step `step`'s files (state, EMA, then weights), all or none: if any write fails (a full disk, a
     kill), the files of this step already written are removed and the error names the file that failed."""
     p = paths(run_dir, step)
@@ -48,12 +48,11 @@ def save(run_dir, step: int, *, model_state: dict, ema_state: dict | None, optim
     meta = {"step": step, "optimizer": {"param_groups": optim["param_groups"], "state": others}, "extra": extra or {}}
     if scaler is not None and scaler.is_enabled():
         meta["scaler"] = {k: v for k, v in scaler.state_dict().items() if not isinstance(v, torch.Tensor)}
-    weights_meta = {"step": str(step), "config": json.dumps(config or {})}
     try:
         hub.save_file_atomic(tensors, p["state"], metadata={"json": json.dumps(meta, default=float)})
         if ema_state is not None:
-            hub.save_file_atomic(ema_state, p["ema"], metadata=weights_meta)
-        hub.save_file_atomic(model_state, p["weights"], metadata=weights_meta)
+            hub.save_file_atomic(ema_state, p["ema"])
+        hub.save_file_atomic(model_state, p["weights"])
     except BaseException as e:
         failed = next((f for f in (p["state"], p["ema"], p["weights"]) if not f.is_file()), p["weights"])
         for f in p.values():
@@ -142,15 +141,10 @@ def load_newest(out: Path, model, ema, optimizer, scaler) -> tuple[int, dict]:
 def truncate_metrics(out: Path, step: int):
     """Keep the metrics of steps <= `step` (a resume re-logs the steps after its checkpoint); a line torn by a
     kill mid-write is dropped."""
-
-    def line_step(line: str) -> float:
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            return float("inf")
-
-    path = out / "metrics.jsonl"
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line_step(line) <= step]
-        with hub.atomic_path(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in keep))
+    path, keep = out / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn line
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+    with hub.atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))

@@ -94,13 +94,11 @@ def number(kind, lo, hi=None, lo_open=False, hi_open=False):
 
 
 def comma_list(item):
-    """An argparse type: comma-separated values, each parsed by `item` (a type such as positive_int)."""
+    """An argparse type: comma-separated values, each parsed by `item` (a type such as positive_int; an empty
+    value is refused by it)."""
     def parse(text: str) -> list:
-        parts = [t.strip() for t in str(text).split(",")]
-        if not all(parts):
-            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
         try:
-            return [item(t) for t in parts]
+            return [item(t.strip()) for t in text.split(",")]
         except (ValueError, argparse.ArgumentTypeError) as e:
             raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 

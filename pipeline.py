@@ -13,7 +13,7 @@ Run directory:
     vae/, dino/                                  frozen models that do not come from a pretrained source
     checkpoints/step_XXXXXXX.safetensors         UNet weights (loadable by UNet2DConditionModel)
     checkpoints/step_XXXXXXX.ema.safetensors     EMA UNet weights (when EMA is on)
-    checkpoints/step_XXXXXXX.state.safetensors   optimizer / scaler / RNG / data position (for --resume)
+    checkpoints/step_XXXXXXX.state.safetensors   optimizer / scaler / data position (for --resume)
     metrics.jsonl, samples/
 """
 

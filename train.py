@@ -38,7 +38,7 @@ import pipeline
 from data.loader import make_batches, seeded, split_data, stream_state, write_image_list
 from ddpm import DDPMScheduler
 from eval.training import evaluate, fid_extractor
-from train_config import PRESETS, TrainConfig, parse_args, parse_flags, prepare_run_dir  # noqa: F401 (API)
+from train_config import PRESETS, TrainConfig, parse_flags, prepare_run_dir  # noqa: F401 (PRESETS: bench/)
 from vae import AutoencoderKL
 from vae.fit import fit_vae
 from vit_dino import DinoViT
@@ -118,18 +118,14 @@ def prepare(cfg: TrainConfig, unet, out: Path, device, ddp: bool):
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    model = unet
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    adamw = torch.optim.AdamW
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError as e:
-            raise ImportError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        adamw = bitsandbytes.optim.AdamW8bit
-    optimizer = adamw(unet.parameters(), lr=cfg.lr)  # weight decay 1e-2: both classes' default
+    ddp_ids = [device.index] if device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=ddp_ids) if ddp else unet
+    if cfg.optimizer == "adamw8bit":  # without bitsandbytes: "No module named 'bitsandbytes'", one line
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(unet.parameters(), lr=cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)  # weight decay 1e-2: both classes' default
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     ema = pipeline.freeze(copy.deepcopy(unet)).float() if cfg.ema_decay > 0 else None
     step, meta = checkpoint.load_newest(out, unet, ema, optimizer, scaler)
@@ -266,7 +262,7 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
         position = stream_state(batches, cfg, world) if saving else None  # every rank takes part
         if master and saving:
             checkpoint.save(out, step, model_state=unet.state_dict(), ema_state=ema and ema.state_dict(),
-                            optimizer=optimizer, scaler=scaler, config=asdict(unet.config),
+                            optimizer=optimizer, scaler=scaler,
                             extra={"micro_step": step * cfg.grad_accum, "stream": position})
             checkpoint.prune(out, cfg.keep_last)
         if evaluating and master:

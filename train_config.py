@@ -204,10 +204,6 @@ def parse_flags(argv=None) -> tuple[TrainConfig, dict]:
     return replace(base, **{k: v for k, v in given.items() if k != "preset"}), given
 
 
-def parse_args(argv=None) -> TrainConfig:
-    return parse_flags(argv)[0]
-
-
 # ---------------------------------------------------------------------------------------------- run folder
 
 
