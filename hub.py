@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import typing
 import warnings
 from pathlib import Path
@@ -162,9 +163,9 @@ def load_model(cls, config, state: dict, *, source="state dict", dtype=None, dev
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """`with atomic_path(p) as tmp: write(tmp)`: the file is written as `.NAME.tmp` beside `p` and renamed over
-    it only when the block succeeds, so `p` is the old file or the complete new one, never half (a kill
-    leaves the `.tmp`, which checkpoint.clean removes; an error removes it at once)."""
+    """`with atomic_path(p) as tmp: write(tmp)`: the file (or a new folder) is written as `.NAME.tmp` beside `p`
+    and renamed over it only when the block succeeds, so `p` is the old file or the complete new one, never
+    half (a kill leaves the `.tmp`, which checkpoint.clean removes; an error removes it at once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -172,7 +173,7 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def save_file_atomic(tensors: dict, path, metadata: dict | None = None):

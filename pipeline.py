@@ -20,8 +20,6 @@ Run directory:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,21 +62,13 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_local(model, folder: Path, weights_name: str | None = None):
-    """`model.save_pretrained(folder)`, atomically: written into `.NAME.tmp` beside `folder`, then renamed, so
-    `folder` is complete or absent (a failed write, e.g. a full disk, removes the temporary folder and names
-    `folder`). `weights_name` is unused: each model's save_pretrained names its weights file."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """`model.save_pretrained(folder)` through `hub.atomic_path`: `folder` is complete or absent (a failed write,
+    e.g. a full disk, names `folder`). `weights_name` is unused: each model's save_pretrained names its file."""
     try:
-        model.save_pretrained(tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OSError(f"cannot write {folder}: {e}") from e
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+        with hub.atomic_path(folder) as tmp:
+            model.save_pretrained(tmp)
+    except OSError as e:
+        raise OSError(f"cannot write {folder}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------- condition

@@ -14,18 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import checkpoint
 import cli
 from cli import nonneg_float, nonneg_int, positive_float, positive_int, probability
 
 
-def flag(default, help: str, type=None, choices=None):  # noqa: A002 (argparse's names)
+def flag(default, help: str, type=None):  # noqa: A002 (argparse's names)
     """A TrainConfig field: its default, the sentence --help shows and how the flag is parsed (default: by the
-    field's annotation; a dict field takes a JSON object)."""
-    meta = {"help": help, "type": type, "choices": choices}
+    field's annotation; a dict takes a JSON object, a Literal one of its values)."""
+    meta = {"help": help, "type": type}
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
     return field(default=default, metadata=meta)
@@ -35,29 +37,23 @@ def flag(default, help: str, type=None, choices=None):  # noqa: A002 (argparse's
 class TrainConfig:
     preset: str = flag("tiny", "starting configuration; every other flag overrides one of its fields")
     data: str | None = flag(None, "training images: a folder (PNG/JPEG/DICOM), a CSV with a path column, or .tar "
-                                  "shards ('shards-{000000..000099}.tar' or a folder of them); unset = the built-in "
-                                  "phantom CXRs")
-    val_data: str | None = flag(None, "held-out images for FID and sample grids; unset = held out of --data (see "
-                                      "--val-count)")
+                                  "shards ('shards-{000000..000099}.tar' or their folder); unset = phantom CXRs")
+    val_data: str | None = flag(None, "held-out images for FID and sample grids; unset = held out of --data")
     val_group: str | None = flag(None, "with a CSV --data: hold out whole groups of this column (e.g. patient_id), "
-                                       "taking the last groups in sorted order until there are at least --val-count")
-    path_column: str | None = flag(None, "CSV column that holds the image paths; unset = 'path', else 'Path', else "
-                                         "'image'")
+                                       "the last in sorted order, until there are at least --val-count images")
+    path_column: str | None = flag(None, "CSV column of the image paths; unset = 'path', else 'Path', else 'image'")
     image_root: str | None = flag(None, "folder that relative CSV paths start from; unset = the CSV's folder "
                                         "(CheXpert: the folder that holds CheXpert-v1.0/)")
-    out: str = flag("runs/tiny", "run directory: config.json, checkpoints/, metrics.jsonl, samples/, val.csv (the "
-                                 "held-out images)")
+    out: str = flag("runs/tiny", "run directory (config.json, checkpoints/, metrics.jsonl, samples/, val.csv)")
     image_size: int = flag(64, "training resolution in pixels (square; a multiple of 8 for the VAE)", positive_int)
-    channels: int = flag(1, "1 = grey (chest X-rays: every image read as luminance); 3 = colour (endoscopy, "
-                            "dermoscopy, H&E): RGB kept through the VAE, DINO, samples and grids, FID in Inception "
-                            "features; unset --data with 3 = the built-in colour phantoms", choices=[1, 3])
+    channels: Literal[1, 3] = flag(1, "1 = grey (chest X-rays, read as luminance); 3 = colour (endoscopy, H&E...): "
+                                      "RGB through VAE, DINO and outputs, Inception FID; no --data: colour phantoms",
+                                   int)
     # models: a pretrained source (Hub id / folder / file) or None = random init from the *_config dict
-    vae: str | None = flag(None, "pretrained VAE to load (Hub id, folder or file); unset = random init from "
-                                 "--vae-config")
+    vae: str | None = flag(None, "pretrained VAE (Hub id, folder or file); unset = random init from --vae-config")
     vae_subfolder: str | None = flag(None, "subfolder of --vae that holds the VAE (e.g. vae)")
     vae_config: dict = flag({}, "JSON object of VAEConfig fields for a random-init VAE")
-    vae_fit_steps: int = flag(0, "random-init VAE only: steps of fitting it as an autoencoder before freezing it",
-                                 nonneg_int)
+    vae_fit_steps: int = flag(0, "random-init VAE only: steps fitting it as an autoencoder, then frozen", nonneg_int)
     vae_fit_batch_size: int = flag(0, "images per VAE-fit step; 0 = --batch-size", nonneg_int)
     unet: str | None = flag(None, "pretrained UNet to start from (paper: SD v1.5); unset = random init from "
                                   "--unet-config")
@@ -70,45 +66,37 @@ class TrainConfig:
     # optimisation (paper Sec. 3: 8-bit Adam, constant lr 1e-4 after 1000 warmup steps, batch 64 x 2 x 4 GPUs)
     max_steps: int = flag(1000, "optimizer steps to train for (can be raised on --resume)", positive_int)
     batch_size: int = flag(16, "images per process per micro-step", positive_int)
-    grad_accum: int = flag(1, "micro-steps per optimizer step (gradients are synchronised on the last one only)",
-                              positive_int)
+    grad_accum: int = flag(1, "micro-steps per optimizer step (gradients synchronised on the last only)", positive_int)
     lr: float = flag(1e-4, "AdamW learning rate after warmup (can be changed on --resume)", positive_float)
     warmup_steps: int = flag(0, "steps of linear learning-rate warmup, then constant", nonneg_int)
-    optimizer: str = flag("adamw", "adamw, or adamw8bit (8-bit AdamW, needs pip install bitsandbytes)",
-                                   choices=["adamw", "adamw8bit"])
-    mixed_precision: str = flag("no", "no, fp16 (with a GradScaler) or bf16: autocast for the UNet",
-                                      choices=["no", "fp16", "bf16"])
-    ema_decay: float = flag(0.9999, "EMA of the UNet weights with decay min(ema_decay, (1+k)/(10+k)); 0 = no EMA",
-                                    probability)
-    min_snr_gamma: float = flag(0.0, "min-SNR loss weighting gamma (Hang et al. 2023 use 5); 0 = unweighted",
-                                     nonneg_float)
-    cond_dropout: float = flag(0.0, "probability of a zero condition per sample (what sample.py --guidance > 1 needs: "
-                                    "classifier-free guidance); paper: 0", probability)
+    optimizer: Literal["adamw", "adamw8bit"] = flag("adamw", "adamw8bit: 8-bit AdamW (pip install bitsandbytes)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = flag("no", "autocast for the UNet (fp16 with a GradScaler)")
+    ema_decay: float = flag(0.9999, "EMA of the UNet, decay min(ema_decay, (1+k)/(10+k)); 0 = no EMA", probability)
+    min_snr_gamma: float = flag(0.0, "min-SNR loss weight gamma (Hang et al. 2023: 5); 0 = unweighted", nonneg_float)
+    cond_dropout: float = flag(0.0, "probability of a zero condition per sample, for classifier-free guidance "
+                                    "(sample.py --guidance > 1); paper: 0", probability)
     augment: bool = flag(True, "the paper's augmentation: random sharpening + random affine")
-    cache_latents: bool = flag(False, "encode every image once (VAE mean/std and c_GLB) into OUT/cache and train from "
-                                      "it")
+    cache_latents: bool = flag(False, "encode every image once (VAE mean/std, c_GLB) into OUT/cache, train from it")
     cache_copies: int = flag(1, "augmented copies of each image in the latent cache (with --augment)", positive_int)
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in the backward pass to save memory")
     compile: bool = flag(False, "torch.compile the UNet")
-    num_workers: int = flag(0, "DataLoader worker processes per process (can be changed on --resume, except for "
-                               "shards)", nonneg_int)
+    num_workers: int = flag(0, "DataLoader workers per process (can change on --resume, except with shards)",
+                               nonneg_int)
     phantom_count: int = flag(2000, "number of built-in phantom training images (when --data is unset)", positive_int)
     val_count: int = flag(32, "held-out images", positive_int)
     seed: int = flag(0, "seed of every random choice (data order, noise, timesteps, augmentation, init)", nonneg_int)
-    resume: bool = flag(False, "continue the run in --out from its newest complete checkpoint, exactly as if "
-                               "uninterrupted")
+    resume: bool = flag(False, "continue the run in --out from its newest complete checkpoint, as if uninterrupted")
     overwrite: bool = flag(False, "delete whatever --out holds and start a new run there")
     log_every: int = flag(10, "write loss, lr, grad norm and img/s to metrics.jsonl every K steps", positive_int)
     eval_every: int = flag(0, "FID and a sample grid every K steps; 0 = only at the end", nonneg_int)
     save_every: int = flag(500, "checkpoint every K steps (and at the last step)", positive_int)
     keep_last: int = flag(3, "keep only the newest K checkpoints; 0 = keep all", nonneg_int)
     fid_count: int = flag(32, "held-out images used for FID (paper: 5,000)", positive_int)
-    fid_features: str = flag("xrv", "FID feature space: xrv (XRV DenseNet-121, the paper's; grey only) or inception "
-                                    "(the default with --channels 3)", choices=["xrv", "inception"])
+    fid_features: Literal["xrv", "inception"] = flag("xrv", "xrv: XRV DenseNet-121 (the paper's; grey only); "
+                                                            "inception: the default with --channels 3")
     fid_weights: str | None = flag(None, "FID network weights file; unset = random init (offline: FIDs comparable "
                                          "within a run only)")
-    fid_random_init: str = flag("densenet121", "the random-init FID network used without --fid-weights",
-                                               choices=["densenet121", "tiny"])
+    fid_random_init: Literal["densenet121", "tiny"] = flag("densenet121", "FID network without --fid-weights")
     sample_steps: int = flag(50, "DDIM steps for the evaluation samples", positive_int)
     grid_images: int = flag(4, "held-out images shown in each sample grid", positive_int)
 
@@ -179,15 +167,17 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="Defaults are the tiny preset's; other presets' values are listed where "
                                        "they differ. A run directory holds one run: an --out that holds one is "
                                        "refused unless --resume or --overwrite is given.")
+    hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         name, meta = "--" + f.name.replace("_", "-"), f.metadata
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
         if f.name == "preset":
             p.add_argument(name, choices=list(PRESETS), help=meta["help"] + " (default: tiny)")
         elif f.type == "bool":
             p.add_argument(name, action=argparse.BooleanOptionalAction, help=meta["help"] + _default_text(f.name))
         else:
             kind = json.loads if f.type == "dict" else meta["type"] or {"int": int, "float": float}.get(f.type, str)
-            p.add_argument(name, type=kind, choices=meta["choices"], metavar="JSON" if f.type == "dict" else None,
+            p.add_argument(name, type=kind, choices=choices, metavar="JSON" if f.type == "dict" else None,
                            help=meta["help"] + _default_text(f.name))
     return p
 
