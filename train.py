@@ -5,14 +5,15 @@ For each training image x (DiNO-Diffusion, Sec. 2):
     z0 = VAE.encode(x).sample() * 0.18215                   frozen SD v1 VAE (scaling factor: SD v1 config)
     t ~ U{0..999},  eps ~ N(0, I),  x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps      (Ho et al. 2020, eq. 4)
     loss = || eps - UNet(x_t, t, c) ||^2                                              (Ho et al. 2020, eq. 14)
-No labels or reports are used: the image conditions on itself, so the model learns p(image | its own DINO
-summary), which later allows reconstruction (new noise, same c) and interpolation (blended c).
+(`diffusion_loss`, which also takes the v / x0 targets and min-SNR weighting). No labels or reports are used:
+the image conditions on itself, so the model learns p(image | its own DINO summary), which later allows
+reconstruction (new noise, same c) and interpolation (blended c).
 
 Runs as `python train.py` or `torchrun --nproc_per_node N train.py` (DDP: NCCL on GPU, gloo on CPU). Every
 sample's noise, timestep and augmentation come from generators keyed by (seed, step, global position), so
 N ranks with batch B train like one process with batch N*B, and a resumed run continues exactly like an
-uninterrupted one. Presets: `tiny` (CPU, random-init small models, phantom CXRs), `sd15-dinov1` and
-`sd15-dinov2` (the paper's setting, Sec. 3); every field of a preset can be overridden by its flag.
+uninterrupted one. Presets (train_config.py): `tiny` (CPU, random-init small models, phantom CXRs),
+`small-real` (real CXRs on CPU), `sd15-dinov1` and `sd15-dinov2` (the paper's setting, Sec. 3).
 """
 
 from __future__ import annotations
