@@ -70,21 +70,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
-    """An argparse type: `kind(text)` within [lo, hi] (an open end with lo_open / hi_open)."""
+def number(kind, lo, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: `kind(text)` within [lo, hi] (an open end with lo_open / hi_open; no hi: unbounded)."""
+    if hi is None:
+        bound = f"> {lo}" if lo_open else f">= {lo}"
+    else:
+        bound = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        low = lo is not None and (v < lo or (lo_open and v == lo))
-        high = hi is not None and (v > hi or (hi_open and v == hi))
-        if v != v or low or high:
-            if hi is None:
-                bound = f"> {lo}" if lo_open else f">= {lo}"
-            else:
-                bound = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        above = v > lo if lo_open else v >= lo
+        below = hi is None or (v < hi if hi_open else v <= hi)
+        if not (above and below):  # NaN is neither
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return v
 
@@ -93,13 +94,11 @@ def number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
 
 
 def comma_list(item):
-    """An argparse type: comma-separated values, each parsed by `item` (a type such as positive_int)."""
+    """An argparse type: comma-separated values, each parsed by `item` (a type such as positive_int; an empty
+    value is refused by it)."""
     def parse(text: str) -> list:
-        parts = [t.strip() for t in str(text).split(",")]
-        if not all(parts):
-            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
         try:
-            return [item(t) for t in parts]
+            return [item(t.strip()) for t in text.split(",")]
         except (ValueError, argparse.ArgumentTypeError) as e:
             raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 

@@ -13,15 +13,13 @@ Run directory:
     vae/, dino/                                  frozen models that do not come from a pretrained source
     checkpoints/step_XXXXXXX.safetensors         UNet weights (loadable by UNet2DConditionModel)
     checkpoints/step_XXXXXXX.ema.safetensors     EMA UNet weights (when EMA is on)
-    checkpoints/step_XXXXXXX.state.safetensors   optimizer / scaler / RNG / data position (for --resume)
+    checkpoints/step_XXXXXXX.state.safetensors   optimizer / scaler / data position (for --resume)
     metrics.jsonl, samples/
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,23 +34,25 @@ from vit_dino import DinoConfig, DinoViT
 
 # ---------------------------------------------------------------------------------------------- building
 
+AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision -> UNet dtype
+
+
+def _build(cls, config_cls, source, config: dict | None, **where):
+    if source:
+        return cls.from_pretrained(source, **where)
+    return cls(hub.config_from_dict(config_cls, config or {}, source=f"{config_cls.__name__} of the run config"))
+
 
 def build_vae(source, config: dict | None, subfolder=None) -> AutoencoderKL:
-    if source:
-        return AutoencoderKL.from_pretrained(source, subfolder=subfolder)
-    return AutoencoderKL(hub.config_from_dict(VAEConfig, config or {}, source="vae config"))
+    return _build(AutoencoderKL, VAEConfig, source, config, subfolder=subfolder)
 
 
 def build_unet(source, config: dict | None, subfolder=None) -> UNet2DConditionModel:
-    if source:
-        return UNet2DConditionModel.from_pretrained(source, subfolder=subfolder)
-    return UNet2DConditionModel(hub.config_from_dict(UNetConfig, config or {}, source="unet config"))
+    return _build(UNet2DConditionModel, UNetConfig, source, config, subfolder=subfolder)
 
 
 def build_dino(source, config: dict | None) -> DinoViT:
-    if source:
-        return DinoViT.from_pretrained(source)
-    return DinoViT(hub.config_from_dict(DinoConfig, config or {}, source="dino config"))
+    return _build(DinoViT, DinoConfig, source, config)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,30 +61,14 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_local(model, folder: Path, weights_name: str):
-    """Save a model built from a config (not a pretrained source) with its dataclass config, atomically:
-    written into `.NAME.tmp` beside `folder`, then renamed, so `folder` is complete or absent (a failed write,
-    e.g. a full disk, removes the temporary folder and names `folder`)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+def save_local(model, folder: Path, weights_name: str | None = None):
+    """`model.save_pretrained(folder)` through `hub.atomic_path`: `folder` is complete or absent (a failed write,
+    e.g. a full disk, names `folder`). `weights_name` is unused: each model's save_pretrained names its file."""
     try:
-        hub.save_pretrained(model, tmp, weights_name=weights_name)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OSError(f"cannot write {folder}: {e}") from e
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
-def load_local(cls, config_cls, folder: Path, weights_name: str, device=None):
-    cfg = hub.config_from_dict(config_cls, hub.read_json(folder / "config.json"), source=str(folder))
-    state = hub.load_state_dict_file(folder / weights_name)
-    return hub.load_model(cls, cfg, state, source=str(folder / weights_name), device=device)
+        with hub.atomic_path(folder) as tmp:
+            model.save_pretrained(tmp)
+    except OSError as e:
+        raise OSError(f"cannot write {folder}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------- condition
@@ -107,10 +91,7 @@ def checkpoints(run_dir) -> list[tuple[int, Path]]:
 
 def make_scheduler(cfg: dict, kind: str = "ddim"):
     """The sampler for a run: DDIM or DDPM over the run's training noise schedule (one shared config)."""
-    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-    if kind not in classes:
-        raise ValueError(f"unknown scheduler {kind!r} (expected 'ddim' or 'ddpm')")
-    return classes[kind].from_config(cfg.get("scheduler") or {})
+    return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[kind].from_config(cfg.get("scheduler") or {})
 
 
 def run_channels(cfg: dict) -> int:
@@ -140,19 +121,13 @@ def load_run(run_dir, *, ema: bool = True, step: int | None = None, device=None)
         what = f"step {step}" if step is not None else "any checkpoint"
         raise FileNotFoundError(f"{run_dir}/checkpoints has no {what}")
     ckpt_step, weights = found[-1]
-    ema_path = checkpoint.paths(run_dir, ckpt_step)["ema"]
-    if ema and ema_path.is_file():
-        weights = ema_path
+    if ema and checkpoint.paths(run_dir, ckpt_step)["ema"].is_file():
+        weights = checkpoint.paths(run_dir, ckpt_step)["ema"]
     unet_cfg = hub.config_from_dict(UNetConfig, cfg["unet_config_resolved"], source=f"{run_dir}/config.json")
-    unet = hub.load_model(
-        UNet2DConditionModel, unet_cfg, hub.load_state_dict_file(weights), source=str(weights), device=device
-    )
-    if (run_dir / "vae").is_dir():
-        vae = load_local(AutoencoderKL, VAEConfig, run_dir / "vae", "diffusion_pytorch_model.safetensors", device)
-    else:
-        vae = build_vae(cfg["vae"], None, cfg.get("vae_subfolder")).to(device)
-    if (run_dir / "dino").is_dir():
-        dino = load_local(DinoViT, DinoConfig, run_dir / "dino", "model.safetensors", device)
-    else:
-        dino = build_dino(cfg["dino"], None).to(device)
+    unet = hub.load_model(UNet2DConditionModel, unet_cfg, hub.load_state_dict_file(weights), source=str(weights),
+                          device=device)
+    # the frozen models: the run's own copies (random init) or the pretrained sources it names
+    vae_at = (run_dir / "vae", None) if (run_dir / "vae").is_dir() else (cfg["vae"], cfg.get("vae_subfolder"))
+    vae = AutoencoderKL.from_pretrained(*vae_at, device=device)
+    dino = DinoViT.from_pretrained(run_dir / "dino" if (run_dir / "dino").is_dir() else cfg["dino"], device=device)
     return Run(unet, freeze(vae), freeze(dino), cfg, ckpt_step, weights)

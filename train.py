@@ -5,14 +5,15 @@ For each training image x (DiNO-Diffusion, Sec. 2):
     z0 = VAE.encode(x).sample() * 0.18215                   frozen SD v1 VAE (scaling factor: SD v1 config)
     t ~ U{0..999},  eps ~ N(0, I),  x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps      (Ho et al. 2020, eq. 4)
     loss = || eps - UNet(x_t, t, c) ||^2                                              (Ho et al. 2020, eq. 14)
-No labels or reports are used: the image conditions on itself, so the model learns p(image | its own DINO
-summary), which later allows reconstruction (new noise, same c) and interpolation (blended c).
+(`diffusion_loss`, which also takes the v / x0 targets and min-SNR weighting). No labels or reports are used:
+the image conditions on itself, so the model learns p(image | its own DINO summary), which later allows
+reconstruction (new noise, same c) and interpolation (blended c).
 
 Runs as `python train.py` or `torchrun --nproc_per_node N train.py` (DDP: NCCL on GPU, gloo on CPU). Every
 sample's noise, timestep and augmentation come from generators keyed by (seed, step, global position), so
 N ranks with batch B train like one process with batch N*B, and a resumed run continues exactly like an
-uninterrupted one. Presets: `tiny` (CPU, random-init small models, phantom CXRs), `sd15-dinov1` and
-`sd15-dinov2` (the paper's setting, Sec. 3); every field of a preset can be overridden by its flag.
+uninterrupted one. Presets (train_config.py): `tiny` (CPU, random-init small models, phantom CXRs),
+`small-real` (real CXRs on CPU), `sd15-dinov1` and `sd15-dinov2` (the paper's setting, Sec. 3).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -33,13 +33,16 @@ from tqdm.auto import tqdm
 
 import checkpoint
 import cli
+import distributed
 import hub
 import pipeline
 from data.loader import make_batches, seeded, split_data, stream_state, write_image_list
 from ddpm import DDPMScheduler
 from eval.training import evaluate, fid_extractor
-from train_config import PRESETS, TrainConfig, parse_args, parse_flags, prepare_run_dir  # noqa: F401 (API)
+from train_config import PRESETS, TrainConfig, parse_flags, prepare_run_dir  # noqa: F401 (PRESETS: bench/)
+from vae import AutoencoderKL
 from vae.fit import fit_vae
+from vit_dino import DinoViT
 
 # ---------------------------------------------------------------------------------------------- objective
 
@@ -52,9 +55,7 @@ def diffusion_loss(forward, scheduler, z0, c, t, eps, min_snr_gamma: float, amp_
     for eps targets, by SNR + 1 for v, not at all for z0 (the three losses differ by those factors)."""
     kind = scheduler.config.prediction_type
     x_t = scheduler.add_noise(z0, eps, t)
-    target = {"epsilon": eps, "v_prediction": None, "sample": z0}[kind]
-    if target is None:
-        target = scheduler.get_velocity(z0, eps, t)
+    target = scheduler.get_velocity(z0, eps, t) if kind == "v_prediction" else {"epsilon": eps, "sample": z0}[kind]
     with torch.autocast(z0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         pred = forward(x_t, t, c)
     loss = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
@@ -70,28 +71,22 @@ def diffusion_loss(forward, scheduler, z0, c, t, eps, min_snr_gamma: float, amp_
 
 def main(argv=None):
     cfg, given = parse_flags(argv)
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    master, out = rank == 0, Path(cfg.out)
-    if master:
+    rank, world, device = distributed.init(None)  # torchrun: DDP (NCCL on GPU, gloo on CPU)
+    out = Path(cfg.out)
+    if rank == 0:
         cfg = prepare_run_dir(cfg, given, out)
-    if ddp:  # every rank runs the config rank 0 settled on
+    if world > 1:  # every rank runs the config rank 0 settled on
         box = [asdict(cfg)]
         dist.broadcast_object_list(box)
         cfg = TrainConfig(**box[0])
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ data and models
     train_set, val_set = split_data(cfg, rank, world)
     if cfg.cache_latents and not hasattr(train_set, "__len__"):
         raise ValueError(f"--cache-latents: --data {cfg.data} is .tar shards, which are streamed, not cached; "
                          "use --no-cache-latents, or a folder or CSV --data")
+    if len(val_set) < 2:
+        raise ValueError(f"FID needs at least 2 readable held-out images, {len(val_set)} remain: raise --val-count")
     torch.manual_seed(cfg.seed)
     vae = pipeline.build_vae(cfg.vae, cfg.vae_config, cfg.vae_subfolder).to(device)
     dino = pipeline.freeze(pipeline.build_dino(cfg.dino, cfg.dino_config).to(device))
@@ -99,34 +94,23 @@ def main(argv=None):
     if dino.config.hidden_size != unet.config.cross_attention_dim:
         raise ValueError(f"DINO width {dino.config.hidden_size} != UNet cross_attention_dim "
                          f"{unet.config.cross_attention_dim}: choose matching --dino / --unet-config")
-    scheduler = DDPMScheduler.from_config(cfg.scheduler)
-    if len(val_set) < 2:
-        raise ValueError(f"FID needs at least 2 readable held-out images, {len(val_set)} remain: raise --val-count")
-    if master:
+    if rank == 0:
         hub.write_json_atomic(asdict(cfg) | {"unet_config_resolved": asdict(unet.config)}, out / "config.json")
         write_image_list(val_set, out / "val.csv")
         if not cfg.dino and not (out / "dino").is_dir():
-            pipeline.save_local(dino, out / "dino", "model.safetensors")
+            pipeline.save_local(dino, out / "dino")
         if not cfg.vae and not (out / "vae").is_dir():
             if cfg.vae_fit_steps:
                 fit_vae(vae, train_set, cfg, device)
-            pipeline.save_local(vae, out / "vae", "diffusion_pytorch_model.safetensors")
-    if ddp:
-        dist.barrier()
-    if not cfg.vae:  # every rank uses the frozen VAE/ViT exactly as saved
-        vae = pipeline.load_local(type(vae), type(vae.config), out / "vae", "diffusion_pytorch_model.safetensors",
-                                  device)
+            pipeline.save_local(vae, out / "vae")
+    distributed.barrier()
+    if not cfg.vae:  # random-init frozen models: every rank uses them exactly as saved in the run folder
+        vae = AutoencoderKL.from_pretrained(out / "vae", device=device)
     if not cfg.dino:
-        dino = pipeline.load_local(type(dino), type(dino.config), out / "dino", "model.safetensors", device)
-    vae, dino = pipeline.freeze(vae), pipeline.freeze(dino)
-    train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device, rank, world)
-    if ddp:
-        dist.destroy_process_group()
-
-
-
-
-AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision -> UNet dtype
+        dino = DinoViT.from_pretrained(out / "dino", device=device)
+    train_loop(cfg, unet, pipeline.freeze(vae), pipeline.freeze(dino), DDPMScheduler.from_config(cfg.scheduler),
+               train_set, val_set, out, device, rank, world)
+    distributed.close()
 
 
 def prepare(cfg: TrainConfig, unet, out: Path, device, ddp: bool):
@@ -135,27 +119,22 @@ def prepare(cfg: TrainConfig, unet, out: Path, device, ddp: bool):
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    model = unet
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ImportError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        optimizer = bnb.optim.AdamW8bit(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ddp_ids = [device.index] if device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=ddp_ids) if ddp else unet
+    if cfg.optimizer == "adamw8bit":  # without bitsandbytes: "No module named 'bitsandbytes'", one line
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(unet.parameters(), lr=cfg.lr)
     else:
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)  # weight decay 1e-2: both classes' default
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     ema = pipeline.freeze(copy.deepcopy(unet)).float() if cfg.ema_decay > 0 else None
     step, meta = checkpoint.load_newest(out, unet, ema, optimizer, scaler)
     for group in optimizer.param_groups:  # the lr may change on resume: LambdaLR scales `initial_lr`
         group["lr"] = group["initial_lr"] = cfg.lr
-    warmup = lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    # LambdaLR counts from 0 at construction: offset by the resumed step
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup(s + step))
-    return model, optimizer, scaler, ema, lr_sched, step, meta
+    # linear warmup; LambdaLR counts from 0 at construction: offset by the resumed step
+    warmup = lambda s: min(1.0, (s + step + 1) / max(cfg.warmup_steps, 1))
+    return model, optimizer, scaler, ema, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup), step, meta
 
 
 @torch.no_grad()
@@ -220,12 +199,13 @@ def log_step(out: Path, rec: dict, seen: int, t0: float, device):
         f.write(json.dumps(rec) + "\n")
 
 
-def apply_gradients(unet, optimizer, scaler, lr_sched, max_grad_norm: float, nonfinite) -> torch.Tensor:
-    """Clip to the global L2 norm, step (through fp16's GradScaler when on), schedule the lr. A non-finite
-    gradient norm is flagged in `nonfinite[1]`: with a finite loss it would still ruin the weights (the
-    GradScaler skips such steps itself). Returns the gradient norm (a tensor: no host sync)."""
+def apply_gradients(unet, optimizer, scaler, lr_sched, nonfinite) -> torch.Tensor:
+    """Clip to the global L2 norm 1 (diffusers' train_text_to_image default), step (through fp16's GradScaler
+    when on), schedule the lr. A non-finite gradient norm is flagged in `nonfinite[1]`: with a finite loss it
+    would still ruin the weights (the GradScaler skips such steps itself). Returns the gradient norm (a tensor:
+    no host sync)."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     if not scaler.is_enabled():
         nonfinite[1] |= ~torch.isfinite(grad_norm)
     scaler.step(optimizer)
@@ -236,7 +216,7 @@ def apply_gradients(unet, optimizer, scaler, lr_sched, max_grad_norm: float, non
 
 
 def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device, rank, world):
-    master, ddp, amp_dtype = rank == 0, world > 1, AUTOCAST[cfg.mixed_precision]
+    master, ddp, amp_dtype = rank == 0, world > 1, pipeline.AUTOCAST[cfg.mixed_precision]
     model, optimizer, scaler, ema, lr_sched, step, meta = prepare(cfg, unet, out, device, ddp)
     forward = torch.compile(model) if cfg.compile else model
     if master:
@@ -261,13 +241,14 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
                 scaler.scale(loss / cfg.grad_accum).backward()
             losses.append(loss.detach())
         nonfinite[0] |= ~torch.isfinite(torch.stack(losses)).all()
-        grad_norm = apply_gradients(unet, optimizer, scaler, lr_sched, cfg.max_grad_norm, nonfinite)
+        grad_norm = apply_gradients(unet, optimizer, scaler, lr_sched, nonfinite)
         step, seen = step + 1, seen + batches.global_batch * cfg.grad_accum
         if ema is not None:
             ema_update(ema, unet, step, cfg.ema_decay)
         bar.update(1)
-        last, logging = step == cfg.max_steps, step % cfg.log_every == 0 or step == cfg.max_steps
-        saving, evaluating = step % cfg.save_every == 0 or last, (cfg.eval_every and step % cfg.eval_every == 0) or last
+        last = step == cfg.max_steps
+        logging, saving = last or step % cfg.log_every == 0, last or step % cfg.save_every == 0
+        evaluating = last or (cfg.eval_every and step % cfg.eval_every == 0)
         if not (logging or saving or evaluating):
             continue
         stats = torch.cat([torch.stack(losses).mean()[None], nonfinite.float()])
@@ -282,16 +263,15 @@ def train_loop(cfg, unet, vae, dino, scheduler, train_set, val_set, out, device,
         position = stream_state(batches, cfg, world) if saving else None  # every rank takes part
         if master and saving:
             checkpoint.save(out, step, model_state=unet.state_dict(), ema_state=ema and ema.state_dict(),
-                            optimizer=optimizer, scaler=scaler, config=asdict(unet.config),
+                            optimizer=optimizer, scaler=scaler,
                             extra={"micro_step": step * cfg.grad_accum, "stream": position})
             checkpoint.prune(out, cfg.keep_last)
         if evaluating and master:
-            if held_out is None:
-                held_out = held_out_set(cfg, val_set, device)
+            held_out = held_out or held_out_set(cfg, val_set, device)
             evaluate(ema if ema is not None else unet, vae, dino, *held_out, cfg, step, out, device)
             unet.train()
-        if evaluating and ddp:
-            dist.barrier()
+        if evaluating:
+            distributed.barrier()
     bar.close()
 
 

@@ -14,7 +14,9 @@ from PIL import Image
 import checkpoint
 import hub
 import train
+from data.loader import split_data, write_image_list
 from tests.helpers import REPO
+from tests.support_train import parse_args
 
 # A micro configuration of the tiny preset so that each run takes seconds on 2 CPU cores.
 MICRO = [
@@ -194,16 +196,16 @@ def test_val_group_holds_out_whole_patients(tmp_path):
         Image.fromarray(make_phantom(i, 32)[0]).save(tmp_path / "img" / f"{i}.png")
         lines.append(f"img/{i}.png,{pid}")
     (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
-    cfg = train.parse_args([*MICRO, "--data", str(tmp_path / "index.csv"), "--val-group", "patient_id",
+    cfg = parse_args([*MICRO, "--data", str(tmp_path / "index.csv"), "--val-group", "patient_id",
                             "--val-count", "3"])
-    tr, va = train.split_data(cfg, 0, 1)
+    tr, va = split_data(cfg, 0, 1)
     held = set(va.columns["patient_id"])
     assert held == {"p3", "p4"} and len(va) == 4 and len(tr) == 8  # last groups until >= 3 images
     assert not held & set(tr.columns["patient_id"])
-    train.write_image_list(va, tmp_path / "val.csv")
+    write_image_list(va, tmp_path / "val.csv")
     rows = (tmp_path / "val.csv").read_text().splitlines()
     assert rows[0] == "path" and [os.path.basename(r) for r in rows[1:]] == ["8.png", "9.png", "10.png", "11.png"]
     assert all(os.path.isabs(r) and os.path.isfile(r) for r in rows[1:])
-    bad = train.parse_args([*MICRO, "--data", str(tmp_path / "index.csv"), "--val-group", "site"])
+    bad = parse_args([*MICRO, "--data", str(tmp_path / "index.csv"), "--val-group", "site"])
     with pytest.raises(ValueError, match="--val-group 'site'"):
-        train.split_data(bad, 0, 1)
+        split_data(bad, 0, 1)

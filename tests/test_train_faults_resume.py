@@ -18,9 +18,11 @@ import cli
 import hub
 import train
 import train_config
-from data.loader import cache_path
+from data.loader import cache_path, split_data
 from data.phantom import make_phantom
+from eval.training import fid_extractor
 from tests.helpers import REPO
+from tests.support_train import parse_args
 from tests.test_train import MICRO, run, weights
 
 
@@ -234,7 +236,7 @@ def test_unreadable_held_out_csv_image_is_dropped_not_replaced(tmp_path):
     (tmp_path / "index.csv").write_text("path\n" + "\n".join(rows[:8] + [rows[10], rows[8], rows[9]]) + "\n")
     out, argv = tmp_path / "run", ["--data", str(tmp_path / "index.csv"), "--val-count", "3", "--fid-count", "3"]
     with pytest.warns(UserWarning, match=r"dropping held-out image.*img10\.png"):
-        tr, va = train.split_data(train.parse_args([*MICRO, *argv]), 0, 1)
+        tr, va = split_data(parse_args([*MICRO, *argv]), 0, 1)
     assert [os.path.basename(p) for p in va.paths] == ["img08.png", "img09.png"]
     assert not set(map(str, tr.paths)) & set(map(str, va.paths)) and len(tr) == 8
     with pytest.warns(UserWarning, match="img10.png"):
@@ -244,7 +246,7 @@ def test_unreadable_held_out_csv_image_is_dropped_not_replaced(tmp_path):
     (tmp_path / "img" / "img08.png").write_bytes(b"")
     (tmp_path / "img" / "img09.png").write_bytes(b"")
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 3 held-out images is readable"):
-        train.split_data(train.parse_args([*MICRO, *argv]), 0, 1)
+        split_data(parse_args([*MICRO, *argv]), 0, 1)
 
 
 def test_val_data_overlapping_data_is_refused(tmp_path):
@@ -269,7 +271,7 @@ def test_out_holding_a_run_needs_resume_or_overwrite(tmp_path):
 @pytest.mark.parametrize("flags", [["--batch-size", "-1"], ["--max-steps", "0"], ["--lr", "0"]])
 def test_bad_numeric_flags_are_refused_at_parse_time(flags, capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args([*MICRO, *flags])
+        parse_args([*MICRO, *flags])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and flags[0] in err and "must be" in err, err
 
@@ -308,6 +310,6 @@ def test_rerun_after_a_failed_start(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_fid_calibration_never_gets_a_batch_of_one(batch_size):
-    cfg = train.parse_args([*MICRO, "--batch-size", str(batch_size)])
-    extractor = train.fid_extractor(cfg, torch.rand(4, 1, 32, 32))  # 4 = 3 + 1: a last batch of one image
+    cfg = parse_args([*MICRO, "--batch-size", str(batch_size)])
+    extractor = fid_extractor(cfg, torch.rand(4, 1, 32, 32))  # 4 = 3 + 1: a last batch of one image
     assert extractor(torch.rand(2, 1, 32, 32)).shape[0] == 2
