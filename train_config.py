@@ -62,7 +62,8 @@ class TrainConfig:
     dino: str | None = flag(None, "frozen DINO ViT that gives c_GLB (facebook/dino-vitb16, "
                                   "timm/vit_base_patch14_reg4_dinov2.lvd142m); unset = random init from --dino-config")
     dino_config: dict = flag({}, "JSON object of DinoConfig fields for a random-init ViT")
-    scheduler: dict = flag({}, "JSON object of DDPMScheduler arguments (the training noise schedule); {} = SD v1's")
+    scheduler: dict = flag({}, "JSON object of DDPMScheduler arguments (the training noise schedule); {} = SD v1's; "
+                              "with --channels 3 and a random-init UNet, unset = v_prediction")
     # optimisation (paper Sec. 3: 8-bit Adam, constant lr 1e-4 after 1000 warmup steps, batch 64 x 2 x 4 GPUs)
     max_steps: int = flag(1000, "optimizer steps to train for (can be raised on --resume)", positive_int)
     batch_size: int = flag(16, "images per process per micro-step", positive_int)
@@ -191,6 +192,11 @@ def parse_flags(argv=None) -> tuple[TrainConfig, dict]:
             cli.fail("--fid-features xrv: XRV features are for grey chest X-rays; with --channels 3 use inception")
         given.setdefault("fid_features", "inception")
     base = PRESETS[given.get("preset", "tiny")]
+    if given.get("channels") == 3 and not given.get("unet", base.unet) and not given.get("resume"):
+        # Tint, a latent's mean, is set at the noisiest t, where the epsilon loss weighs a z0 error by SNR
+        # (0.005 at t=999): a from-scratch UNet then reads the tint off its own noise, not off c_GLB.
+        # v-prediction (Salimans & Ho 2022) weighs it by SNR + 1 (measured: tests/test_colour.py).
+        given.setdefault("scheduler", {"prediction_type": "v_prediction"})
     return replace(base, **{k: v for k, v in given.items() if k != "preset"}), given
 
 

@@ -114,21 +114,25 @@ def test_eval_tools_read_colour(tmp_path):
 def test_channels_flag_picks_inception_and_refuses_xrv():
     cfg, _ = train.parse_flags(["--channels", "3"])
     assert cfg.channels == 3 and cfg.fid_features == "inception"
-    assert train.parse_flags([])[0].fid_features == "xrv"
+    assert cfg.scheduler == {"prediction_type": "v_prediction"}  # a from-scratch colour UNet keeps the tint
+    grey = train.parse_flags([])[0]
+    assert grey.fid_features == "xrv" and grey.scheduler == {}
+    explicit = train.parse_flags(["--channels", "3", "--scheduler", "{}"])[0]
+    assert explicit.scheduler == {}
     with pytest.raises(SystemExit, match="--fid-features xrv"):
         train.parse_flags(["--channels", "3", "--fid-features", "xrv"])
 
 
 # One colour micro run shared by the tests below: the VAE fitted long enough to decode colour, the UNet trained
-# from cached latents long enough to follow c_GLB's colour (under a minute on 2 CPU cores). v-prediction
-# (Salimans & Ho 2022) rather than SD v1's epsilon: a frame's tint is its latent's per-channel mean, and only
+# from cached latents long enough to follow c_GLB's colour (under a minute on 2 CPU cores). With --channels 3
+# a from-scratch UNet defaults to v-prediction (Salimans & Ho 2022) rather than SD v1's epsilon: a frame's tint is its latent's per-channel mean, and only
 # the noisiest timesteps decide it. There the epsilon loss weighs an error in z0 by SNR(t) (0.005 at t = 999),
 # and x_t still holds sqrt(abar_t) z0, so in 300 steps the UNet learned to read the tint off the noise's own
 # mean and not off c_GLB (which does separate red from teal: cosine -0.5 between them, 0.99 within): a red
 # source's variations came out R - G +0.02 +- 0.15, half of them teal. v weighs that error by SNR + 1.
 COLOUR = ["--channels", "3", "--vae-fit-steps", "150", "--max-steps", "300", "--lr", "3e-3", "--warmup-steps",
           "5", "--save-every", "300", "--log-every", "10", "--phantom-count", "64", "--cache-latents",
-          "--batch-size", "8", "--scheduler", '{"prediction_type": "v_prediction"}']
+          "--batch-size", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +147,7 @@ def test_colour_tiny_run_learns_and_logs_inception_fid(colour_run):
     assert np.mean(ls[-8:]) < 0.7 * np.mean(ls[:3]), ls
     cfg = json.loads((colour_run / "config.json").read_text())
     assert cfg["channels"] == 3 and cfg["fid_features"] == "inception"
+    assert cfg["scheduler"] == {"prediction_type": "v_prediction"}
     fids = [json.loads(x) for x in (colour_run / "metrics.jsonl").read_text().splitlines() if "fid" in x]
     assert fids and fids[-1]["fid_features"] == "inception" and np.isfinite(fids[-1]["fid"])
     grid = Image.open(colour_run / "samples" / "step_0000300.png").convert("RGB")
