@@ -20,8 +20,6 @@ from contextlib import nullcontext
 
 import torch
 
-AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision -> the UNet's dtype
-
 
 def slerp(a: torch.Tensor, b: torch.Tensor, r: float) -> torch.Tensor:
     """Spherical interpolation between token sets a, b [..., D] per token, fraction r in [0, 1]: the direction

@@ -61,9 +61,9 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_local(model, folder: Path, weights_name: str | None = None):
+def save_local(model, folder: Path):
     """`model.save_pretrained(folder)` through `hub.atomic_path`: `folder` is complete or absent (a failed write,
-    e.g. a full disk, names `folder`). `weights_name` is unused: each model's save_pretrained names its file."""
+    e.g. a full disk, names `folder`)."""
     try:
         with hub.atomic_path(folder) as tmp:
             model.save_pretrained(tmp)

@@ -22,7 +22,7 @@ import hub
 import pipeline
 from data.datasets import open_dataset
 from eval import figures
-from generate import AUTOCAST, generate, interpolate, to_grayscale
+from generate import generate, interpolate, to_grayscale
 
 EPILOG = """Writes OUT/images/<k>_<source stem>.png, synthetic.csv (path, source, source_b, r, seed, labels; for
 classify.py --synthetic) and grid.png (each real source and its samples; per pair: real a, the blends, real b).
@@ -58,7 +58,8 @@ def parse_args(argv=None):
     cli.add_data_flags(p, labels=True)
     add("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     add("--step", type=cli.nonneg_int, help="checkpoint step (default: newest)")
-    add("--mixed-precision", choices=list(AUTOCAST), default="no", help="UNet autocast dtype (the VAE decodes in fp32)")
+    add("--mixed-precision", choices=list(pipeline.AUTOCAST), default="no",
+        help="UNet autocast dtype (the VAE decodes in fp32)")
     add("--compile", action="store_true", help="torch.compile the UNet (faster on a GPU after minutes)")
     add("--device", help="cuda / cpu (default: cuda when available)")
     args = p.parse_args(argv)
@@ -144,7 +145,7 @@ def generate_missing(args, run, jobs, conds, rows, out: Path, world: distributed
                                for a, b, r in (jobs[k] for k in ks)])
         imgs = generate(run.unet, run.vae, scheduler, context, seeds=[rows[k]["seed"] for k in ks], height=size,
                         width=size, steps=args.steps, guidance=args.guidance,
-                        autocast_dtype=AUTOCAST[args.mixed_precision]).cpu()
+                        autocast_dtype=pipeline.AUTOCAST[args.mixed_precision]).cpu()
         for img, k in zip(imgs if pipeline.run_channels(run.config) == 3 else to_grayscale(imgs), ks):
             save_png(img, out / rows[k]["path"])  # a colour run writes colour
         bar.update(len(ks))

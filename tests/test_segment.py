@@ -39,8 +39,8 @@ BASELINES = ["dice_baseline_all_foreground", "dice_baseline_prior"]  # with 2+ m
 
 def make_run(folder, steps=(1, 2), ema_steps=(2,)):
     """A run directory as train.py writes it (see pipeline.load_run): config, vae/, dino/, checkpoints/."""
-    pipeline.save_local(AutoencoderKL(VAE), folder / "vae", "diffusion_pytorch_model.safetensors")
-    pipeline.save_local(DinoViT(DINO), folder / "dino", "model.safetensors")
+    pipeline.save_local(AutoencoderKL(VAE), folder / "vae")
+    pipeline.save_local(DinoViT(DINO), folder / "dino")
     hub.write_json_atomic({"image_size": 64, "vae": None, "dino": None, "unet_config_resolved": asdict(UNET)},
                           folder / "config.json")
     for step in steps:
