@@ -273,17 +273,15 @@ class UNet2DConditionModel(nn.Module):
         """
         where = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir)
         path = hub.resolve_file(name_or_path, WEIGHTS_NAMES, **where)
-        single_file = Path(str(name_or_path)).expanduser().is_file()
+        if config is None and Path(str(name_or_path)).expanduser().is_file():
+            config = UNetConfig()
         if config is None:
-            if single_file:
-                config = UNetConfig()
-            else:
-                config_path = hub.resolve_file(name_or_path, "config.json", **where)
-                config = UNetConfig.from_dict(hub.read_json(config_path), source=str(config_path))
+            config_path = hub.resolve_file(name_or_path, "config.json", **where)
+            config = UNetConfig.from_dict(hub.read_json(config_path), source=str(config_path))
         state = hub.load_state_dict_file(path)
-        if any(k.startswith(LDM_PREFIX) for k in state):
+        if any(k.startswith(LDM_PREFIX) for k in state):  # a whole SD file: keep its UNet
             state = hub.strip_prefix(state, LDM_PREFIX)
-        if "input_blocks.0.0.weight" in state:
+        if "input_blocks.0.0.weight" in state:  # CompVis layout
             state = ldm_to_diffusers(state, config)
         return hub.load_model(cls, config, state, source=str(path), dtype=dtype, device=device)
 
