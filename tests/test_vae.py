@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import hub
 from tests.helpers import gaussian_nll, heavy_lock, max_abs_diff, vae_attention_with_probs, vae_to_ldm
+from tests.support_models import gaussian_kl
 from vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from vae.layers import Attention, Upsample2D
 
@@ -147,7 +148,7 @@ def test_diagonal_gaussian():
     g = torch.Generator().manual_seed(3)
     eps = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(post.sample(g), post.mean + post.std * eps)
-    assert post.kl().shape == (2,) and torch.allclose(post.kl(post), torch.zeros(2), atol=1e-3)
+    assert post.kl().shape == (2,) and torch.allclose(gaussian_kl(post, post), torch.zeros(2), atol=1e-3)
     normal = DiagonalGaussian(torch.zeros(1, 8, 2, 2))
     assert torch.allclose(normal.kl(), torch.zeros(1))
     z = torch.randn(1, 4, 2, 2)

@@ -120,12 +120,9 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def kl(self, other: DiagonalGaussian | None = None) -> torch.Tensor:
-        """KL(self || other) per sample, summed over C, h, w: [B]. `other` defaults to N(0, I)."""
-        if other is None:
-            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=(1, 2, 3))
-        ratio = ((self.mean - other.mean).pow(2) + self.var) / other.var
-        return 0.5 * torch.sum(ratio - 1.0 - self.logvar + other.logvar, dim=(1, 2, 3))
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, summed over C, h, w: [B] (Kingma & Welling 2014, App. B)."""
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=(1, 2, 3))
 
 
 
