@@ -206,7 +206,9 @@ class DinoViT(nn.Module):
         """c_GLB = [CLS, pooler if present, registers]: [B, G, D], G = 1 (+1) + R.
 
         Equal to slicing `forward(x)`, but cheaper: the last block only updates the 1+R global tokens
-        (their queries attend to all tokens; the patch tokens' own updates would be thrown away).
+        (their queries attend to all tokens; the patch tokens' own updates would be thrown away). Bench row
+        `dinov2_vitb14_reg4 c_GLB vs timm` (bench/bench_vit.py --quick: 2 blocks): 0.23 s against 0.52 s for
+        the full forward.
         """
         keep = 1 + self.config.num_register_tokens  # CLS + registers
         h = self.embed(x)
