@@ -168,7 +168,7 @@ def test_attention_explicit_path_matches_sdpa():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_subpixel_upsample_equals_interpolate_then_conv(channels_last):
+def test_upsample_is_interpolate_then_conv_in_both_memory_formats(channels_last):
     torch.manual_seed(0)
     up = Upsample2D(16)
     x = torch.randn(2, 16, 5, 7, requires_grad=True)
