@@ -341,7 +341,7 @@ def test_bad_inputs_give_clear_errors():
 def test_frozen_use_inference_mode_grad_and_bf16():
     dino = randomize(DinoViT(DinoConfig.tiny()))
     x = torch.randn(2, 3, 56, 56)
-    trained = dino(x)  # autograd path = inference path
+    trained = dino(x)  # autograd path (no in-place residuals) = inference path
     trained.square().mean().backward()
     assert dino.blocks[0].ls1.gamma.grad is not None
     dino.requires_grad_(False)

