@@ -175,7 +175,7 @@ class AutoencoderKL(nn.Module):
     def _prepare(self, t: torch.Tensor, channels: int, factor: int, what: str) -> torch.Tensor:
         """Check the shape, move to the weights' device and dtype. On CPU, switch to channels_last: oneDNN
         then runs NHWC convolutions without reordering each activation to its blocked layout and back (bench
-        rows `vae encode/decode (128px)`: NCHW measured 15-30% slower with 20-35% more peak memory in an
+        rows `vae encode/decode (128px)`: NCHW measured 15-35% slower with up to 35% more peak memory in an
         in-process A/B). Outputs come back NCHW."""
         if t.ndim != 4 or t.shape[1] != channels or t.shape[2] % factor or t.shape[3] % factor:
             sizes = f" with H and W multiples of {factor}" if factor > 1 else ""
