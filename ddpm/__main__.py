@@ -55,19 +55,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="number of sampling steps (default 50)")
     p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument(
-        "--spacing",
-        choices=["leading", "trailing", "linspace"],
-        default="leading",
-        help="timestep spacing (default leading, as SD v1)",
-    )
     p.add_argument("--num", type=int, default=8, help="number of samples (default 8)")
     p.add_argument("--size", type=int, default=16, help="phantom side in pixels (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args(argv)
 
     cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler
-    sched = cls(timestep_spacing=args.spacing)  # the Stable Diffusion v1 schedule
+    sched = cls()  # the Stable Diffusion v1 schedule
     sched.set_timesteps(args.steps)
     print(f"{sched}\ntimesteps ({len(sched.timesteps)}): {sched.timesteps.tolist()}")
 
@@ -87,12 +81,8 @@ def main(argv=None):
 
     rms = torch.cdist(x.flatten(1), data.flatten(1)) / args.size  # [B, K]
     print("samples -> nearest phantom (rms):", ", ".join(f"{k}({e:.1e})" for e, k in zip(*rms.min(1))))
-    if args.scheduler == "ddim" and not sched.config.set_alpha_to_one:
-        noise_std = (1 - sched.alphas_cumprod[0].item()) ** 0.5
-        print(
-            f"(DDIM with set_alpha_to_one=False, as SD v1, ends at t=0, not at x_0: residual noise std "
-            f"sqrt(1 - abar[0]) = {noise_std:.3f})"
-        )
+    if args.scheduler == "ddim":  # set_alpha_to_one=False (SD v1): the chain ends at t=0, not at x_0
+        print(f"(DDIM ends at t=0: residual noise std sqrt(1 - abar[0]) = {(1 - sched.alphas_cumprod[0]) ** 0.5:.3f})")
     print(ascii_image(x[0, 0]))
     return x
 

@@ -73,8 +73,8 @@ def _predict_x0_eps(s: NoiseScheduler, model_output: torch.Tensor, sample: torch
 
 
 def _noise(like: torch.Tensor, generator, variance_noise) -> torch.Tensor:
-    """Standard normal noise shaped like `like`: `variance_noise` if given, else drawn from `generator`
-    (on the generator's device, then moved, as diffusers' randn_tensor; a list means one per sample)."""
+    """Standard normal noise shaped like `like`: `variance_noise` if given (the generator is then not used), else
+    one draw from `generator` (on its device, then moved, as diffusers' randn_tensor; a list: one per sample)."""
     if variance_noise is not None:
         if variance_noise.shape != like.shape:
             raise ValueError(f"variance_noise shape {tuple(variance_noise.shape)} != {tuple(like.shape)}")
@@ -111,11 +111,8 @@ class DDPMScheduler(NoiseScheduler):
         generator: torch.Generator | list[torch.Generator] | None = None,
         variance_noise: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One ancestral step x_t -> x_t'. model_output, sample: [B, ...]; timestep: int or 0-d tensor.
-
-        For t > 0 the noise is `variance_noise` if given (it then takes precedence over `generator`), else it
-        is drawn from `generator` (one draw of sample's shape per step, as diffusers does).
-        """
+        """One ancestral step x_t -> x_t' (noise for t > 0: see `_noise`). model_output, sample: [B, ...];
+        timestep: int or 0-d tensor."""
         t = _step_timestep(self, timestep)
         prev_t = self.previous_timestep(t)
         abar_t = self.alphas_cumprod[t]
@@ -153,11 +150,8 @@ class DDIMScheduler(NoiseScheduler):
         generator: torch.Generator | list[torch.Generator] | None = None,
         variance_noise: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One DDIM step x_t -> x_t' (DDIM eq. 12). model_output, sample: [B, ...]; timestep: int/0-d tensor.
-
-        With eta > 0 the noise z is `variance_noise` if given (it then takes precedence over `generator`),
-        else it is drawn from `generator` (one draw of sample's shape per step, as diffusers does).
-        """
+        """One DDIM step x_t -> x_t' (DDIM eq. 12; noise z for eta > 0: see `_noise`). model_output, sample:
+        [B, ...]; timestep: int or 0-d tensor."""
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta!r}")
         t = _step_timestep(self, timestep)

@@ -62,19 +62,17 @@ class UNetConfig:
     upcast_attention: bool = False  # run attention in float32 even under fp16/bf16 (SD 2.1)
 
     def __post_init__(self):
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+        n, heads = len(self.block_out_channels), self.heads()
+        if not len(self.down_block_types) == len(self.up_block_types) == len(heads) == n:
             raise ValueError(
                 f"UNetConfig: down_block_types ({len(self.down_block_types)}), up_block_types "
-                f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length"
+                f"({len(self.up_block_types)}), attention_head_dim ({len(heads)}) and block_out_channels ({n}) "
+                "must have the same length"
             )
         for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
             bad = [t for t in getattr(self, name) if t not in allowed]
             if bad:
                 raise ValueError(f"UNetConfig.{name}: unsupported {bad}; expected {allowed}")
-        heads = self.heads()
-        if len(heads) != n:
-            raise ValueError(f"UNetConfig.attention_head_dim: {len(heads)} values for {n} blocks")
         for c, h in zip(self.block_out_channels, heads):
             if c % self.norm_num_groups or c % h:
                 raise ValueError(

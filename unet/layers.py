@@ -44,6 +44,7 @@ Attribute names mirror the diffusers checkpoint keys (`time_emb_proj`, `to_out.0
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -214,14 +215,11 @@ class Transformer2DModel(nn.Module):
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int, linear_projection: bool,
                  upcast: bool):
         super().__init__()
-        self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # eps: LDM/diffusers Transformer2DModel
-        if linear_projection:
-            self.proj_in = nn.Linear(channels, channels)
-            self.proj_out = nn.Linear(channels, channels)
-        else:
-            self.proj_in = nn.Conv2d(channels, channels, 1)
-            self.proj_out = nn.Conv2d(channels, channels, 1)
+        # The same map either way, stored as a 1x1 conv (SD v1) or a Linear (SD 2.x), as the checkpoints do.
+        projection = nn.Linear if linear_projection else functools.partial(nn.Conv2d, kernel_size=1)
+        self.proj_in = projection(channels, channels)
+        self.proj_out = projection(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, heads, channels // heads, context_dim, upcast)]
         )
@@ -229,18 +227,14 @@ class Transformer2DModel(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, C, h, w], context [B, L, C_ctx] -> [B, C, h, w]."""
         b, c, h, w = x.shape
-        residual = x
-        x = self.norm(x)
-        if not self.linear_projection:
-            x = self.proj_in(x)
-        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, h*w, C]
-        if self.linear_projection:
-            x = self.proj_in(x)
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, h*w, C]
+        tokens = channel_linear(self.proj_in, tokens)
         for block in self.transformer_blocks:
-            x = block(x, context, (h, w))
-        if self.linear_projection:
-            x = self.proj_out(x)
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, h, w]
-        if not self.linear_projection:
-            x = self.proj_out(x.contiguous())
-        return x + residual
+            tokens = block(tokens, context, (h, w))
+        tokens = channel_linear(self.proj_out, tokens)
+        return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, h, w]
+
+
+def channel_linear(layer: nn.Conv2d | nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv or a Linear applied to tokens [B, N, C]: both are W x + b over the channels."""
+    return F.linear(tokens, layer.weight.flatten(1), layer.bias)

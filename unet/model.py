@@ -178,31 +178,26 @@ class UNet2DConditionModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor):
-        c = self.config
+    def _checked_timesteps(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+        """The timesteps as a [B] tensor; ValueError naming the shape of any input that does not fit."""
+        c, b = self.config, sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
-            raise ValueError(
-                f"UNet2DConditionModel: sample must be [B, in_channels={c.in_channels}, h, w], "
-                f"got shape {tuple(sample.shape)}"
-            )
-        b = sample.shape[0]
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.cross_attention_dim:
-            raise ValueError(
-                f"UNet2DConditionModel: encoder_hidden_states must be [B={b}, L, "
-                f"cross_attention_dim={c.cross_attention_dim}], got shape {tuple(context.shape)}"
-            )
+            expected, got = f"sample must be [B, in_channels={c.in_channels}, h, w]", sample
+        elif context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.cross_attention_dim:
+            expected = f"encoder_hidden_states must be [B={b}, L, cross_attention_dim={c.cross_attention_dim}]"
+            got = context
+        elif t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, b)):
+            expected, got = f"timestep must be a scalar or [B={b}]", t
+        else:
+            return t.reshape(-1).expand(b)
+        raise ValueError(f"UNet2DConditionModel: {expected}, got shape {tuple(got.shape)}")
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """sample [B, 4, h, w]; timestep int/float, 0-d or [B] tensor; encoder_hidden_states [B, L, 768]
         -> predicted noise (or v) [B, 4, h, w]."""
-        self._check_inputs(sample, encoder_hidden_states)
-        b, context = sample.shape[0], encoder_hidden_states
-        t = torch.as_tensor(timestep, device=sample.device)
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, b)):
-            raise ValueError(
-                f"UNet2DConditionModel: timestep must be a scalar or [B={b}], got {tuple(t.shape)}"
-            )
-        t = t.reshape(-1).expand(b)  # [B]
+        context = encoder_hidden_states
+        t = self._checked_timesteps(sample, timestep, context)  # [B]
         c = self.config
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(temb.to(sample.dtype))  # [B, 4 * C0]
@@ -273,17 +268,15 @@ class UNet2DConditionModel(nn.Module):
         """
         where = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir)
         path = hub.resolve_file(name_or_path, WEIGHTS_NAMES, **where)
-        single_file = Path(str(name_or_path)).expanduser().is_file()
+        if config is None and Path(str(name_or_path)).expanduser().is_file():
+            config = UNetConfig()
         if config is None:
-            if single_file:
-                config = UNetConfig()
-            else:
-                config_path = hub.resolve_file(name_or_path, "config.json", **where)
-                config = UNetConfig.from_dict(hub.read_json(config_path), source=str(config_path))
+            config_path = hub.resolve_file(name_or_path, "config.json", **where)
+            config = UNetConfig.from_dict(hub.read_json(config_path), source=str(config_path))
         state = hub.load_state_dict_file(path)
-        if any(k.startswith(LDM_PREFIX) for k in state):
+        if any(k.startswith(LDM_PREFIX) for k in state):  # a whole SD file: keep its UNet
             state = hub.strip_prefix(state, LDM_PREFIX)
-        if "input_blocks.0.0.weight" in state:
+        if "input_blocks.0.0.weight" in state:  # CompVis layout
             state = ldm_to_diffusers(state, config)
         return hub.load_model(cls, config, state, source=str(path), dtype=dtype, device=device)
 

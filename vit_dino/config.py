@@ -20,16 +20,15 @@ transformers Dinov2Model / Dinov2WithRegistersModel layouts (`facebook/dinov2-ba
 `microsoft/rad-dino`, `facebook/dinov2-with-registers-base`). ViT-g replaces the GELU MLP by a SwiGLU one
 (`use_swiglu_ffn`; timm SwiGLUPacked, transformers Dinov2SwiGLUFFN).
 
-Preprocessing: `image_mean`/`image_std`, `input_size` (the crop S) and `crop_pct` (S / resized shorter side)
-come from the checkpoint's `preprocessor_config.json` when it ships one (rad-dino: its own CXR mean/std, 518 px;
-see `preprocess.fields_from_image_processor`), else from timm's pretrained cfg, else ImageNet at image_size.
+Preprocessing (`image_mean`/`image_std`, crop `input_size`, `crop_pct` = crop / resized shorter side) comes from
+the checkpoint's `preprocessor_config.json` when it ships one (rad-dino: its own CXR mean/std, 518 px), else
+from timm's pretrained cfg, else ImageNet at image_size.
 
 Sources: transformers `ViTConfig` defaults and `ViTEmbeddings.interpolate_pos_encoding`; timm
-`vit_*_patch14_reg4_dinov2` model args (`init_values=1e-5, reg_tokens=4, no_embed_class=True`),
-`resample_abs_pos_embed` (antialias=True) and the `.lvd142m` pretrained cfg (518 px, ImageNet mean/std);
-timm `vit_giant_patch14_reg4_dinov2` (embed_dim 1536, depth 40, 24 heads, mlp_ratio 2.66667 * 2, SwiGLUPacked);
-transformers `Dinov2Embeddings` / `Dinov2WithRegistersEmbeddings.interpolate_pos_encoding` (transformers 5.x:
-bicubic to an explicit size, float32; antialias only with registers) and `Dinov2SwiGLUFFN` (hidden width).
+`vit_*_patch14_reg4_dinov2` model args (`init_values=1e-5, reg_tokens=4, no_embed_class=True`; ViT-g: embed_dim
+1536, depth 40, 24 heads, mlp_ratio 2.66667 * 2, SwiGLUPacked), `resample_abs_pos_embed` (antialias=True) and
+the `.lvd142m` pretrained cfg (518 px, ImageNet mean/std); transformers `Dinov2[WithRegisters]Embeddings.
+interpolate_pos_encoding` (bicubic to an explicit size, float32; antialias only with registers).
 """
 
 from __future__ import annotations
@@ -68,19 +67,10 @@ class DinoConfig:
     crop_pct: float = 1.0  # S / shorter side after resize (timm crop_pct; 224/256 for facebook/dinov2-base)
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        if self.input_size is not None and self.input_size % self.patch_size:
-            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
-        if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.use_swiglu_ffn and self.intermediate_size % 2:
-            raise ValueError(f"use_swiglu_ffn needs an even intermediate_size, got {self.intermediate_size}")
+        if self.hidden_size % self.num_attention_heads or self.image_size % self.patch_size:
+            raise ValueError(f"DinoConfig: hidden_size {self.hidden_size} must be divisible by num_attention_heads "
+                             f"{self.num_attention_heads}, image_size {self.image_size} by patch_size "
+                             f"{self.patch_size}")
 
     @property
     def grid_size(self) -> int:

@@ -1,21 +1,14 @@
 """Image -> DINO input: resize the shorter side to S / crop_pct, centre-crop S x S, normalize (mean, std).
 
 This is timm's eval transform for the DINO checkpoints (`Resize(S / crop_pct)` bicubic with antialias,
-`CenterCrop(S)`, `Normalize(mean, std)`), done on tensors (the whole batch at once, on the model's device).
-With crop_pct 1 and square images (chest X-rays usually are) it equals resizing straight to S x S, which is
-what `facebook/dino-vitb16`'s ViTImageProcessor does. S, crop_pct, mean and std are the checkpoint's: from its
-`preprocessor_config.json` when it has one (`fields_from_image_processor`: transformers' BitImageProcessor of
-Dinov2 / rad-dino, "resize the shorter side to `size`, centre-crop `crop_size`"), else ImageNet mean/std, S =
-the native image_size and crop_pct 1.
+`CenterCrop(S)`, `Normalize(mean, std)`), done on tensors, the whole batch at once on the model's device. With
+crop_pct 1 and square images (chest X-rays usually are) it equals `facebook/dino-vitb16`'s ViTImageProcessor.
+S, crop_pct, mean and std are the checkpoint's (`fields_from_image_processor` reads a transformers
+`preprocessor_config.json`), else ImageNet mean/std, S = the native image_size and crop_pct 1.
 
-Accepted inputs (pixel values are rescaled to [0, 1] first):
-- a PIL image (L, RGB; I;16 and I read as 16-bit; other modes converted to L or RGB) or a list of them;
-- a numpy array or torch tensor [H, W], [B, H, W], [B, 1, H, W] or [B, 3, H, W]:
-  uint8 is divided by 255, uint16 by 65535, floats are assumed to be in [0, 1] already;
-- a list mixing any of the above (images of different sizes are fine).
-Images scaled to [-1, 1] (as diffusion code has them) go through `from_minus1_1` first; float inputs
-clearly outside [0, 1] raise ValueError instead of silently giving wrong features. Grayscale becomes 3
-channels by repetition. A single channels-first image is given as [1, C, H, W] (3-D means [B, H, W]).
+Inputs: PIL images (16-bit too), numpy arrays or tensors [H, W], [B, H, W], [B, 1, H, W] or [B, 3, H, W] (uint8
+/ 255, uint16 / 65535, floats already in [0, 1]: `from_minus1_1` maps [-1, 1] images, other ranges raise), or a
+list of any of these, of any sizes. Grey becomes 3 channels by repetition.
 """
 
 from __future__ import annotations
