@@ -64,7 +64,7 @@ def generate(unet, vae, scheduler, context: torch.Tensor, *, seeds=None, latents
     if latents is None:
         if gens is None:
             raise ValueError("generate needs seeds= or latents=")
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae.config.downsample_factor
         height = height or unet.config.sample_size * factor
         width = width or height
         if height % factor or width % factor:

@@ -226,7 +226,7 @@ def prepare(args, combos, world: distributed.World):
         unet, vae, dino, cfg, steps = load_models(args, world.device)
     except (FileNotFoundError, hub.CheckpointError) as e:
         cli.fail(f"cannot load the model: {e}")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae.config.downsample_factor
     size = args.size or cfg.get("image_size") or unet.config.sample_size * factor
     multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
     if size % multiple:

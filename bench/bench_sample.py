@@ -67,7 +67,7 @@ def throughput_row(unet, vae, unet_ref, vae_ref, label: str, batch: int, k: int,
     device, amp = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", None)
     for model in (unet, vae, unet_ref, vae_ref):
         model.to(device)
-    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size * vae.config.downsample_factor
     ctx = torch.randn(batch, 5, unet.config.cross_attention_dim, device=device)  # DINOv2-reg4 c_GLB: CLS + 4 regs
     seeds = list(range(batch))
 

@@ -73,21 +73,26 @@ def decode_image(data: bytes, name: str, channels: int = 1) -> np.ndarray:
 def _decode_pil(data: bytes, channels: int = 1) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # decode now: truncated files fail here, not later
-        img = ImageOps.exif_transpose(img)
-        grey = img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;16")
-        if channels == 3 and not grey:  # alpha dropped, palettes and CMYK converted
-            return np.array(img.convert("RGB"))
-        if img.mode.startswith("I;16"):
-            arr = np.array(img).astype(np.uint16)
-        elif img.mode in ("I", "F"):  # 32-bit: how old Pillows open 16-bit PNGs, or float
-            arr = np.array(img).astype(np.float64)
-            if img.mode == "F" or arr.min() < 0 or arr.max() > 65535:  # min-max onto uint16
-                lo, hi = arr.min(), arr.max()
-                arr = np.zeros_like(arr) if hi <= lo else (arr - lo) * (65535 / (hi - lo))
-            arr = arr.astype(np.uint16)
-        else:
-            arr = np.array(img.convert("L"))
-        return np.repeat(arr[..., None], 3, axis=2) if channels == 3 else arr
+        return pil_to_array(ImageOps.exif_transpose(img), channels)
+
+
+def pil_to_array(img: Image.Image, channels: int = 1) -> np.ndarray:
+    """A PIL image -> uint8/uint16 [H, W] (channels=1: luminance) or [H, W, 3] (3: RGB, grey repeated); the
+    one place where Pillow's modes are handled (the DINO preprocessing takes PIL images through it too)."""
+    grey = img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;16")
+    if channels == 3 and not grey:  # alpha dropped, palettes and CMYK converted
+        return np.array(img.convert("RGB"))
+    if img.mode.startswith("I;16"):
+        arr = np.array(img).astype(np.uint16)
+    elif img.mode in ("I", "F"):  # 32-bit: how old Pillows open 16-bit PNGs, or float
+        arr = np.array(img).astype(np.float64)
+        if img.mode == "F" or arr.min() < 0 or arr.max() > 65535:  # min-max onto uint16
+            lo, hi = arr.min(), arr.max()
+            arr = np.zeros_like(arr) if hi <= lo else (arr - lo) * (65535 / (hi - lo))
+        arr = arr.astype(np.uint16)
+    else:
+        arr = np.array(img.convert("L"))
+    return np.repeat(arr[..., None], 3, axis=2) if channels == 3 else arr
 
 
 def list_images(folder: str | Path) -> list[Path]:

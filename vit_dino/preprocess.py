@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hub
+from data.readers import pil_to_array
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
 
@@ -30,19 +31,10 @@ def from_minus1_1(x: torch.Tensor) -> torch.Tensor:
     return (x + 1) / 2
 
 
-def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale (e.g. CXR PNGs)
-        return torch.from_numpy(np.asarray(img).astype(np.float32) / 65535.0)
-    if img.mode not in ("L", "RGB"):
-        img = img.convert("L" if img.mode in ("1", "LA") else "RGB")
-    arr = torch.from_numpy(np.array(img))  # uint8 [H, W] or [H, W, 3]
-    return arr.permute(2, 0, 1)[None] if arr.ndim == 3 else arr
-
-
 def _to_batch(images, device) -> torch.Tensor:
     """One input (not a list) -> float [B, C, H, W] in [0, 1], C in {1, 3}."""
     if isinstance(images, Image.Image):
-        images = _pil_to_tensor(images)
+        images = torch.from_numpy(pil_to_array(images, channels=3)).permute(2, 0, 1)[None]  # uint8/16 [1, 3, H, W]
     elif isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
