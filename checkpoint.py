@@ -35,6 +35,12 @@ def paths(run_dir, step: int) -> dict[str, Path]:
             "state": Path(f"{base}.state.safetensors")}
 
 
+def unet_file(run_dir, step: int, ema: bool = True) -> Path:
+    """The UNet weights to sample from at `step`: its EMA file when `ema` and present, else the raw weights."""
+    p = paths(run_dir, step)
+    return p["ema"] if ema and p["ema"].is_file() else p["weights"]
+
+
 def save(run_dir, step: int, *, model_state: dict, ema_state: dict | None, optimizer, scaler=None,
          extra: dict | None = None):
     """Write step `step`'s files (state, EMA, then weights), all or none: if any write fails (a full disk, a
@@ -142,7 +148,9 @@ def truncate_metrics(out: Path, step: int):
     """Keep the metrics of steps <= `step` (a resume re-logs the steps after its checkpoint); a line torn by a
     kill mid-write is dropped."""
     path, keep = out / "metrics.jsonl", []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
         with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn line
             if json.loads(line)["step"] <= step:
                 keep.append(line)

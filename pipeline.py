@@ -120,9 +120,8 @@ def load_run(run_dir, *, ema: bool = True, step: int | None = None, device=None)
     if not found:
         what = f"step {step}" if step is not None else "any checkpoint"
         raise FileNotFoundError(f"{run_dir}/checkpoints has no {what}")
-    ckpt_step, weights = found[-1]
-    if ema and checkpoint.paths(run_dir, ckpt_step)["ema"].is_file():
-        weights = checkpoint.paths(run_dir, ckpt_step)["ema"]
+    ckpt_step = found[-1][0]
+    weights = checkpoint.unet_file(run_dir, ckpt_step, ema)
     unet_cfg = hub.config_from_dict(UNetConfig, cfg["unet_config_resolved"], source=f"{run_dir}/config.json")
     unet = hub.load_model(UNet2DConditionModel, unet_cfg, hub.load_state_dict_file(weights), source=str(weights),
                           device=device)

@@ -287,10 +287,7 @@ def main(argv=None):
     baselines = mask_baselines(x.masks) if x.masks is not None and len(x.masks) >= 2 else {}  # image-blind Dice
     out, sweep, summaries = Path(args.out), args.checkpoints == "all", []
     for step in steps:
-        weights = None  # the file load_run read: the EMA twin when present and wanted
-        if step is not None:
-            files = checkpoint.paths(args.run, step)
-            weights = files["ema"] if not args.no_ema and files["ema"].is_file() else files["weights"]
+        weights = None if step is None else checkpoint.unet_file(args.run, step, ema=not args.no_ema)  # as load_run
         if sweep:  # load_run loaded the newest; the sweep swaps the UNet weights in place
             unet.load_state_dict(hub.load_state_dict_file(weights), strict=True)
         folders = [out.joinpath(*([f"step_{step:07d}"] if sweep else []), "_".join(f"{k}{c[k]}" for k in searched))

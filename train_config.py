@@ -187,16 +187,16 @@ def parse_flags(argv=None) -> tuple[TrainConfig, dict]:
     """(config, the flags given on the command line as {field: value}; an unset --preset is not given, so
     `--resume` alone continues a run of any preset)."""
     given = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None}
+    base = PRESETS[given.get("preset", "tiny")]
     if given.get("channels") == 3:  # XRV features are CXR-only: colour runs measure FID in Inception's
         if given.get("fid_features") == "xrv":
             cli.fail("--fid-features xrv: XRV features are for grey chest X-rays; with --channels 3 use inception")
         given.setdefault("fid_features", "inception")
-    base = PRESETS[given.get("preset", "tiny")]
-    if given.get("channels") == 3 and not given.get("unet", base.unet) and not given.get("resume"):
-        # Tint, a latent's mean, is set at the noisiest t, where the epsilon loss weighs a z0 error by SNR
-        # (0.005 at t=999): a from-scratch UNet then reads the tint off its own noise, not off c_GLB.
-        # v-prediction (Salimans & Ho 2022) weighs it by SNR + 1 (measured: tests/test_colour.py).
-        given.setdefault("scheduler", {"prediction_type": "v_prediction"})
+        if not given.get("unet", base.unet) and not given.get("resume"):
+            # Tint, a latent's mean, is set at the noisiest t, where the epsilon loss weighs a z0 error by SNR
+            # (0.005 at t=999): a from-scratch UNet then reads the tint off its own noise, not off c_GLB.
+            # v-prediction (Salimans & Ho 2022) weighs it by SNR + 1 (measured: tests/test_colour.py).
+            given.setdefault("scheduler", {"prediction_type": "v_prediction"})
     return replace(base, **{k: v for k, v in given.items() if k != "preset"}), given
 
 
