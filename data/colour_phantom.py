@@ -94,15 +94,10 @@ def make_colour_phantom(seed: int, size: int = 256):
     return image, mask & (fov > 0.5), labels
 
 
-def main(argv=None):
+if __name__ == "__main__":  # python -m data.colour_phantom: data/phantom.py's CLI with the colour maker
+    from cli import main_guard
     from data.phantom import phantom_cli
 
-    phantom_cli(argv, make_colour_phantom, COLOUR_LABELS, "colour_phantom", "endoscopy-like colour phantoms",
-                "phantom i uses seed + i. train.py --channels 3 trains on seeds 0 .. phantom_count-1 and holds "
-                "out 10000000 + i; e.g. 5000000 gives phantoms no run trained on")
-
-
-if __name__ == "__main__":
-    from cli import main_guard
-
-    main_guard(main)
+    main_guard(phantom_cli, None, make_colour_phantom, COLOUR_LABELS, "colour_phantom", "endoscopy-like colour "
+               "phantoms", "phantom i uses seed + i. train.py --channels 3 trains on seeds 0 .. phantom_count-1 "
+               "and holds out 10000000 + i; e.g. 5000000 gives phantoms no run trained on")

@@ -103,41 +103,35 @@ class Upsample2D(nn.Module):
 
 
 class ResnetStack(nn.Module):
-    """`num_layers` ResnetBlock2D (the first one changes the width), then the level's resampler if any:
-    the shared body of DownEncoderBlock2D and UpDecoderBlock2D, whose resampler attribute names differ
-    (`downsamplers` / `upsamplers`) because the checkpoint keys do."""
+    """`num_layers` ResnetBlock2D (the first one changes the width), then the level's resampler if any: the
+    shared body of DownEncoderBlock2D and UpDecoderBlock2D, which name their resampler (`downsamplers.0` /
+    `upsamplers.0`, as the checkpoint keys do)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, eps: float):
+    resampler: tuple[str, type[nn.Module]]  # (attribute name, class), set by each subclass
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, resample: bool, groups: int,
+                 eps: float):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, groups, eps)
             for j in range(num_layers)
         )
+        name, kind = self.resampler
+        setattr(self, name, nn.ModuleList([kind(out_channels)]) if resample else None)
 
-    def run(self, x: torch.Tensor, resamplers: nn.ModuleList | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
+        resamplers = getattr(self, self.resampler[0])
         return resamplers[0](x) if resamplers is not None else x
 
 
 class DownEncoderBlock2D(ResnetStack):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: bool, groups: int,
-                 eps: float):
-        super().__init__(in_channels, out_channels, num_layers, groups, eps)
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x, self.downsamplers)
+    resampler = ("downsamplers", Downsample2D)  # [H, W] -> [H/2, W/2]
 
 
 class UpDecoderBlock2D(ResnetStack):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, upsample: bool, groups: int,
-                 eps: float):
-        super().__init__(in_channels, out_channels, num_layers, groups, eps)
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x, self.upsamplers)
+    resampler = ("upsamplers", Upsample2D)  # [H, W] -> [2H, 2W]
 
 
 class UNetMidBlock2D(nn.Module):
