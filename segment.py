@@ -4,7 +4,7 @@ A diffusion model that can denoise a CXR must know which pixels belong together,
 so: the rows of the attention of pixels on one lung look alike. Per image: the VAE posterior mean as latent
 (no noise, as the DiffSeg reference), ONE UNet forward at t = --timestep conditioned on the image's own c_GLB
 (or zeros: the ablation, and vanilla SD's unconditional input), then DiffSeg (diffseg.py) merges the attention
-of a grid of anchors into K unnamed segments. A rule picks the lung segments (eval/segmentation.py: `dice` is
+of a grid of anchors into K unnamed segments. A rule picks the lung segments (segment_lungs.py: `dice` is
 the paper's NMS reading, next to an oracle, the DiffSeg benchmark's Hungarian matching and image-blind
 baselines that say what the segment count alone buys).
 """
@@ -31,8 +31,8 @@ from data.datasets import open_dataset
 from data.readers import ImageReadError, read_image, resolve_path
 from data.transforms import preprocess_cxr, preprocess_mask
 from diffseg import auto_threshold, diffseg, self_attention
-from eval.segmentation import mask_baselines, report, saved_result, segment_image, write_table
 from generate import encode_images
+from segment_lungs import mask_baselines, report, saved_result, segment_image, write_table
 
 EPILOG = """Writes labels/<stem>.png (segment ids 0..K-1), overlays/<stem>.png (segments in colour, the lung mask's
 contour in yellow), overlays.png (the first 8) and, with masks, dice.csv and summary.json (means of every
