@@ -28,7 +28,7 @@ import distributed
 import hub
 import pipeline
 from data.datasets import open_dataset
-from data.readers import ImageReadError, read_image, resolve_path
+from data.readers import ImageReadError, read_image
 from data.transforms import preprocess_cxr, preprocess_mask
 from diffseg import auto_threshold, diffseg, self_attention
 from generate import encode_images
@@ -147,21 +147,16 @@ def settings_grid(args) -> tuple[list[dict], list[str]]:
 def read_inputs(args, size: int, channels: int):
     """-> items [(stem, image path, mask path or None)], images float32 [N, channels, S, S] (3: a colour run's
     RGB), masks bool [N, S, S] or None, skipped [(path, reason)]. `open_dataset` lists the images and pairs the
-    masks (--masks DIR, or a CSV's mask column); masks are cropped and resized like their image."""
+    masks (--masks DIR, or a CSV's --mask-column); masks are cropped and resized like their image."""
     src = Path(args.images)
     if not (src.is_dir() or (src.suffix.lower() == ".csv" and src.is_file())):
         cli.fail(f"--images {src}: expected a folder of images or a .csv file")
     try:
-        data = open_dataset(src, None, masks=args.masks, path_column=args.path_column or args.image_column,
-                            image_root=args.image_root)
+        data = open_dataset(src, None, masks=args.masks, mask_column=args.mask_column or None,
+                            path_column=args.path_column or args.image_column, image_root=args.image_root)
     except (ValueError, OSError) as e:
         cli.fail(f"--images {src}: {e}")
-    mask_paths = data.masks
-    if args.mask_column:
-        if args.mask_column not in getattr(data, "columns", {}):
-            cli.fail(f"--images {src}: no column {args.mask_column!r} (--mask-column)")
-        root = Path(args.image_root or src.parent)
-        mask_paths = [resolve_path(m.strip(), root) if m.strip() else None for m in data.columns[args.mask_column]]
+    mask_paths = data.masks  # None where a --mask-column cell is blank
     items = [(Path(p).stem, str(p), m and str(m)) for p, m in zip(data.paths, mask_paths or [None] * len(data.paths))]
     items = items[: args.limit]
     if len({stem for stem, _, _ in items}) < len(items):
