@@ -20,16 +20,16 @@ look at the same places, so their rows are close; DiffSeg clusters rows:
    output size, every pixel takes the index of the largest map there. Optional: the reference's k-means
    refinement from the object maps (`kmeans_refine`).
 
-Threshold "auto" (`auto_threshold`). A fixed KL threshold suits one model only: distances scale with how sharp
-its attention is. SD-size models merge well at 0.05-1.1, but the small models of this repository attend so
-smoothly that their anchor distances are ~0.001-0.01 and 0.05 merges everything into one segment
-(docs/results.md). "auto" is the AUTO_QUANTILE = 0.1 quantile of the distances between all pairs of the image's
-own anchors: "two places are one object when they are as close as the closest 10 % of anchor pairs". With K
-objects of similar size about 1/K of the pairs lie on one object, so 0.1 keeps objects down to about a tenth
-of the image apart, at any distance scale (tiny preset's phantoms: ~4-5 segments; 0.05 ~10, 0.3 mostly one).
+Threshold "auto" (`auto_threshold`). KL distances scale with how sharp a model's attention is: SD-size models
+merge well at 0.05-1.1, but this repository's small models attend so smoothly that their anchor distances are
+~0.001-0.01 and 0.05 merges everything into one segment (docs/results.md). "auto" is the AUTO_QUANTILE = 0.1
+quantile of the distances between all pairs of the image's own anchors: "two places are one object when they
+are as close as the closest 10 % of anchor pairs". With K similar-sized objects about 1/K of the pairs lie on
+one object, so 0.1 keeps objects down to about a tenth of the image apart, at any distance scale (tiny
+preset's phantoms: ~4-5 segments; 0.05 ~10, 0.3 mostly one).
 
-Memory stays bounded at any grid: nothing [N, N]-sized is built beyond A itself (distances and upsampling go
-chunk by chunk). float32 throughout (the reference uses float16 for iteration 0, float64 after).
+Nothing [N, N]-sized is built beyond A itself (distances and upsampling go chunk by chunk), at any grid.
+float32 throughout (the reference uses float16 for iteration 0, float64 after).
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Smallest normal float32 (torch.finfo). The clamp only guards log(0): every normal float32 probability is
-# left untouched (the reference has no clamp); log(KL_EPS) = -87.3 keeps every product finite, so a map with
-# mass where another has none is just far.
+# Smallest normal float32: the clamp only guards log(0), leaving every normal probability untouched (the
+# reference has no clamp); log(KL_EPS) = -87.3 keeps products finite: mass where another map has none is far.
 KL_EPS = torch.finfo(torch.float32).tiny
 AUTO_QUANTILE = 0.1  # threshold="auto": this quantile of the anchor-anchor distances (module docstring)
 AUTO_FLOOR = 1e-6  # the rounding of float32 KL of equal rows (merge_attention): smaller cannot be resolved
@@ -51,19 +50,16 @@ def _pair(size) -> tuple[int, int]:
 
 
 class AttentionAggregator:
-    """Step 1: average, upsample, renormalise and weight self-attention maps into one [B, N, N] tensor.
-
-    Calling it (it is `unet.capture_self_attention`'s callback) with an `AttentionMap` (.name, .resolution
-    (h, w), .probs [B, h*w, h*w]) adds the map to one float32 running sum per grid. `result()` turns the finest
-    grid's sum into the output in place and adds the coarser grids `chunk_rows` output queries at a time (peak
-    at 512 px: about 68 MiB + 20 MiB of temporaries per image), then empties the aggregator for the next batch.
-    Upsampling the keys after averaging equals averaging the upsampled layers exactly: half-pixel bilinear
-    upsampling by an integer factor r multiplies every row sum by r^2, so renormalising is linear.
+    """Step 1 as `unet.capture_self_attention`'s callback: each `AttentionMap` (.name, .resolution (h, w),
+    .probs [B, h*w, h*w]) joins one float32 running sum per grid. `result()` turns the finest grid's sum into
+    the output in place, adds the coarser grids `chunk_rows` output queries at a time (peak at 512 px: about
+    68 MiB + 20 MiB of temporaries per image) and empties the aggregator for the next batch. Upsampling the
+    keys after averaging equals averaging the upsampled layers exactly: half-pixel bilinear upsampling by an
+    integer factor r multiplies every row sum by r^2, so renormalising is linear.
     """
 
     def __init__(self, chunk_rows: int = CHUNK_ROWS):
-        self.chunk_rows, self.resolution = chunk_rows, None  # resolution: the grid of the last result
-        self.sums = {}  # (h, w) -> running sum [B, h*w, h*w]
+        self.chunk_rows, self.resolution, self.sums = chunk_rows, None, {}  # resolution: the last result's grid
 
     def __call__(self, m):
         (h, w), probs = _pair(m.resolution), m.probs
@@ -73,10 +69,9 @@ class AttentionAggregator:
         batch = {s.shape[0] for s in self.sums.values()}
         if batch and probs.shape[0] not in batch:
             raise ValueError(f"attention map {m.name!r} has batch {probs.shape[0]}, earlier maps {batch.pop()}")
-        if (h, w) in self.sums:
-            self.sums[h, w] += probs.float()
-        else:
-            self.sums[h, w] = probs.detach().to(torch.float32, copy=True)
+        if (h, w) not in self.sums:
+            self.sums[h, w] = torch.zeros(probs.shape, device=probs.device)  # (h, w) -> float32 sum [B, h*w, h*w]
+        self.sums[h, w] += probs.detach()
 
     def grid_weights(self) -> dict[tuple[int, int], float]:
         """The reference's default `weight_ratio`: each grid's side sqrt(h*w) / the sum over the grids."""
@@ -87,10 +82,9 @@ class AttentionAggregator:
         """-> float32 [B, H*W, H*W] on the finest grid (H, W), every row a distribution (sums to 1)."""
         if not self.sums:
             raise ValueError("AttentionAggregator.result(): no attention maps were added")
-        weights, sums = self.grid_weights(), self.sums
+        weights, sums, self.sums = self.grid_weights(), self.sums, {}
         out_h, out_w = self.resolution = max(sums, key=lambda g: g[0] * g[1])
-        self.sums, n_out = {}, out_h * out_w
-        out = sums.pop((out_h, out_w))  # in place: the finest grid's sum becomes the output
+        out, n_out = sums.pop((out_h, out_w)), out_h * out_w  # in place: the finest grid's sum becomes the output
         out /= out.sum(-1, keepdim=True)  # the mean of the layers, renormalised as the reference does
         out *= weights[out_h, out_w]
         for (h, w), s in sums.items():
@@ -120,8 +114,8 @@ def symmetric_kl(x: torch.Tensor, y: torch.Tensor, eps: float = KL_EPS, chunk_ro
     """Pairwise D(x_i, y_j) = (KL(x_i||y_j) + KL(y_j||x_i)) / 2 of row distributions [M, D], [N, D] -> [M, N].
 
     KL(x||y) = sum x log x - sum x log y, so D = (sum x log x + sum y log y - x . log y - log x . y) / 2:
-    two matrix products, with log y built chunk by chunk over the rows of y (never an [M, N, D] tensor).
-    x is the small set (anchors, proposals) and is held whole. In x's dtype; log(clamp(p, eps)) guards log 0.
+    two matrix products, log y built chunk by chunk over the rows of y (never [M, N, D]); x, the small set
+    (anchors, proposals), is held whole. In x's dtype; log(clamp(p, eps)) guards log 0.
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"symmetric_kl needs x [M, D] and y [N, D], got {list(x.shape)} and {list(y.shape)}")
@@ -146,21 +140,15 @@ def anchor_grid(resolution, grid: int = 16, device=None) -> torch.Tensor:
     h, w = _pair(resolution)
     if not 2 <= grid <= min(h, w):
         raise ValueError(f"grid {grid} must be between 2 and the attention grid side {min(h, w)}")
-
-    def axis(s):
-        step = (s - 1) // (grid - 1)
-        return (s - 1 - step * (grid - 1)) // 2 + step * torch.arange(grid, device=device)
-
-    return (axis(h)[:, None] * w + axis(w)[None, :]).reshape(-1)
+    axis = lambda s, step: (s - 1 - step * (grid - 1)) // 2 + step * torch.arange(grid, device=device)
+    return (axis(h, (h - 1) // (grid - 1))[:, None] * w + axis(w, (w - 1) // (grid - 1))[None, :]).reshape(-1)
 
 
 def auto_threshold(attn: torch.Tensor, resolution, grid: int = 16, quantile: float = AUTO_QUANTILE) -> float:
     """The "auto" merge threshold of ONE image attn [N, N]: the `quantile` of the symmetric KL distances
-    between its M x M anchors' attention rows, all pairs i != j (module docstring).
-
-    float64 (M*M rows only): the float32 expansion in `symmetric_kl` rounds by ~1e-6, which is the whole
-    scale of very smooth maps. Never below AUTO_FLOOR, so that the threshold stays > 0.
-    """
+    between its M x M anchors' attention rows, all pairs i != j (module docstring), in float64 (M*M rows only:
+    float32 `symmetric_kl` rounds by ~1e-6, the whole scale of very smooth maps); never below AUTO_FLOOR, so
+    that the threshold stays > 0."""
     rows = attn[anchor_grid(resolution, grid, device=attn.device)].double()
     d = symmetric_kl(rows, rows)  # [M*M, M*M]
     off = d[~torch.eye(len(rows), dtype=torch.bool, device=d.device)]
@@ -170,23 +158,19 @@ def auto_threshold(attn: torch.Tensor, resolution, grid: int = 16, quantile: flo
 def merge_attention(attn: torch.Tensor, resolution, grid: int = 16, threshold=0.05, iterations: int = 3):
     """Steps 2-3 for ONE image: attn [N, N] (rows = queries) -> object maps [K, N] (rows sum to 1).
 
-    threshold: one value, one per iteration (the reference takes a list), or "auto" (`auto_threshold`, the
-    same value for every iteration). A map is always within the threshold of itself (the expanded KL of
-    equal rows may round to ~1e-6 instead of 0).
+    threshold: one value, one per iteration (the reference takes a list) or "auto" (`auto_threshold`, for every
+    iteration). A map is always within the threshold of itself (the expanded KL of equal rows may give ~1e-6).
     """
     attn = attn.float()
     if threshold == "auto":
         threshold = auto_threshold(attn, resolution, grid)
     ts = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold] * iterations
-    if len(ts) != iterations or iterations < 1:
-        raise ValueError(f"threshold {threshold} must be one value or one per iteration (iterations={iterations})")
-    if min(ts) <= 0:
-        raise ValueError(f"threshold must be > 0, got {threshold}")
+    if len(ts) != iterations or iterations < 1 or min(ts) <= 0:
+        raise ValueError(f"threshold {threshold} must be > 0, one value or one per iteration (iterations={iterations})")
     anchors = anchor_grid(resolution, grid, device=attn.device)
     close = symmetric_kl(attn[anchors], attn) < ts[0]  # [M*M, N]
     close[torch.arange(len(anchors), device=attn.device), anchors] = True
-    close = close.float()
-    objects = (close @ attn) / close.sum(1, keepdim=True)  # iteration 0: proposals [M*M, N]
+    objects = (close.float() @ attn) / close.sum(1, keepdim=True)  # iteration 0: proposals [M*M, N]
     for t in ts[1:]:
         close = symmetric_kl(objects, objects) < t  # [K, K]
         close.fill_diagonal_(True)
@@ -210,23 +194,19 @@ def kmeans_refine(attn: torch.Tensor, objects: torch.Tensor, max_iter: int = 300
     attn, centers = attn.float(), objects.float()
     tol = tol * attn.var(0, correction=0).mean()
     sq = (attn * attn).sum(1, keepdim=True)  # [N, 1]
-
-    def assign(c):
-        return (sq - 2 * attn @ c.T + (c * c).sum(1)).argmin(1)  # squared Euclidean, [N]
-
+    assign = lambda c: (sq - 2 * attn @ c.T + (c * c).sum(1)).argmin(1)  # the nearest center (squared Euclidean) [N]
     labels = assign(centers)
     for _ in range(max_iter):
         onehot = F.one_hot(labels, len(centers)).float()  # [N, K]
         counts = onehot.sum(0)
         new = torch.where(counts[:, None] > 0, (onehot.T @ attn) / counts.clamp_min(1)[:, None], centers)
-        shift, centers = ((new - centers) ** 2).sum(), new
-        new_labels = assign(centers)
-        converged, labels = torch.equal(new_labels, labels) or shift <= tol, new_labels
-        if converged:
+        shift, centers, old = ((new - centers) ** 2).sum(), new, labels
+        labels = assign(centers)
+        if torch.equal(labels, old) or shift <= tol:
             break
     onehot = F.one_hot(labels, len(centers)).float()
-    keep = onehot.sum(0) > 0
-    return (onehot.T @ attn)[keep] / onehot.sum(0)[keep, None]
+    counts = onehot.sum(0)
+    return (onehot.T @ attn)[counts > 0] / counts[counts > 0, None]
 
 
 def labels_from_objects(objects: torch.Tensor, resolution, out_size=None, upsample: str = "bilinear",
@@ -261,13 +241,10 @@ def diffseg(attn: torch.Tensor, grid: int = 16, threshold=0.05, iterations: int 
     size; default the attention grid. Defaults (grid 16, threshold 0.05) are DiNO-Diffusion's; vanilla SD
     uses 32 and 0.5. Deterministic.
     """
-    n = attn.shape[-1]
-    h, w = _pair(resolution or round(n ** 0.5))
+    h, w = _pair(resolution or round(attn.shape[-1] ** 0.5))
     if attn.ndim != 3 or attn.shape[1:] != (h * w, h * w):
         raise ValueError(f"diffseg: attention {list(attn.shape)} is not [B, {h * w}, {h * w}] for the grid {(h, w)}"
                          + ("" if resolution else ": N is not a square grid, pass resolution=(h, w)"))
-    labels = []
-    for a in attn:
-        obj = merge_attention(a, (h, w), grid, threshold, iterations)
-        labels.append(labels_from_objects(kmeans_refine(a, obj) if refine else obj, (h, w), out_size, upsample))
-    return torch.stack(labels)
+    objects = [(a, merge_attention(a, (h, w), grid, threshold, iterations)) for a in attn]
+    return torch.stack([labels_from_objects(kmeans_refine(a, obj) if refine else obj, (h, w), out_size, upsample)
+                        for a, obj in objects])

@@ -4,7 +4,7 @@ A diffusion model that can denoise a CXR must know which pixels belong together,
 so: the rows of the attention of pixels on one lung look alike. Per image: the VAE posterior mean as latent
 (no noise, as the DiffSeg reference), ONE UNet forward at t = --timestep conditioned on the image's own c_GLB
 (or zeros: the ablation, and vanilla SD's unconditional input), then DiffSeg (diffseg.py) merges the attention
-of a grid of anchors into K unnamed segments. A rule picks the lung segments (eval/segmentation.py: `dice` is
+of a grid of anchors into K unnamed segments. A rule picks the lung segments (segment_lungs.py: `dice` is
 the paper's NMS reading, next to an oracle, the DiffSeg benchmark's Hungarian matching and image-blind
 baselines that say what the segment count alone buys).
 """
@@ -28,11 +28,11 @@ import distributed
 import hub
 import pipeline
 from data.datasets import open_dataset
-from data.readers import ImageReadError, read_image, resolve_path
+from data.readers import ImageReadError, read_image
 from data.transforms import preprocess_cxr, preprocess_mask
 from diffseg import auto_threshold, diffseg, self_attention
-from eval.segmentation import mask_baselines, report, saved_result, segment_image, write_table
 from generate import encode_images
+from segment_lungs import mask_baselines, report, saved_result, segment_image, write_table
 
 EPILOG = """Writes labels/<stem>.png (segment ids 0..K-1), overlays/<stem>.png (segments in colour, the lung mask's
 contour in yellow), overlays.png (the first 8) and, with masks, dice.csv and summary.json (means of every
@@ -147,21 +147,16 @@ def settings_grid(args) -> tuple[list[dict], list[str]]:
 def read_inputs(args, size: int, channels: int):
     """-> items [(stem, image path, mask path or None)], images float32 [N, channels, S, S] (3: a colour run's
     RGB), masks bool [N, S, S] or None, skipped [(path, reason)]. `open_dataset` lists the images and pairs the
-    masks (--masks DIR, or a CSV's mask column); masks are cropped and resized like their image."""
+    masks (--masks DIR, or a CSV's --mask-column); masks are cropped and resized like their image."""
     src = Path(args.images)
     if not (src.is_dir() or (src.suffix.lower() == ".csv" and src.is_file())):
         cli.fail(f"--images {src}: expected a folder of images or a .csv file")
     try:
-        data = open_dataset(src, None, masks=args.masks, path_column=args.path_column or args.image_column,
-                            image_root=args.image_root)
+        data = open_dataset(src, None, masks=args.masks, mask_column=args.mask_column or None,
+                            path_column=args.path_column or args.image_column, image_root=args.image_root)
     except (ValueError, OSError) as e:
         cli.fail(f"--images {src}: {e}")
-    mask_paths = data.masks
-    if args.mask_column:
-        if args.mask_column not in getattr(data, "columns", {}):
-            cli.fail(f"--images {src}: no column {args.mask_column!r} (--mask-column)")
-        root = Path(args.image_root or src.parent)
-        mask_paths = [resolve_path(m.strip(), root) if m.strip() else None for m in data.columns[args.mask_column]]
+    mask_paths = data.masks  # None where a --mask-column cell is blank
     items = [(Path(p).stem, str(p), m and str(m)) for p, m in zip(data.paths, mask_paths or [None] * len(data.paths))]
     items = items[: args.limit]
     if len({stem for stem, _, _ in items}) < len(items):

@@ -4,7 +4,8 @@
 - None or "phantom": the built-in phantoms, item i = `make_phantom(seed + i, size)` (data/phantom.py), or
   with `channels=3` `make_colour_phantom` (data/colour_phantom.py);
 - a folder: every PNG/JPEG/DICOM under it, sorted (`masks=DIR`: the mask of the same relative name in DIR);
-- a .csv with a path column, optional label columns and an optional `mask` column (`readers.read_labels_csv`);
+- a .csv with a path column, optional label columns and an optional mask column (`readers.read_labels_csv`;
+  `mask_column`, default `mask`);
 - webdataset-style shards: one .tar, a brace pattern `shards-{000..099}.tar`, or a folder of .tar files,
   streamed as the paper streams its 868k images (Sec. 3) by `ShardDataset`. Worker w of rank r reads
   shards[r * W + w :: R * W]; with fewer shards than R * W readers, every reader opens all shards and keeps
@@ -89,6 +90,8 @@ class _MapDataset(_SkipLog, Dataset):
         return len(self.paths)
 
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
+        if self.masks is not None and self.masks[i] is None:
+            raise ImageReadError(f"{self.paths[i]} has no mask (a blank cell of the mask column)")
         img = read_image(self.paths[i], self.channels)
         mask = None if self.masks is None else read_image(self.masks[i])
         if mask is not None and mask.shape != img.shape[:2]:
@@ -142,21 +145,27 @@ class ImageFolderDataset(_MapDataset):
 
 class CSVDataset(_MapDataset):
     """Rows of a label CSV (`readers.read_labels_csv`: path column, image root, labels, `uncertain`) and an
-    optional `mask` column, resolved like the image paths; `columns`: every other column {name: [str]}."""
+    optional mask column, resolved like the image paths; `columns`: every other column {name: [str]}.
+    `mask_column=None`: the `mask` column when present, blank cells refused; a named column must exist and
+    its blank cells give masks[i] = None (the caller decides: segment.py refuses them, an item is skipped)."""
 
     def __init__(self, csv_path, size: int | None, *, labels=None, augment=False, seed=0, uncertain=0.0,
-                 path_column=None, image_root=None, channels=1):
+                 path_column=None, image_root=None, mask_column=None, channels=1):
         super().__init__(csv_path, size, augment, seed, channels)
         self.paths, matrix, self.columns = readers.read_labels_csv(csv_path, labels, uncertain=uncertain,
                                                                    path_column=path_column, image_root=image_root)
         self.label_names = readers.label_columns(readers.csv_columns(csv_path), labels, f"label CSV {csv_path}")
         self.labels = torch.from_numpy(matrix) if self.label_names else None  # [N, C]
         root = Path(image_root) if image_root is not None else Path(csv_path).parent
-        if "mask" in self.columns:
-            blank = [k + 2 for k, m in enumerate(self.columns["mask"]) if not m.strip()]
-            if blank:
+        if mask_column is not None and mask_column not in self.columns:
+            raise ValueError(f"label CSV {csv_path} has no column {mask_column!r} (--mask-column; other "
+                             f"columns: {list(self.columns)})")
+        if (mask_column or "mask") in self.columns:
+            cells = [m.strip() for m in self.columns[mask_column or "mask"]]
+            blank = [k + 2 for k, m in enumerate(cells) if not m]
+            if blank and mask_column is None:
                 raise ValueError(f"label CSV {csv_path}: empty 'mask' on line(s) {blank[:5]}")
-            self.masks = [readers.resolve_path(m.strip(), root) for m in self.columns["mask"]]
+            self.masks = [readers.resolve_path(m, root) if m else None for m in cells]
         missing = [p for p in self.paths if not os.path.exists(p)]
         if len(missing) == len(self.paths):
             raise ValueError(f"none of the {len(missing)} images listed in {csv_path} exist, e.g. "
@@ -279,21 +288,25 @@ class ShardDataset(_SkipLog, IterableDataset):
 
 
 def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0, rank=0, world_size=1, channels=1,
-                 masks=None, phantoms=1000, shuffle=False, uncertain=0.0, path_column=None, image_root=None):
+                 masks=None, phantoms=1000, shuffle=False, uncertain=0.0, path_column=None, image_root=None,
+                 mask_column=None):
     """The dataset for `source` (module docstring). `rank`/`world_size` split .tar shards between processes
-    (map-style datasets are split by their sampler); `phantoms`: how many; `uncertain`: label -1's value."""
+    (map-style datasets are split by their sampler); `phantoms`: how many; `uncertain`: label -1's value;
+    `mask_column`: a CSV's mask column (`CSVDataset`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if masks is not None and (source is None or str(source) == "phantom" or str(source).lower().endswith(".csv")
                               or readers.is_shard_source(source)):  # CSV: a `mask` column; shards: `.mask.png`
         raise ValueError(f"masks={masks} pairs masks with a folder of images, but {source} is not one")
+    if mask_column is not None and not str(source).lower().endswith(".csv"):
+        raise ValueError(f"{source} is not a CSV: it has no column {mask_column!r} (--mask-column)")
     common = dict(augment=augment, seed=seed, channels=channels)
     if source is None or str(source) == "phantom":
         return PhantomDataset(phantoms, size, labels=labels, **common)
     path = Path(source)
     if path.suffix.lower() == ".csv":
         return CSVDataset(path, size, labels=labels, uncertain=uncertain, path_column=path_column,
-                          image_root=image_root, **common)
+                          image_root=image_root, mask_column=mask_column, **common)
     shards = dict(labels=labels, rank=rank, world_size=world_size, shuffle=shuffle, uncertain=uncertain, **common)
     if readers.is_shard_source(source):
         return ShardDataset(source, size, **shards)

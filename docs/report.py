@@ -20,8 +20,7 @@ from PIL import Image
 import cli
 from data.readers import read_image
 from data.transforms import preprocess_mask
-from eval.figures import caption_grid, line_plot
-from eval.segmentation import overlay
+from eval.figures import caption_grid, line_plot, overlay
 
 SEGMENT_ROWS = [  # summary.json of segment.py: (row of the Dice table, key); {rule} is its dice_rule
     ("all-foreground (every pixel lung)", "mean_dice_baseline_all_foreground"),

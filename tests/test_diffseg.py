@@ -1,4 +1,4 @@
-"""DiffSeg (diffseg.py) on synthetic attention maps, and the lung evaluation rules (eval/segmentation.py)."""
+"""DiffSeg (diffseg.py) on synthetic attention maps, and the lung evaluation rules (segment_lungs.py)."""
 
 import functools
 import itertools
@@ -19,7 +19,7 @@ from diffseg import (
     symmetric_kl,
 )
 from eval.metrics import dice
-from eval.segmentation import best_union_dice, hungarian_dice, lung_scores, nms_dice
+from segment_lungs import best_union_dice, hungarian_dice, lung_scores, nms_dice
 from tests.support_segment import aggregate, diffseg_from_maps
 
 AttentionMap = namedtuple("AttentionMap", "name resolution probs")  # the unet.AttentionMap contract
@@ -327,7 +327,7 @@ def test_evaluation_bad_inputs_and_empty_gt():
 
 
 def test_mask_baselines():
-    from eval.segmentation import mask_baselines
+    from segment_lungs import mask_baselines
 
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(5, 12, 12, generator=g) > 0.4
@@ -341,7 +341,7 @@ def test_mask_baselines():
 
 
 def test_block_partition():
-    from eval.segmentation import block_partition
+    from segment_lungs import block_partition
 
     blocks = block_partition(10, 12, 9)  # round(sqrt(10)) = 3 -> 3 x 3 blocks
     assert blocks.shape == (12, 9) and blocks.unique().tolist() == list(range(9))

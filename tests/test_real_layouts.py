@@ -82,6 +82,24 @@ def test_mask_column_follows_image_root(tmp_path):
     assert ds.masks[1] == str(tmp_path / "data" / "b_mask.png") and ds[1]["mask"].min() == 1
 
 
+def test_mask_column_named_or_default(tmp_path):
+    """`mask` by default (blank cells refused); a named mask_column: blank cells are None, that item skipped."""
+    for name in ("a", "b"):
+        jpeg(tmp_path / f"{name}.jpg", 1)
+        Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / f"{name}_lung.png")
+    (tmp_path / "list.csv").write_text("image,mask,lung\na.jpg,a_lung.png,a_lung.png\nb.jpg,,\n")
+    with pytest.raises(ValueError, match=r"list\.csv: empty 'mask' on line\(s\) \[3\]"):
+        open_dataset(tmp_path / "list.csv", 16)
+    ds = open_dataset(tmp_path / "list.csv", 16, mask_column="lung")
+    assert ds.masks == [str(tmp_path / "a_lung.png"), None] and ds[0]["mask"].min() == 1
+    with pytest.warns(DataWarning, match=r"b\.jpg has no mask"):
+        assert ds[1]["path"] == str(tmp_path / "a.jpg")  # the next readable item
+    with pytest.raises(ValueError, match=r"list\.csv has no column 'heart' \(--mask-column"):
+        open_dataset(tmp_path / "list.csv", 16, mask_column="heart")
+    with pytest.raises(ValueError, match=r"is not a CSV: it has no column 'lung' \(--mask-column\)"):
+        open_dataset(tmp_path, 16, mask_column="lung")
+
+
 def test_masked_bce_ignores_nan_labels():
     logits = torch.randn(4, 3, requires_grad=True)
     y = torch.tensor([[1.0, math.nan, 0.0], [0.0, 1.0, math.nan], [1.0, 1.0, 1.0], [math.nan] * 3])

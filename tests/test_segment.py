@@ -122,9 +122,10 @@ def test_cxr_lungs_csv(run_dir, tmp_path, shared_data):
 def test_csv_columns_and_no_masks(run_dir, phantoms, tmp_path):
     images, masks = phantoms
     table = tmp_path / "list.csv"
-    table.write_text(f"img,lung\n{images / 'p0.png'},{masks / 'p0.png'}\n")
-    seg("--images", table, "--image-column", "img", "--mask-column", "lung", "--out", tmp_path / "a", run=run_dir)
-    assert len(read_csv(tmp_path / "a" / "dice.csv")) == 1
+    table.write_text(f"img,lung\n{images / 'p0.png'},{masks / 'p0.png'}\n{images / 'p1.png'},\n")  # p1: blank cell
+    seg("--images", table, "--image-column", "img", "--mask-column", "lung", "--limit", 1, "--out", tmp_path / "a", run=run_dir)
+    assert len(read_csv(tmp_path / "a" / "dice.csv")) == 1  # the blank cell lies past --limit
+    pytest.raises(SystemExit, seg, "--images", table, "--image-column", "img", "--mask-column", "lung", "--out", tmp_path / "c", run=run_dir).match(r"no mask for 1 image\(s\), e\.g\. \['p1'\] \(--mask-column lung\)")
     seg("--images", images, "--out", tmp_path / "b", "--context", "zeros", run=run_dir)  # no masks: no Dice
     assert not (tmp_path / "b" / "dice.csv").exists() and (tmp_path / "b" / "labels" / "p1.png").is_file()
     saved = json.loads((tmp_path / "b" / "summary.json").read_text())

@@ -1,4 +1,4 @@
-"""Lung Dice of a zero-shot label map: which unlabeled segments are "the lung", and image-blind baselines.
+"""segment.py's lung Dice: which unlabeled segments are "the lung", image-blind baselines, per-image outputs.
 
 DiffSeg (diffseg.py) splits an image into K segments with no names; the ground truth (GT) is one binary lung
 mask, so a rule must pick the lung segments before Dice can be computed (segment.py reports all three).
@@ -147,7 +147,7 @@ def block_partition(num_segments: int, height: int, width: int) -> torch.Tensor:
     return (torch.arange(height) * side // height)[:, None] * side + (torch.arange(width) * side // width)[None, :]
 
 
-# ---------------------------------------------------------------------------------------------- segment.py's reports
+# ------------------------------------------------------------------------------------------- segment.py's outputs
 
 
 def save_png(image: Image.Image, path: Path):
