@@ -1,6 +1,6 @@
 """The downstream experiment (DiNO-Diffusion Sec. 2.4.2-2.4.3): does adding synthetic CXRs help a classifier?
 
-1. A fixed real test set (--test, or a seeded held-out split of --real; patient-level with a patient column).
+1. A fixed real test set (--test, or a seeded 20 % of --real; patient-level with a `patient_id` column).
 2. Nested, label-balanced regimes of N real images (paper: N = 50, 100, 500, 1000, 5000).
 3. Real:synthetic ratios 1:k (paper: 1:0, 1:1, 1:5, 1:10, 1:50) from sample.py's synthetic.csv: round(k * n)
    rows for n real images, each made only from real training images of the same fold; --fully-synthetic
@@ -36,8 +36,8 @@ import cli
 import hub
 from data import LABELS
 from data.readers import read_image
-from data.transforms import augment, preprocess_cxr
-from eval.densenet import DenseLayer, DenseNet121
+from data.transforms import preprocess_cxr
+from eval.densenet import DenseNet121
 from eval.figures import line_plot
 from eval.metrics import roc_auc
 
@@ -49,12 +49,9 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--real", required=True, help="labelled CSV of real images (path + label columns)")
     p.add_argument("--synthetic", help="sample.py's synthetic.csv (default: none, only ratio 1:0 runs)")
-    p.add_argument("--test", help="fixed test CSV (default: a held-out split of --real)")
-    p.add_argument("--test-fraction", type=cli.number(float, 0.0, 1.0, lo_open=True, hi_open=True), default=0.2,
-                   help="held-out share of --real without --test")
+    p.add_argument("--test", help="fixed test CSV (default: a seeded 20 %% of --real, whole patients)")
     p.add_argument("--labels", type=cli.comma_list(str), help="label columns (default: the 7 paper labels)")
     cli.add_data_flags(p, labels=True)  # --path-column, --image-root (for --real, --test), --uncertain
-    p.add_argument("--patient-column", help="patient ids, for patient-level splits (default: 'patient_id' if any)")
     p.add_argument("--regimes", type=cli.comma_list(cli.positive_int), default="50,100,500,1000,5000",
                    help="real training-set sizes N")
     p.add_argument("--ratios", type=cli.comma_list(ex.parse_ratio),
@@ -64,11 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, auc_vs_ratio.png)")
     p.add_argument("--overwrite", action="store_true", help="empty an --out of other settings, start clean")
     p.add_argument("--model", choices=("densenet121", "tiny"), default="densenet121", help="tiny: 30k parameters, CPU")
-    p.add_argument("--weights", help="torchvision (ImageNet) or XRV DenseNet-121 state dict to start from, inputs "
-                   "scaled as each expects (default: random init, inputs 2x-1)")
+    p.add_argument("--weights", help="torchvision (ImageNet, 3 channels) or XRV (grey) DenseNet-121 state dict to "
+                   "start from, inputs scaled as each expects (default: random init, inputs 2x-1)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grey; 3 = RGB (ImageNet-normalised)")
-    p.add_argument("--in-channels", type=cli.positive_int, help="input channels (default: the weights', else 1)")
-    p.add_argument("--drop-rate", type=cli.number(float, 0, 1, hi_open=True), default=0.0, help="dense-layer dropout")
     p.add_argument("--image-size", type=cli.positive_int, default=224, help="square input size in pixels")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="training images per step (paper: 64)")
     p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="AdamW learning rate")
@@ -76,7 +71,6 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=cli.nonneg_int, default=10, help="ReduceLROnPlateau patience (epochs)")
     p.add_argument("--early-stop", type=cli.positive_int, default=25, help="epochs without a val-AUC gain to stop")
     p.add_argument("--max-epochs", type=cli.positive_int, default=150, help="most epochs per cell (paper: 150)")
-    p.add_argument("--augment", action="store_true", help="the paper's random sharpening + affine")
     p.add_argument("--num-workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the test split, folds, subsets and networks")
@@ -105,19 +99,16 @@ class ImageBank:
 
 
 def split_real(args, names) -> tuple[ex.Table, ex.Table]:
-    """-> (pool of real training candidates, fixed test set); patient-level when --real has patient ids."""
-    patient = args.patient_column or "patient_id"
+    """-> (pool of real training candidates, fixed test set); patient-level when --real has a patient_id column."""
     csv_args = dict(uncertain=cli.UNCERTAIN[args.uncertain], path_column=args.path_column, image_root=args.image_root)
-    real = ex.load_table(args.real, names, patient, "--real", **csv_args)
-    if args.patient_column and patient not in real.extras:
-        cli.fail(f"--patient-column: {args.real} has no {patient!r} column")
-    level = "patient" if patient in real.extras else "image"
+    real = ex.load_table(args.real, names, "patient_id", "--real", **csv_args)
+    level = "patient" if "patient_id" in real.extras else "image"
     if args.test:  # drop real rows that are test images, or of test patients
-        test = ex.load_table(args.test, names, patient, "--test", **csv_args)
+        test = ex.load_table(args.test, names, "patient_id", "--test", **csv_args)
         seen = {str(Path(p).resolve()) for p in test.paths} | set(test.groups)  # its images and patients
         in_test = np.array([str(Path(p).resolve()) in seen or g in seen for p, g in zip(real.paths, real.groups)], bool)
     else:
-        in_test = ex.holdout_split(real.groups, args.test_fraction, args.seed)
+        in_test = ex.holdout_split(real.groups, 0.2, args.seed)
         test = real.subset(in_test)
     for name, n_pos, n in zip(names, np.nansum(test.labels, 0), (~np.isnan(test.labels)).sum(0)):
         if n_pos in (0, n):  # n: the test images where the label is known (not ignored)
@@ -133,27 +124,20 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # to
 
 def build_model(args, num_labels: int) -> tuple[nn.Module, int, str]:
     """-> (DenseNet with a new head of `num_labels` outputs, input channels, input scaling): 'unit' (2x-1)
-    without weights, 'imagenet' for 3-channel weights or colour (--channels 3), 'xrv' for 1-channel XRV ones."""
-    if args.channels == 3 and args.in_channels not in (None, 3):
-        cli.fail(f"--in-channels {args.in_channels}: --channels 3 images have 3 channels")
+    without weights, 'imagenet' for 3-channel weights (grey images repeated) or colour (--channels 3), 'xrv'
+    for torchxrayvision's 1-channel ones."""
     if args.weights is None:
-        in_ch = args.in_channels or args.channels
         net = (DenseNet121.tiny if args.model == "tiny" else DenseNet121)(
-            in_channels=in_ch, num_classes=num_labels, drop_rate=args.drop_rate)
-        return net, in_ch, "imagenet" if args.channels == 3 else "unit"
+            in_channels=args.channels, num_classes=num_labels)
+        return net, args.channels, "imagenet" if args.channels == 3 else "unit"
     if args.model != "densenet121":
         cli.fail("--weights holds a DenseNet-121; use --model densenet121")
     net = DenseNet121.from_pretrained(args.weights)
-    conv, w_in = net.features.conv0, net.config.in_channels
-    in_ch = args.in_channels or max(w_in, args.channels)
-    if in_ch != w_in:  # the stem's filters averaged over the input channels, keeping their summed response
-        conv.weight = nn.Parameter(conv.weight.detach().sum(1, keepdim=True).repeat(1, in_ch, 1, 1) / in_ch)
-        conv.in_channels = in_ch
+    in_ch = net.config.in_channels
+    if in_ch < args.channels:
+        cli.fail(f"--weights {args.weights}: a grey ({in_ch}-channel) DenseNet cannot take --channels 3 images")
     net.classifier = nn.Linear(net.num_features, num_labels)
-    for m in net.modules():
-        if isinstance(m, DenseLayer):
-            m.drop_rate = args.drop_rate
-    return net, in_ch, "imagenet" if w_in == 3 else "xrv"
+    return net, in_ch, "imagenet" if in_ch == 3 else "xrv"
 
 
 def model_input(x: torch.Tensor, in_ch: int, norm: str) -> torch.Tensor:
@@ -161,10 +145,8 @@ def model_input(x: torch.Tensor, in_ch: int, norm: str) -> torch.Tensor:
     x = x.expand(-1, in_ch, -1, -1)
     if norm != "imagenet":
         return (2 * x - 1) * (1024 if norm == "xrv" else 1)  # xrv: torchxrayvision's [-1024, 1024] range
-    mean, std = (torch.tensor(v, device=x.device) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    if in_ch != 3:
-        mean, std = mean.mean().expand(in_ch), std.mean().expand(in_ch)
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (x - mean) / std
 
 
 def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -181,11 +163,8 @@ def train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, d
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.patience)
-    gen, aug_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-
-    def inputs(ids, train=False) -> torch.Tensor:  # bank[ids] -> the network's input, augmented in training
-        x = bank.batch(ids).to(device)
-        return model_input(augment(x, aug_gen) if train and args.augment else x, in_ch, norm)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = lambda ids: model_input(bank.batch(ids).to(device), in_ch, norm)  # bank[ids] -> the network's input
 
     @torch.no_grad()
     def aucs(ids) -> np.ndarray:  # per-label AUC [C] on bank[ids], nan for a one-class label
@@ -205,7 +184,7 @@ def train_and_evaluate(bank, labels, train_ids, val_ids, test_ids, args, seed, d
             ids = order[b : b + args.batch_size]
             if len(ids) == 1 and len(order) > 1:
                 continue  # BatchNorm cannot train on a batch of one
-            loss = masked_bce(model(inputs(ids, train=True)), torch.from_numpy(labels[ids]).to(device))
+            loss = masked_bce(model(inputs(ids)), torch.from_numpy(labels[ids]).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -125,7 +125,7 @@ def test_classify_on_chexpert_with_uncertain_ignore(tmp_path, monkeypatch):
     monkeypatch.setattr(classify, "train_and_evaluate", spy)
     rows = classify.main(["--real", str(table), "--path-column", "Path", "--image-root", str(tmp_path / "chexpert"),
                           "--uncertain", "ignore", "--regimes", "8", "--ratios", "0", "--folds", "2",
-                          "--test-fraction", "0.25", "--max-epochs", "1", "--model", "tiny", "--image-size", "32",
+                          "--max-epochs", "1", "--model", "tiny", "--image-size", "32",
                           "--batch-size", "4", "--num-workers", "1", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert len(rows) == 2 and len(seen) == 2
     labels = seen[0]
