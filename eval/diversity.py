@@ -98,8 +98,6 @@ def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     score = functools.partial(pairwise_msssim, small=small, batch_size=batch_size, device=device)
     groups = None if groups is None else torch.as_tensor(groups, dtype=torch.long)
-    if groups is not None and groups.shape != (n,):
-        raise ValueError(f"groups must have one entry per synthetic image ({n}), got {list(groups.shape)}")
     weights, win, sigma = ms_ssim_settings(min(synthetic.shape[-2:]), small=small)
     summary = {"n_synthetic": n, "image_size": list(synthetic.shape[-2:]),
                "ms_ssim": {"weights": list(weights), "win_size": win, "sigma": sigma, "small": small}}
@@ -137,8 +135,6 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="3: MS-SSIM on RGB (colour runs)")
     p.add_argument("--max-pairs", type=cli.positive_int, default=1000,
                    help="random pairs scored, of synthetic images and of sources")
-    p.add_argument("--max-pairs-per-source", type=cli.positive_int, default=45,
-                   help="pairs among the variations of one source (45 = all pairs of 10)")
     p.add_argument("--small", choices=SMALL_MODES, default="scales",
                    help="images of 160 px or less: fewer scales, a smaller window, or an error")
     p.add_argument("--grid", type=cli.nonneg_int, default=8, help="rows in least_diverse.png")
@@ -205,7 +201,6 @@ def main(argv=None):
         sources, source_index = load_sources(keys, source.parent, size, args.channels)
 
     report = diversity_report(synthetic, groups, sources, source_index, max_pairs=args.max_pairs,
-                              max_pairs_per_group=args.max_pairs_per_source,
                               generator=torch.Generator().manual_seed(args.seed), small=args.small,
                               batch_size=args.batch_size, device=device)
     summary = {"synthetic": str(source)} | report.summary

@@ -70,7 +70,7 @@ def random_dino(seed: int = 0):
 
 
 def _loader(dataset, args):  # the same batches for extract_features and images_at
-    return torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.workers, collate_fn=collate)
+    return torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=collate)
 
 
 @torch.no_grad()
@@ -107,9 +107,6 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, 
     Similarities are computed block by block (at most chunk_size x chunk_size at a time, on `device`,
     default the query's) and merged into a running top-k, so memory is O((Q + R) D + chunk_size^2).
     """
-    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(f"features must be [Q, D] and [R, D], got {list(query.shape)} and "
-                         f"{list(reference.shape)}")
     device = query.device if device is None else torch.device(device)
     k = min(k, len(reference))
     ref = F.normalize(reference.float(), dim=1).to(device)
@@ -155,8 +152,6 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
     of `train`. threshold = the `quantile` of the held-out nearest-train similarities.
     Every set is first centred on the mean training feature (module docstring).
     """
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     mean = train.float().mean(0)
     synthetic, train = synthetic.float() - mean, train.float() - mean
     heldout = None if heldout is None else heldout.float() - mean
@@ -166,8 +161,6 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
             raise ValueError("memorization_check needs `heldout` or `heldout_index`")
         mask = torch.zeros(len(train), dtype=torch.bool)
         mask[torch.as_tensor(heldout_index, dtype=torch.long)] = True
-        if mask.all() or not mask.any():
-            raise ValueError("heldout_index must leave some training images on both sides")
         heldout, reference = train[mask], train[~mask]
     sim, nearest = (t[:, 0] for t in nearest_neighbors(synthetic, train, 1, chunk_size, device))
     held = nearest_neighbors(heldout, reference, 1, chunk_size, device)[0][:, 0]
@@ -203,7 +196,6 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per batch")
     p.add_argument("--chunk-size", type=cli.positive_int, default=4096, help="similarity block side")
     p.add_argument("--grid", type=cli.nonneg_int, default=16, help="closest pairs per closest_<space>.png")
-    p.add_argument("--workers", type=cli.nonneg_int, default=0, help="DataLoader workers")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="held-out split and random-init DINO")
     p.add_argument("--device", default=None, help="cuda / cpu (None: cuda when available)")
     return p.parse_args(argv)
@@ -288,21 +280,18 @@ def main(argv=None):
 
     summary = {"train": str(args.train), "synthetic": str(args.synthetic), "heldout": heldout_desc,
                "image_size": size, "spaces": {}}
-    results = {}
+    rows = [{"path": p} for p in synth_paths]
     for space in extractors:
-        res = results[space] = memorization_check(
+        res = memorization_check(
             synth[space], train[space], heldout.get(space), heldout_index=heldout_index,
             quantile=args.threshold_quantile, chunk_size=args.chunk_size, device=device)
         summary["spaces"][space] = {"features": described[space]} | res.summary
         print(f"{space}: threshold {res.threshold:.4f} (q={args.threshold_quantile} of held-out), flagged "
               f"{res.summary['flagged_count']}/{len(res.flagged)} ({100 * res.summary['flagged_fraction']:.1f} %)")
         closest_grid(res, synth_ds, train_ds, args, space, out / f"closest_{space}.png")
-
-    rows = [{"path": p} for p in synth_paths]
-    for space, r in results.items():
-        for i, row in enumerate(rows):
-            row |= {f"{space}_nearest": train_paths[int(r.nearest[i])],
-                    f"{space}_similarity": f"{float(r.similarity[i]):.6f}", f"{space}_flagged": int(r.flagged[i])}
+        for row, sim, j, flag in zip(rows, res.similarity.tolist(), res.nearest.tolist(), res.flagged.tolist()):
+            row |= {f"{space}_nearest": train_paths[j], f"{space}_similarity": f"{sim:.6f}",
+                    f"{space}_flagged": int(flag)}
     hub.write_csv_atomic(out / "memorization.csv", rows)
     hub.write_json_atomic(summary, out / "memorization.json")
     print(f"wrote memorization.csv, memorization.json and closest_*.png to {out}")
