@@ -166,9 +166,7 @@ def compute_stats(images, extractor: nn.Module, batch_size: int = 50, *, progres
     module with `name`, `in_channels`, `resolution`, `feature_dim`), in float32 (autocast off) on the
     extractor's device."""
     dev = next(extractor.parameters()).device
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise ValueError(f"image tensor must be [N, C, H, W] in [0, 1], got shape {list(images.shape)}")
+    if isinstance(images, torch.Tensor):  # [N, C, H, W]: the extractor checks the shape
         n, batches = len(images), images.split(batch_size)
     else:
         files = list_images(images)
