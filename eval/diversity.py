@@ -137,7 +137,7 @@ def parse_args(argv=None):
                    help="random pairs scored, of synthetic images and of sources")
     p.add_argument("--small", choices=SMALL_MODES, default="scales",
                    help="images of 160 px or less: fewer scales, a smaller window, or an error")
-    p.add_argument("--grid", type=cli.nonneg_int, default=8, help="rows in least_diverse.png")
+    p.add_argument("--grid", type=cli.positive_int, default=8, help="rows in least_diverse.png")
     p.add_argument("--batch-size", type=cli.positive_int, default=32, help="image pairs per MS-SSIM batch")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the random pairs")
     p.add_argument("--device", default=None, help="cuda / cpu (None: cuda when available)")

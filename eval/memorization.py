@@ -195,7 +195,7 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="3: images read as RGB (colour runs)")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per batch")
     p.add_argument("--chunk-size", type=cli.positive_int, default=4096, help="similarity block side")
-    p.add_argument("--grid", type=cli.nonneg_int, default=16, help="closest pairs per closest_<space>.png")
+    p.add_argument("--grid", type=cli.positive_int, default=16, help="closest pairs per closest_<space>.png")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="held-out split and random-init DINO")
     p.add_argument("--device", default=None, help="cuda / cpu (None: cuda when available)")
     return p.parse_args(argv)
