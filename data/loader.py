@@ -111,18 +111,14 @@ class StreamBatches:
             n = -1
             for n, item in enumerate(self.loader):
                 if n >= skip:
-                    yield epoch, n, item["image"]
+                    self.epoch, self.taken = epoch, n + 1  # the position after this item
+                    yield item["image"]
             if n < 0:
                 raise ValueError(self.dataset.diagnose())
             epoch, skip = epoch + 1, 0
 
     def next(self) -> torch.Tensor:
-        images = []
-        for _ in range(self.batch_size):
-            self.epoch, n, image = next(self._items)
-            self.taken = n + 1
-            images.append(image)
-        return torch.stack(images)
+        return torch.stack([next(self._items) for _ in range(self.batch_size)])
 
     def state(self) -> list[int]:
         return [self.epoch, self.taken]
