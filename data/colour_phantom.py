@@ -95,6 +95,4 @@ if __name__ == "__main__":  # python -m data.colour_phantom: data/phantom.py's C
     from cli import main_guard
     from data.phantom import phantom_cli
 
-    main_guard(phantom_cli, None, make_colour_phantom, COLOUR_LABELS, "colour_phantom", "endoscopy-like colour "
-               "phantoms", "phantom i uses seed + i. train.py --channels 3 trains on seeds 0 .. phantom_count-1 "
-               "and holds out 10000000 + i; e.g. 5000000 gives phantoms no run trained on")
+    main_guard(phantom_cli, None, make_colour_phantom, COLOUR_LABELS, "colour_phantom", "endoscopy-like RGB phantoms")
