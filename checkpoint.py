@@ -104,10 +104,9 @@ def clean(run_dir) -> list[Path]:
     last, never landed. Returns what was removed."""
     run_dir = Path(run_dir)
     removed = [p for folder in (run_dir, run_dir / "checkpoints", run_dir / "cache") for p in folder.glob(".*tmp*")]
-    for p in (run_dir / "checkpoints").glob("step_*.*.safetensors"):
-        m = re.match(r"^step_(\d+)\.(state|ema)\.safetensors$", p.name)
-        if m and not paths(run_dir, int(m.group(1)))["weights"].is_file():
-            removed.append(p)
+    removed += [p for p in (run_dir / "checkpoints").glob("step_*.*.safetensors")
+                if (m := re.match(r"^step_(\d+)\.(state|ema)\.safetensors$", p.name))
+                and not paths(run_dir, int(m.group(1)))["weights"].is_file()]
     for p in removed:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     return removed

@@ -72,10 +72,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def number(kind, lo, hi=None, lo_open=False, hi_open=False):
     """An argparse type: `kind(text)` within [lo, hi] (an open end with lo_open / hi_open; no hi: unbounded)."""
-    if hi is None:
-        bound = f"> {lo}" if lo_open else f">= {lo}"
-    else:
-        bound = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    bound = ((f"> {lo}" if lo_open else f">= {lo}") if hi is None
+             else f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
 
     def parse(text: str):
         try:

@@ -15,9 +15,6 @@ from its own torch.Generator, so sample i of a batch is the same image whatever 
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
-
 import torch
 
 
@@ -40,7 +37,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, r: float) -> torch.Tensor:
 
 def interpolate(a: torch.Tensor, b: torch.Tensor, r: float, method: str = "lerp") -> torch.Tensor:
     """c = (1 - r) a + r b (lerp, the paper's interpolation, Sec. 2.3) or `slerp`, for r in [0, 1]."""
-    if not 0.0 <= float(r) <= 1.0 or math.isnan(float(r)):
+    if not 0.0 <= float(r) <= 1.0:  # NaN too
         raise ValueError(f"interpolation fraction r must be in [0, 1], got {r}")
     return {"lerp": torch.lerp, "slerp": slerp}[method](a, b, float(r))
 
@@ -75,8 +72,7 @@ def generate(unet, vae, scheduler, context: torch.Tensor, *, seeds=None, latents
     if guidance != 1.0:  # one batch [null condition; condition]
         context = torch.cat([torch.zeros_like(context), context])
     scheduler.set_timesteps(steps, device=device)
-    use_amp = autocast_dtype is not None and autocast_dtype != torch.float32
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if use_amp else nullcontext()
+    amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype not in (None, torch.float32))
     for t in scheduler.timesteps:
         with amp:
             eps = unet(torch.cat([latents, latents]) if guidance != 1.0 else latents, t, context).float()

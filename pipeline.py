@@ -114,14 +114,10 @@ def load_run(run_dir, *, ema: bool = True, step: int | None = None, device=None)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     cfg = json.loads((run_dir / "config.json").read_text())
-    found = checkpoints(run_dir)
-    if step is not None:
-        found = [c for c in found if c[0] == step]
+    found = [s for s in checkpoint.weight_steps(run_dir) if step in (None, s)]
     if not found:
-        what = f"step {step}" if step is not None else "any checkpoint"
-        raise FileNotFoundError(f"{run_dir}/checkpoints has no {what}")
-    ckpt_step = found[-1][0]
-    weights = checkpoint.unet_file(run_dir, ckpt_step, ema)
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no {'any checkpoint' if step is None else f'step {step}'}")
+    weights = checkpoint.unet_file(run_dir, found[-1], ema)
     unet_cfg = hub.config_from_dict(UNetConfig, cfg["unet_config_resolved"], source=f"{run_dir}/config.json")
     unet = hub.load_model(UNet2DConditionModel, unet_cfg, hub.load_state_dict_file(weights), source=str(weights),
                           device=device)
@@ -129,4 +125,4 @@ def load_run(run_dir, *, ema: bool = True, step: int | None = None, device=None)
     vae_at = (run_dir / "vae", None) if (run_dir / "vae").is_dir() else (cfg["vae"], cfg.get("vae_subfolder"))
     vae = AutoencoderKL.from_pretrained(*vae_at, device=device)
     dino = DinoViT.from_pretrained(run_dir / "dino" if (run_dir / "dino").is_dir() else cfg["dino"], device=device)
-    return Run(unet, freeze(vae), freeze(dino), cfg, ckpt_step, weights)
+    return Run(unet, freeze(vae), freeze(dino), cfg, found[-1], weights)

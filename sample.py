@@ -28,6 +28,7 @@ EPILOG = """Writes OUT/images/<k>_<source stem>.png, synthetic.csv (path, source
 classify.py --synthetic) and grid.png (each real source and its samples; per pair: real a, the blends, real b).
 Sample k has seed --seed * 1000003 + k. A rerun into the same --out generates only the PNGs not there yet;
 torchrun --nproc_per_node N -- sample.py ... deals sample k to rank k % N (the same images, whatever N)."""
+RANDOM_RATIOS = (0.1, 0.9)  # interpolation fractions r without --ratios: r ~ U(0.1, 0.9), away from the sources
 RUNTIME_FLAGS = ("out", "overwrite", "device", "batch_size", "compile")  # how fast, not what: a rerun continues
 
 
@@ -50,22 +51,15 @@ def parse_args(argv=None):
     add("--limit", type=cli.positive_int, help="use only the first N source images (default: all)")
     add("--num-pairs", type=cli.positive_int, default=8, help="interpolation: image pairs to draw")
     add("--ratios", type=cli.comma_list(cli.probability),
-        help="interpolation: comma-separated r in [0,1] (default: --num r ~ U(--ratio-range) per pair)")
-    add("--ratio-range", type=cli.comma_list(cli.probability), default="0.1,0.9",
-        help="interpolation: range for random r (paper: random)")
+        help="interpolation: comma-separated r in [0,1] (default: --num r ~ U(0.1, 0.9) per pair; paper: random)")
     add("--method", choices=["lerp", "slerp"], default="lerp", help="how c_GLB is blended: linear or spherical")
     add("--labels", help="label columns of a labelled CSV (default: the paper labels it has, maybe none)")
     cli.add_data_flags(p, labels=True)
-    add("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
-    add("--step", type=cli.nonneg_int, help="checkpoint step (default: newest)")
     add("--mixed-precision", choices=list(pipeline.AUTOCAST), default="no",
         help="UNet autocast dtype (the VAE decodes in fp32)")
     add("--compile", action="store_true", help="torch.compile the UNet (faster on a GPU after minutes)")
     add("--device", help="cuda / cpu (default: cuda when available)")
-    args = p.parse_args(argv)
-    if len(args.ratio_range) != 2 or args.ratio_range[0] > args.ratio_range[1]:
-        p.error(f"argument --ratio-range: expected two values, low to high, got {args.ratio_range}")
-    return args
+    return p.parse_args(argv)
 
 
 def draw_pairs(n_images: int, labels: np.ndarray | None, num_pairs: int, rng: random.Random):
@@ -120,7 +114,7 @@ def make_jobs(args, paths, labels, label_names):
         rng = random.Random(args.seed)
         pairs = draw_pairs(len(paths), labels, args.num_pairs, rng)
         jobs = [(a, b, float(r)) for a, b in pairs
-                for r in args.ratios or [rng.uniform(*args.ratio_range) for _ in range(args.num)]]
+                for r in args.ratios or [rng.uniform(*RANDOM_RATIOS) for _ in range(args.num)]]
     rows = []
     for k, (a, b, r) in enumerate(jobs):
         stem = Path(paths[a]).stem + ("" if b is None else f"__{Path(paths[b]).stem}")
@@ -158,7 +152,7 @@ def main(argv=None):
     world = distributed.init(args.device)
     if not Path(args.run, "config.json").is_file():
         cli.fail(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
-    run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=world.device)
+    run = pipeline.load_run(args.run, device=world.device)  # the newest checkpoint, EMA weights when present
     if args.compile:
         run.unet.compile()
     sources, paths, labels, label_names, conds = load_sources(args, run.config["image_size"], run.dino,

@@ -27,10 +27,8 @@ from cli import nonneg_float, nonneg_int, positive_float, positive_int, probabil
 def flag(default, help: str, type=None):  # noqa: A002 (argparse's names)
     """A TrainConfig field: its default, the sentence --help shows and how the flag is parsed (default: by the
     field's annotation; a dict takes a JSON object, a Literal one of its values)."""
-    meta = {"help": help, "type": type}
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata=meta)
-    return field(default=default, metadata=meta)
+    value = {"default_factory": dict} if isinstance(default, dict) else {"default": default}  # a dict: {} each
+    return field(**value, metadata={"help": help, "type": type})
 
 
 @dataclass(frozen=True)

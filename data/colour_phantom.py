@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .shapes import texture
+
 COLOUR_LABELS = ("polyp", "ulcer", "bleeding", "nbi")
 # Mucosa and vessel colours (RGB in [0, 1]), picked by eye from public colonoscopy frames (white light, NBI)
 MUCOSA = {False: (0.85, 0.42, 0.36), True: (0.30, 0.62, 0.58)}
@@ -24,14 +26,9 @@ VESSEL = {False: (0.55, 0.12, 0.12), True: (0.40, 0.25, 0.12)}
 
 
 def _noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Smooth value noise [size, size] in [0, 1]: a random (cells+1)^2 grid, smoothstep-interpolated."""
-    g = rng.random((cells + 1, cells + 1), dtype=np.float32)
-    t = (np.arange(size, dtype=np.float32) + 0.5) / size * cells
-    i = np.minimum(t.astype(np.int64), cells - 1)
-    f = t - i
-    f = f * f * (3 - 2 * f)
-    rows = g[i] * (1 - f)[:, None] + g[i + 1] * f[:, None]  # [size, cells + 1]
-    return rows[:, i] * (1 - f) + rows[:, i + 1] * f
+    """Smooth value noise [size, size] in [0, 1] (shapes.texture) on a random (cells+1)^2 grid."""
+    pixels = (np.arange(size, dtype=np.float32) + 0.5) / size
+    return texture(rng.random((cells + 1, cells + 1), dtype=np.float32), pixels, pixels)
 
 
 def _blob(u, v, cx, cy, r):
@@ -98,6 +95,4 @@ if __name__ == "__main__":  # python -m data.colour_phantom: data/phantom.py's C
     from cli import main_guard
     from data.phantom import phantom_cli
 
-    main_guard(phantom_cli, None, make_colour_phantom, COLOUR_LABELS, "colour_phantom", "endoscopy-like colour "
-               "phantoms", "phantom i uses seed + i. train.py --channels 3 trains on seeds 0 .. phantom_count-1 "
-               "and holds out 10000000 + i; e.g. 5000000 gives phantoms no run trained on")
+    main_guard(phantom_cli, None, make_colour_phantom, COLOUR_LABELS, "colour_phantom", "endoscopy-like RGB phantoms")

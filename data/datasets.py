@@ -48,13 +48,14 @@ class DataWarning(UserWarning):
     """A sample was skipped (unreadable image, missing label); the message names it."""
 
 
-def make_item(img: np.ndarray, mask: np.ndarray | None, labels: torch.Tensor | None, path: str, index: int,
+def make_item(img: np.ndarray, mask: np.ndarray | None, labels, path: str, index: int,
               size: int | None, generator: torch.Generator | None) -> dict:
     """Stored arrays -> an item: preprocess (and augment, when a generator is given); optional fields."""
     image = preprocess_cxr(img, size)
     mask = None if mask is None else preprocess_mask(mask, img, size)
     if generator is not None:
         image, mask = (augment(image, generator), None) if mask is None else augment(image, generator, mask=mask)
+    labels = None if labels is None else torch.as_tensor(labels)  # a shard's labels come as numpy
     item = {"image": image, "path": path, "index": index, "labels": labels, "mask": mask}
     return {k: v for k, v in item.items() if v is not None}
 
@@ -67,10 +68,9 @@ class _SkipLog:
         warnings.warn(f"skipping: {error}", DataWarning, stacklevel=3)
 
     def report(self) -> str:
-        if not self.skipped:
-            return f"{self.source}: no samples skipped"
-        lines = self.skipped[:10] + ([f"... and {len(self.skipped) - 10} more"] if len(self.skipped) > 10 else [])
-        return f"{self.source}: skipped {len(self.skipped)} unreadable sample(s):\n  " + "\n  ".join(lines)
+        more = [f"... and {len(self.skipped) - 10} more"] if len(self.skipped) > 10 else []
+        lines = "\n  ".join(self.skipped[:10] + more)
+        return f"{self.source}: skipped {len(self.skipped)} unreadable sample(s):\n  {lines}"
 
     def set_epoch(self, epoch: int):
         """Augmentations (and the shard shuffle) are drawn per (seed, epoch): call once per epoch."""
@@ -81,6 +81,7 @@ class _MapDataset(_SkipLog, Dataset):
     """A map-style dataset of image files `paths`, with optional `masks` (files) and `labels` [N, C]."""
 
     masks = labels = None
+    columns: dict = {}  # a CSV's other columns {name: [str]}
 
     def __init__(self, source, size: int | None, augment: bool, seed: int, channels: int = 1):
         self.source, self.size, self.augment, self.seed, self.channels = str(source), size, augment, seed, channels
@@ -108,8 +109,7 @@ class _MapDataset(_SkipLog, Dataset):
             values = getattr(self, name)
             if values is not None:
                 setattr(part, name, values[idx] if torch.is_tensor(values) else [values[i] for i in idx])
-        if getattr(self, "columns", None):
-            part.columns = {k: [v[i] for i in idx] for k, v in self.columns.items()}
+        part.columns = {k: [v[i] for i in idx] for k, v in self.columns.items()}
         return part
 
     def __getitem__(self, i: int) -> dict:
@@ -207,10 +207,8 @@ class ShardDataset(_SkipLog, IterableDataset):
         self.label_names = None if labels is None else [labels] if isinstance(labels, str) else list(labels)
         self.epoch, self.skipped = 0, []
 
-    def _assignment(self) -> tuple[list[tuple[int, str]], int, int]:
-        """(this reader's numbered shards, sample stride, sample offset) for this rank and worker."""
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    def _assignment(self, wid: int, nw: int) -> tuple[list[tuple[int, str]], int, int]:
+        """(this reader's numbered shards, sample stride, sample offset) for this rank and worker `wid` of `nw`."""
         n_readers, me = self.world_size * nw, self.rank * nw + wid
         shards = list(enumerate(self.shards))
         if self.shuffle:
@@ -245,12 +243,11 @@ class ShardDataset(_SkipLog, IterableDataset):
         yield from (buf[k] for k in order)
 
     def __iter__(self) -> Iterator[dict]:
-        shards, stride, offset = self._assignment()
         info = get_worker_info()
-        stream = self._raw(shards, stride, offset)
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        stream = self._raw(*self._assignment(wid, nw))
         if self.shuffle and self.shuffle_buffer > 1:
-            gen = seeded(self.seed, self.epoch, -2, self.rank, info.id if info else 0)
-            stream = self._shuffled(stream, gen)
+            stream = self._shuffled(stream, seeded(self.seed, self.epoch, -2, self.rank, wid))
         for index, shard, key, files in stream:
             try:
                 img, mask, labels, where = readers.decode_sample(files, f"{shard}:{key}", self.label_names,
@@ -258,10 +255,8 @@ class ShardDataset(_SkipLog, IterableDataset):
             except ValueError as e:  # ImageReadError, bad label values or JSON
                 self._skip(e)
                 continue
-            labels = None if labels is None else torch.from_numpy(labels)
-            gen = None
-            if self.augment:  # seeded by the sample's name: the same augmentation however shards are split
-                gen = seeded(self.seed, self.epoch, zlib.crc32(f"{Path(shard).name}/{key}".encode()))
+            name = zlib.crc32(f"{Path(shard).name}/{key}".encode())  # augmentation keyed by the sample's name:
+            gen = seeded(self.seed, self.epoch, name) if self.augment else None  # the same however shards split
             yield make_item(img, mask, labels, where, index, self.size, gen)
 
     def diagnose(self) -> str:
@@ -295,16 +290,17 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
     `mask_column`: a CSV's mask column (`CSVDataset`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    if masks is not None and (source is None or str(source) == "phantom" or str(source).lower().endswith(".csv")
-                              or readers.is_shard_source(source)):  # CSV: a `mask` column; shards: `.mask.png`
+    path = None if source is None or str(source) == "phantom" else Path(source)
+    is_csv = path is not None and path.suffix.lower() == ".csv"
+    # masks= pairs a folder's images with a mask folder (a CSV has a `mask` column; shards `.mask.png` members)
+    if masks is not None and (path is None or is_csv or readers.is_shard_source(source)):
         raise ValueError(f"masks={masks} pairs masks with a folder of images, but {source} is not one")
-    if mask_column is not None and not str(source).lower().endswith(".csv"):
+    if mask_column is not None and not is_csv:
         raise ValueError(f"{source} is not a CSV: it has no column {mask_column!r} (--mask-column)")
     common = dict(augment=augment, seed=seed, channels=channels)
-    if source is None or str(source) == "phantom":
+    if path is None:
         return PhantomDataset(phantoms, size, labels=labels, **common)
-    path = Path(source)
-    if path.suffix.lower() == ".csv":
+    if is_csv:
         return CSVDataset(path, size, labels=labels, uncertain=uncertain, path_column=path_column,
                           image_root=image_root, mask_column=mask_column, **common)
     shards = dict(labels=labels, rank=rank, world_size=world_size, shuffle=shuffle, uncertain=uncertain, **common)
@@ -320,8 +316,7 @@ def open_dataset(source, size: int | None, *, augment=False, labels=None, seed=0
         raise ValueError(f"labels {labels} requested but {source} is not a CSV or .tar shards; "
                          "give a CSV with a 'path' column and one column per label")
     if path.is_dir() or images:
-        root = path if path.is_dir() else path.parent
-        return ImageFolderDataset(root, size, masks=masks, paths=images, **common)
+        return ImageFolderDataset(path if path.is_dir() else path.parent, size, masks=masks, paths=images, **common)
     raise ValueError(f"data source {source}: expected a folder, a .csv, .tar shards or an image file")
 
 

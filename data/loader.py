@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 import hub
@@ -37,7 +37,8 @@ VAL_PHANTOM_SEED_OFFSET = 10_000_000  # held-out phantoms: seeds no training pha
 
 class KeyedImages(Dataset):
     """Item `key` = image `key % n`, augmented by a generator keyed by (seed, epoch, index): the same
-    whichever rank or worker loads it, and after a resume."""
+    whichever rank or worker loads it, and after a resume. A latent cache (a TensorDataset) gives its row
+    `key % n` as it is: (VAE posterior mean, std, c_GLB) of one augmented copy."""
 
     def __init__(self, dataset, seed: int, augment: bool):
         self.dataset, self.seed, self.augment = dataset, seed, augment
@@ -45,8 +46,10 @@ class KeyedImages(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, key: int) -> torch.Tensor:
+    def __getitem__(self, key: int):
         epoch, idx = divmod(key, len(self.dataset))
+        if isinstance(self.dataset, TensorDataset):
+            return self.dataset[idx]
         x = self.dataset[idx]["image"]
         return augment_image(x, seeded(self.seed, 1, epoch, idx)) if self.augment else x
 
@@ -108,18 +111,14 @@ class StreamBatches:
             n = -1
             for n, item in enumerate(self.loader):
                 if n >= skip:
-                    yield epoch, n, item["image"]
+                    self.epoch, self.taken = epoch, n + 1  # the position after this item
+                    yield item["image"]
             if n < 0:
                 raise ValueError(self.dataset.diagnose())
             epoch, skip = epoch + 1, 0
 
     def next(self) -> torch.Tensor:
-        images = []
-        for _ in range(self.batch_size):
-            self.epoch, n, image = next(self._items)
-            self.taken = n + 1
-            images.append(image)
-        return torch.stack(images)
+        return torch.stack([next(self._items) for _ in range(self.batch_size)])
 
     def state(self) -> list[int]:
         return [self.epoch, self.taken]
@@ -202,20 +201,6 @@ def cache_path(out, cfg) -> Path:
     return Path(out) / "cache" / f"latents_{cfg.cache_copies if cfg.augment else 1}.safetensors"
 
 
-class CachedLatents(Dataset):
-    """The latent cache (VAE posterior mean/std and c_GLB per augmented copy): item = (mean, std, cond)."""
-
-    def __init__(self, tensors: dict):
-        self.mean, self.std, self.cond = tensors["mean"], tensors["std"], tensors["cond"]
-
-    def __len__(self):
-        return len(self.mean)
-
-    def __getitem__(self, key: int):
-        i = key % len(self.mean)
-        return self.mean[i], self.std[i], self.cond[i]
-
-
 def make_batches(cfg, train_set, encode, out: Path, rank: int, world: int, meta: dict):
     """The micro-batch source for this rank of a run (TrainConfig `cfg`): the latent cache (written by rank 0
     through `encode`, see `cache_latents`), map-style images, or streamed shards. `meta`: the resumed
@@ -227,8 +212,9 @@ def make_batches(cfg, train_set, encode, out: Path, rank: int, world: int, meta:
             cache_latents(train_set, encode, cfg, path)
         if world > 1:
             torch.distributed.barrier()
-        return Batches(CachedLatents(hub.load_state_dict_file(path)), cfg.batch_size, rank=rank, world=world,
-                       seed=cfg.seed, start=start)
+        cached = TensorDataset(*map(hub.load_state_dict_file(path).get, ("mean", "std", "cond")))
+        return Batches(KeyedImages(cached, cfg.seed, False), cfg.batch_size, rank=rank, world=world, seed=cfg.seed,
+                       start=start)
     if hasattr(train_set, "__len__"):
         return Batches(KeyedImages(train_set, cfg.seed, cfg.augment), cfg.batch_size, rank=rank, world=world,
                        seed=cfg.seed, start=start, num_workers=cfg.num_workers)

@@ -287,7 +287,7 @@ def phantom_grid(n: int = 4, size: int = 256, seed: int = 0, make=None) -> np.nd
     return np.concatenate([np.concatenate(tiles[r * n:(r + 1) * n], 1) for r in range(n)], 0)
 
 
-def phantom_cli(argv, make, label_names, name: str, what: str, seed_help: str):
+def phantom_cli(argv, make, label_names, name: str, what: str):
     """`python -m data.phantom` / `python -m data.colour_phantom`: write `images/NAME_SEED.png`,
     `masks/NAME_SEED.png` (255 = lung or lesion) and `labels.csv` (path, mask, one 0/1 column per label; paths
     relative to the CSV's folder) for phantoms `make(seed, size)` of seeds --seed .. --seed + n - 1."""
@@ -301,7 +301,8 @@ def phantom_cli(argv, make, label_names, name: str, what: str, seed_help: str):
     ap.add_argument("--out", required=True, help="output folder (images/, masks/, labels.csv)")
     ap.add_argument("-n", type=cli.nonneg_int, default=100, help="number of phantoms")
     ap.add_argument("--size", type=cli.number(int, 32, 4096), default=256, help="side in pixels, 32 to 4096")
-    ap.add_argument("--seed", type=cli.nonneg_int, default=0, help=seed_help)
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0, help="phantom i uses seed + i; train.py trains on "
+                    "seeds 0 .. phantom_count-1 and holds out 10000000 + i, so e.g. 5000000 gives unseen phantoms")
     ap.add_argument("--grid", help="also write a 4x4 example mosaic PNG to this path (default: none)")
     args = ap.parse_args(argv)
     out, rows = Path(args.out), []
@@ -319,9 +320,7 @@ def phantom_cli(argv, make, label_names, name: str, what: str, seed_help: str):
 
 
 def main(argv=None):
-    phantom_cli(argv, make_phantom, LABELS, "phantom", "procedural phantom chest X-rays",
-                "phantom i uses seed + i. train.py's phantoms are seeds 0 .. phantom_count-1 (train) and "
-                "10000000 + i (held out); e.g. 5000000 gives phantoms no run trained on")
+    phantom_cli(argv, make_phantom, LABELS, "phantom", "procedural phantom chest X-rays")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ first dot of its basename): `x001.png`, `x001.json`, `x001.mask.png` form one sa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -124,10 +125,9 @@ def parse_label(value, where: str, uncertain: float = 0.0) -> float:
     text = "" if value is None else str(value).strip()
     if text.lower() in ("", "nan"):
         return 0.0
-    try:
+    v = None
+    with contextlib.suppress(ValueError):
         v = float(text)
-    except ValueError:
-        v = None
     if v not in (0.0, 1.0, -1.0):
         raise ValueError(f"{where}: label value {value!r} is not 0, 1, -1 (uncertain) or blank")
     return uncertain if v == -1.0 else v
@@ -193,8 +193,7 @@ def read_labels_csv(path: str | Path, labels=None, *, uncertain: float = 0.0, pa
         if not p:
             raise ValueError(f"{path}, line {i + 2}: empty {path_col!r}")
         paths.append(resolve_path(p, base))
-        for j, name in enumerate(names):
-            matrix[i, j] = parse_label(row.get(name), f"{path}, line {i + 2}, column {name!r}", uncertain)
+        matrix[i] = [parse_label(row.get(name), f"{path}, line {i + 2}, column {name!r}", uncertain) for name in names]
     extras = {c: [row.get(c) or "" for row in rows] for c in columns if c != path_col and c not in names}
     return paths, matrix, extras
 
@@ -242,11 +241,8 @@ def _expand_braces(pattern: str) -> list[str]:
         return [pattern]
     head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
     rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.groups()
-        items = [str(i).zfill(len(a)) for i in range(int(a), int(b) + 1)]
-    else:
-        items = body.split(",")
+    items = (body.split(",") if rng is None else  # {x,y}; {000..009}: numbered, zero padding kept
+             [str(i).zfill(len(rng[1])) for i in range(int(rng[1]), int(rng[2]) + 1)])
     return [s for item in items for s in _expand_braces(head + item + tail)]
 
 
@@ -254,8 +250,7 @@ def list_shards(source: str | Path) -> list[str]:
     """A .tar path, a brace pattern of them, or a folder holding them -> the list of shard paths."""
     s = str(source)
     if Path(s).is_dir():
-        shards = sorted(str(p) for p in Path(s).iterdir() if p.name.lower().endswith(SHARD_EXTENSIONS))
-        if not shards:
+        if not (shards := sorted(str(p) for p in Path(s).iterdir() if p.name.lower().endswith(SHARD_EXTENSIONS))):
             raise ValueError(f"no .tar shards in {s}")
         return shards
     shards = _expand_braces(s)

@@ -129,9 +129,8 @@ def adjust_sharpness(x: torch.Tensor, factor) -> torch.Tensor:
     b, c, h, w = x4.shape
     if h <= 2 or w <= 2:
         return x
-    kernel = torch.ones(3, 3, dtype=x4.dtype, device=x4.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / kernel.sum()).expand(c, 1, 3, 3)
+    kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x4.dtype, device=x4.device) / 13
+    kernel = kernel.expand(c, 1, 3, 3)
     smooth = x4.clone()
     smooth[..., 1:-1, 1:-1] = F.conv2d(x4, kernel, groups=c)  # [B, C, H-2, W-2]
     out = (factor * x4 + (1 - factor) * smooth).clamp(0, 1)
