@@ -55,6 +55,8 @@ def parse_args(argv=None):
     add("--method", choices=["lerp", "slerp"], default="lerp", help="how c_GLB is blended: linear or spherical")
     add("--labels", help="label columns of a labelled CSV (default: the paper labels it has, maybe none)")
     cli.add_data_flags(p, labels=True)
+    add("--step", type=cli.nonneg_int, help="checkpoint step, e.g. the best-FID one (default: newest)")
+    add("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     add("--mixed-precision", choices=list(pipeline.AUTOCAST), default="no",
         help="UNet autocast dtype (the VAE decodes in fp32)")
     add("--compile", action="store_true", help="torch.compile the UNet (faster on a GPU after minutes)")
@@ -152,7 +154,7 @@ def main(argv=None):
     world = distributed.init(args.device)
     if not Path(args.run, "config.json").is_file():
         cli.fail(f"--run {args.run}: not a run directory (no config.json; train.py writes one)")
-    run = pipeline.load_run(args.run, device=world.device)  # the newest checkpoint, EMA weights when present
+    run = pipeline.load_run(args.run, ema=not args.no_ema, step=args.step, device=world.device)
     if args.compile:
         run.unet.compile()
     sources, paths, labels, label_names, conds = load_sources(args, run.config["image_size"], run.dino,

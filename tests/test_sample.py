@@ -255,3 +255,16 @@ def test_reconstruction_grid_is_captioned():
 
 def test_help_shows_every_default():
     assert help_gaps(sample.parse_args) == []
+
+
+def test_step_and_no_ema_choose_the_weights(run_dir, phantoms, tmp_path):
+    args = ["--run", str(run_dir), "--mode", "reconstruction", "--images", str(phantoms / "images"), "--num", "1",
+            "--steps", "2", "--limit", "1"]
+    read = lambda out: np.asarray(Image.open(next((tmp_path / out / "images").glob("*.png"))), dtype=int)
+    for out, extra in [("newest", []), ("step2", ["--step", "2"]), ("raw", ["--no-ema"])]:
+        sample.main([*args, "--out", str(tmp_path / out), *extra])
+    assert np.array_equal(read("newest"), read("step2"))  # step 2 is the newest checkpoint
+    assert (run_dir / "checkpoints" / "step_0000002.ema.safetensors").is_file()
+    assert not np.array_equal(read("newest"), read("raw"))  # the EMA weights differ from the raw ones
+    with pytest.raises(FileNotFoundError, match="no step 7"):
+        sample.main([*args, "--out", str(tmp_path / "none"), "--step", "7"])
