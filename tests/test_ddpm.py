@@ -335,18 +335,3 @@ def test_bad_input_raises_value_error_naming_the_value(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
 
-
-# ------------------------------------------------------------------------------------------------ demo
-
-
-def test_demo_is_deterministic_and_converges(capsys):
-    from ddpm.__main__ import main
-
-    a = main(["--steps", "10", "--num", "2", "--seed", "3"])
-    b = main(["--steps", "10", "--num", "2", "--seed", "3"])
-    assert torch.equal(a, b)
-    assert "timesteps (10): [901, 801" in capsys.readouterr().out
-    x = main(["--scheduler", "ddpm", "--steps", "10", "--num", "2", "--size", "8"])
-    from ddpm.__main__ import phantoms
-
-    assert (torch.cdist(x.flatten(1), phantoms(8).flatten(1)).min(1).values < 1e-3).all()
