@@ -12,7 +12,7 @@ DDPM ancestral sampling (Ho, Jain & Abbeel 2020) draws from the Gaussian posteri
 
     q(x_{t-1} | x_t, x_0) = N(mu_t, beta~_t I),
     mu_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
-    beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t        ("fixed_small"; "fixed_large" uses beta_t).
+    beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t        (diffusers' "fixed_small").
 
 With N < T steps the chain skips timesteps; the same formulas hold with the step's own alpha_t = abar_t /
 abar_t' and beta_t = 1 - alpha_t, t' being the next timestep of the grid ("respacing", Nichol & Dhariwal 2021,
@@ -125,11 +125,8 @@ class DDPMScheduler(NoiseScheduler):
         x0_coef = abar_prev**0.5 * beta_t / (1 - abar_t)
         xt_coef = alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)
         prev_sample = x0_coef * x0 + xt_coef * sample
-        if t > 0:
-            if self.config.variance_type == "fixed_small":  # beta~_t (DDPM eq. 7), floored like diffusers
-                variance = ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20)
-            else:  # "fixed_large": beta_t (DDPM Sec. 3.2, the upper bound on the reverse variance)
-                variance = beta_t
+        if t > 0:  # the posterior variance beta~_t (DDPM eq. 7), floored like diffusers
+            variance = ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20)
             prev_sample = prev_sample + variance**0.5 * _noise(model_output, generator, variance_noise)
         return StepOutput(prev_sample, x0)
 
