@@ -1,7 +1,7 @@
 """One loader for every pretrained model in this repo (VAE, UNet, DINO ViT), and the atomic writers.
 
 A pretrained model is two things: a config (JSON) and a state dict (tensors). `from_pretrained` in each
-model package is a short recipe built from the pieces here:
+model package is a short recipe built from the pieces here (`load_diffusers` is the VAE's and the UNet's):
 
     path = resolve_file(name, ["diffusion_pytorch_model.safetensors", ...], subfolder="vae")
     config = config_from_dict(VAEConfig, read_json(config_path), source=config_path)
@@ -83,17 +83,31 @@ def read_json(path) -> dict:
         raise CheckpointError(f"cannot read config {path}: {e}") from e
 
 
-def config_from_dict(cls, d: dict, *, source="config"):
-    """Build the frozen dataclass `cls` from the fields of `d` it knows; warn about the others.
+def config_from_dict(cls, d: dict, *, source="config", neutral=None, strict=False):
+    """Build the frozen dataclass `cls` from the fields of `d` it knows; the other keys are checked or warned about.
 
-    Keys starting with '_' (e.g. diffusers' `_class_name`) are metadata and ignored silently. Lists become
-    tuples where the dataclass field is a tuple, so the config stays hashable and frozen.
+    Keys starting with '_' (e.g. diffusers' `_class_name`) are metadata and ignored silently. Any other key is an
+    option of the reference library that we do not implement: one in `neutral` ({key: value}) must hold the value
+    at which it changes nothing, and with `strict` every other must be off (None, False or 0), else
+    CheckpointError, so an unsupported checkpoint fails loudly instead of loading into the wrong network;
+    without `strict` the rest are ignored with a warning. Lists become tuples where the dataclass field is a
+    tuple, so the config stays hashable and frozen.
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if k not in names and not k.startswith("_"))
+    neutral, unknown = neutral or {}, []
+    for key, value in d.items():
+        if key in names or key.startswith("_"):
+            continue
+        if key not in neutral and not strict:
+            unknown.append(key)
+            continue
+        allowed = [neutral[key]] if key in neutral else [None, False, 0]
+        if any(v not in allowed for v in (value if isinstance(value, (list, tuple)) else [value])):
+            only = " or ".join(map(repr, allowed))
+            raise CheckpointError(f"{source}: {key}={value!r} is not supported (only {only})")
     if unknown:
-        warnings.warn(f"{source}: ignoring keys unknown to {cls.__name__}: {unknown}", stacklevel=2)
+        warnings.warn(f"{source}: ignoring keys unknown to {cls.__name__}: {sorted(unknown)}", stacklevel=2)
     kwargs = {k: v for k, v in d.items() if k in names}
     for k, v in kwargs.items():
         if isinstance(v, list) and "tuple" in str(hints[k]).lower():
@@ -140,6 +154,24 @@ def check_state_dict(model: torch.nn.Module, state: dict, *, source="state dict"
                      for title, items in sections.items() if items)
     if report:
         raise CheckpointError(f"checkpoint {source} does not match {type(model).__name__}:{report}")
+
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def load_diffusers(cls, read_config, convert, name_or_path, *, config=None, dtype=None, device=None, **where):
+    """A diffusers model (VAE, UNet) from a Hub repo id or folder (config.json + weights; `where`: subfolder,
+    revision, cache_dir) or a single weights file, which carries no config: `config` (default: the defaults)
+    describes it; given, it also replaces a folder's config.json. `read_config(dict, source=)` builds the
+    config, `convert(state, config)` renames other key layouts to ours."""
+    weights = resolve_file(name_or_path, DIFFUSERS_WEIGHTS, **where)
+    if config is None and Path(os.fspath(name_or_path)).expanduser().is_file():
+        config = read_config({}, source=str(weights))
+    if config is None:
+        config_path = resolve_file(name_or_path, "config.json", **where)
+        config = read_config(read_json(config_path), source=str(config_path))
+    state = convert(load_state_dict_file(weights), config)
+    return load_model(cls, config, state, source=weights, dtype=dtype, device=device)
 
 
 def load_model(cls, config, state: dict, *, source="state dict", dtype=None, device=None):

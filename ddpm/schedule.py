@@ -101,12 +101,9 @@ def timestep_grid(config: SchedulerConfig, num_inference_steps: int) -> torch.Te
         ts = np.arange(n)[::-1] * (T // n) + config.steps_offset
     else:  # "trailing": from T down in float strides T / N (as diffusers), minus 1
         ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-    if ts.max() >= T:
-        raise ValueError(
-            f"num_inference_steps={n} with timestep_spacing={config.timestep_spacing!r} and "
-            f"steps_offset={config.steps_offset} would visit timestep {int(ts.max())} >= "
-            f"num_train_timesteps={T}; use fewer steps, steps_offset=0, or timestep_spacing='trailing'"
-        )
+    if ts.max() >= T:  # "leading" shifted by steps_offset past the last timestep
+        raise ValueError(f"num_inference_steps={n} with steps_offset={config.steps_offset} would visit timestep "
+                         f"{int(ts.max())} >= num_train_timesteps={T}; use fewer steps or timestep_spacing='trailing'")
     return torch.from_numpy(np.ascontiguousarray(ts, dtype=np.int64))
 
 
@@ -143,13 +140,10 @@ class NoiseScheduler:
                 subfolder = "scheduler"  # a whole pipeline folder
             path = hub.resolve_file(config, [CONFIG_NAME], subfolder=subfolder)
             d, source = hub.read_json(path), str(path)
-        for key, neutral in _NEUTRAL_DIFFUSERS_KEYS.items():
-            value = d.pop(key, neutral)
-            if value != neutral:
-                raise ValueError(f"{source}: {key}={value!r} is not supported (only {neutral!r})")
         for key in _IGNORED_DIFFUSERS_KEYS:
             d.pop(key, None)
-        cfg = dataclasses.replace(hub.config_from_dict(SchedulerConfig, d, source=source), **overrides)
+        cfg = hub.config_from_dict(SchedulerConfig, d, source=source, neutral=_NEUTRAL_DIFFUSERS_KEYS)
+        cfg = dataclasses.replace(cfg, **overrides)
         return cls(**dataclasses.asdict(cfg))
 
     def _timestep_tensor(self, timesteps, device) -> torch.Tensor:

@@ -11,8 +11,7 @@ has heads of 64 channels (320/5, 640/10, 1280/20).
 
 diffusers configs also carry many switches for other architectures (class embeddings, SDXL's additional
 embeddings, ...). `from_dict` accepts them only at the value that means "off" (None, False, 0 or the NEUTRAL
-value) and rejects anything else, so an unsupported checkpoint fails loudly instead of loading into the wrong
-network.
+value) and rejects anything else (`hub.config_from_dict`).
 """
 
 from __future__ import annotations
@@ -88,14 +87,4 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict, *, source="config") -> UNetConfig:
         """A diffusers unet config.json as a UNetConfig; architecture switches we lack must be off."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        ours = {}
-        for key, value in d.items():
-            if key in fields or key.startswith("_"):
-                ours[key] = value
-                continue
-            allowed = [NEUTRAL[key]] if key in NEUTRAL else [None, False, 0]
-            if any(v not in allowed for v in (value if isinstance(value, (list, tuple)) else [value])):
-                only = " or ".join(map(repr, allowed))
-                raise hub.CheckpointError(f"{source}: {key}={value!r} is not supported (only {only})")
-        return hub.config_from_dict(cls, ours, source=source)
+        return hub.config_from_dict(cls, d, source=source, neutral=NEUTRAL, strict=True)

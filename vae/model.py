@@ -31,8 +31,7 @@ the std; exp(-30/2) ~ 3e-7 keeps it positive). Sampling is the reparameterisatio
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
+import functools
 
 import torch
 from torch import nn
@@ -46,7 +45,6 @@ NORM_EPS = 1e-6
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # CompVis DiagonalGaussianDistribution's clamp
-WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,15 +217,9 @@ class AutoencoderKL(nn.Module):
         `v1-5-pruned-emaonly.safetensors`); it carries no config, so `config` (default: SD v1) describes it.
         `config` also overrides a folder's config.json. Raises hub.CheckpointError naming the file and keys.
         """
-        kw = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir)
-        weights = hub.resolve_file(name_or_path, WEIGHTS_NAMES, **kw)
-        if config is None and Path(os.fspath(name_or_path)).is_file():
-            config = VAEConfig()
-        if config is None:
-            config_path = hub.resolve_file(name_or_path, "config.json", **kw)
-            config = hub.config_from_dict(VAEConfig, hub.read_json(config_path), source=config_path)
-        state = convert.to_diffusers(hub.load_state_dict_file(weights), config)
-        return hub.load_model(cls, config, state, source=weights, dtype=dtype, device=device)
+        read_config = functools.partial(hub.config_from_dict, VAEConfig)
+        return hub.load_diffusers(cls, read_config, convert.to_diffusers, name_or_path, config=config, dtype=dtype,
+                                  device=device, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
 
     def save_pretrained(self, folder) -> None:
         """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout; diffusers reads it)."""
