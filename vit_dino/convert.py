@@ -157,8 +157,6 @@ def config_from_transformers(d: dict, *, source="config.json") -> DinoConfig:
     for key, allowed in (("hidden_act", "gelu"), ("pooler_act", "tanh")):
         if c.get(key, allowed) != allowed:
             raise hub.CheckpointError(f"{source}: {key}={c[key]!r} is not supported (only {allowed!r})")
-    if c.get("pooler_output_size", c.get("hidden_size")) != c.get("hidden_size"):
-        raise hub.CheckpointError(f"{source}: pooler_output_size must equal hidden_size to join c_GLB")
     same = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "layer_norm_eps",
             "num_channels", "qkv_bias")  # same names as DinoConfig's
     fields = {k: c[k] for k in same if k in c}

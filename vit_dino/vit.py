@@ -162,16 +162,15 @@ class DinoViT(nn.Module):
         transformers `ViTEmbeddings.interpolate_pos_encoding` (bicubic, align_corners=False, output size
         given explicitly) or timm `resample_abs_pos_embed` (the same plus antialias=True, in float32).
         """
-        pos, n = self.pos_embed, self.config.grid_size
+        pos, n, k = self.pos_embed, self.config.grid_size, self.config.num_pos_prefix
         if (grid_h, grid_w) == (n, n):
             return pos
-        num_prefix = pos.shape[1] - n * n
-        prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+        prefix, grid = pos[:, :k], pos[:, k:]
         grid = grid.float().reshape(1, n, n, -1).permute(0, 3, 1, 2)  # [1, D, n, n]
         grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False,
                              antialias=self.config.pos_embed_antialias)
         grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(pos.dtype)
-        return torch.cat([prefix, grid], dim=1) if num_prefix else grid
+        return torch.cat([prefix, grid], dim=1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels [B, C, H, W] -> tokens [B, 1+R+L, D] = [CLS, registers, patches] + position embeddings."""
@@ -187,11 +186,10 @@ class DinoViT(nn.Module):
         grid_h, grid_w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2)  # [B, L = h*w, D]
         pos = self.interpolate_pos_embed(grid_h, grid_w)
-        n = pos.shape[1] - grid_h * grid_w  # 1+R (ViT), 1 (Dinov2WithRegisters: not the registers), 0 (timm)
+        n = self.config.num_pos_prefix  # 1+R (ViT), 1 (Dinov2WithRegisters: not the registers), 0 (timm)
         patches = patches + pos[:, n:]
         prefix = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], 1)
-        if n:
-            prefix = torch.cat([prefix[:, :n] + pos[:, :n], prefix[:, n:]], dim=1)
+        prefix = torch.cat([prefix[:, :n] + pos[:, :n], prefix[:, n:]], dim=1)  # the first n have entries
         return torch.cat([prefix.expand(b, -1, -1), patches], dim=1)
 
     # ---------------------------------------------------------------------------------------- forward
