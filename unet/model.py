@@ -31,7 +31,6 @@ under autocast and torch.compile).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -230,7 +229,7 @@ class UNet2DConditionModel(nn.Module):
         checkpointing = self.is_gradient_checkpointing
         self._set_gradient_checkpointing(False)
         for name, m in layers:
-            m.capture = functools.partial(_emit, sink, name)
+            m.capture = lambda probs, size, name=name: sink(AttentionMap(name, tuple(size), probs.detach()))
         try:
             yield maps
         finally:
@@ -270,7 +269,3 @@ class UNet2DConditionModel(nn.Module):
     def save_pretrained(self, folder):
         """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout, atomic)."""
         hub.save_pretrained(self, folder, class_name="UNet2DConditionModel")
-
-
-def _emit(sink, name: str, probs: torch.Tensor, size):
-    sink(AttentionMap(name, tuple(size), probs.detach()))
