@@ -231,9 +231,8 @@ def write_csv_atomic(path, rows: list[dict], fieldnames=None):
         w.writerows(rows)
 
 
-def save_pretrained(model: torch.nn.Module, folder, *, weights_name="diffusion_pytorch_model.safetensors",
-                    class_name=None):
+def save_pretrained(model: torch.nn.Module, folder, *, weights_name=DIFFUSERS_WEIGHTS[0]):
     """Save `model.config` + weights in the diffusers folder layout (loadable by our from_pretrained)."""
-    config = dataclasses.asdict(model.config) | {"_class_name": class_name or type(model).__name__}
+    config = dataclasses.asdict(model.config) | {"_class_name": type(model).__name__}
     write_json_atomic(config, Path(folder) / "config.json")
     save_file_atomic(model.state_dict(), Path(folder) / weights_name)

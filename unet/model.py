@@ -268,4 +268,4 @@ class UNet2DConditionModel(nn.Module):
 
     def save_pretrained(self, folder):
         """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout, atomic)."""
-        hub.save_pretrained(self, folder, class_name="UNet2DConditionModel")
+        hub.save_pretrained(self, folder)

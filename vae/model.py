@@ -220,4 +220,4 @@ class AutoencoderKL(nn.Module):
 
     def save_pretrained(self, folder) -> None:
         """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout; diffusers reads it)."""
-        hub.save_pretrained(self, folder, class_name="AutoencoderKL")
+        hub.save_pretrained(self, folder)
