@@ -3,16 +3,15 @@
 Our module names are timm's, so a timm checkpoint (`timm/vit_base_patch14_reg4_dinov2.lvd142m`) or one
 written by `DinoViT.save_pretrained` loads as is. A transformers checkpoint (ViTModel `facebook/dino-vitb16`;
 Dinov2Model `facebook/dinov2-base`, `microsoft/rad-dino`; Dinov2WithRegistersModel
-`facebook/dinov2-with-registers-base`) is renamed by `_LAYER_RENAMES` (its Hub-file names, and the
+`facebook/dinov2-with-registers-base`) is renamed by `_RENAMES` (its Hub-file names, and the
 transformers >= 5 in-memory names such as `layers.{i}.attention.q_proj`), then its separate query/key/value
 projections are concatenated into the fused `attn.qkv` (rows [query; key; value], the order our Attention
 splits them in), and SwiGLU `gate_proj`/`up_proj` into `mlp.fc1` likewise (Hub files hold them fused as
 `weights_in`, rows [gate; up]).
 
 Dinov2's `mask_token` only replaces masked patches when `bool_masked_pos` is given (iBOT pretraining); feature
-extraction never uses it, so it is dropped by name (and only it). Dinov2Model's `pooler_output` is the CLS
-token after the final LayerNorm, i.e. the same vector as `last_hidden_state[:, 0]`: it is not a separate token,
-so c_GLB = [CLS, registers] (no duplicate CLS; `has_pooler` stays False: there is no pooler.dense).
+extraction never uses it, so it is dropped by name (and only it). Dinov2Model has no `pooler.dense`, so
+`has_pooler` stays False (its `pooler_output` is the normed CLS itself: see vit.py).
 """
 
 from __future__ import annotations
