@@ -72,13 +72,9 @@ def _predict_x0_eps(s: NoiseScheduler, model_output: torch.Tensor, sample: torch
     return x0, eps
 
 
-def _noise(like: torch.Tensor, generator, variance_noise) -> torch.Tensor:
-    """Standard normal noise shaped like `like`: `variance_noise` if given (the generator is then not used), else
-    one draw from `generator` (on its device, then moved, as diffusers' randn_tensor; a list: one per sample)."""
-    if variance_noise is not None:
-        if variance_noise.shape != like.shape:
-            raise ValueError(f"variance_noise shape {tuple(variance_noise.shape)} != {tuple(like.shape)}")
-        return variance_noise.to(like.device, like.dtype)
+def _noise(like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, one draw from `generator` (on its device, then moved, as
+    diffusers' randn_tensor; a list: one generator per sample)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != like.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {like.shape[0]}")
@@ -109,7 +105,6 @@ class DDPMScheduler(NoiseScheduler):
         timestep,
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        variance_noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """One ancestral step x_t -> x_t' (noise for t > 0: see `_noise`). model_output, sample: [B, ...];
         timestep: int or 0-d tensor."""
@@ -127,7 +122,7 @@ class DDPMScheduler(NoiseScheduler):
         prev_sample = x0_coef * x0 + xt_coef * sample
         if t > 0:  # the posterior variance beta~_t (DDPM eq. 7), floored like diffusers
             variance = ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20)
-            prev_sample = prev_sample + variance**0.5 * _noise(model_output, generator, variance_noise)
+            prev_sample = prev_sample + variance**0.5 * _noise(model_output, generator)
         return StepOutput(prev_sample, x0)
 
 
@@ -145,7 +140,6 @@ class DDIMScheduler(NoiseScheduler):
         sample: torch.Tensor,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        variance_noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """One DDIM step x_t -> x_t' (DDIM eq. 12; noise z for eta > 0: see `_noise`). model_output, sample:
         [B, ...]; timestep: int or 0-d tensor."""
@@ -166,5 +160,5 @@ class DDIMScheduler(NoiseScheduler):
         # DDIM eq. 12 (the clamp guards against round-off at eta = 1, where the bracket is exactly >= 0)
         prev_sample = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2).clamp(min=0) ** 0.5 * eps
         if eta > 0:
-            prev_sample = prev_sample + sigma * _noise(model_output, generator, variance_noise)
+            prev_sample = prev_sample + sigma * _noise(model_output, generator)
         return StepOutput(prev_sample, x0)
