@@ -44,7 +44,7 @@ class CheckpointError(ValueError):
 def resolve_file(name_or_path, filenames, *, subfolder=None, revision=None, cache_dir=None, required=True):
     """Local path of the first of `filenames` that exists for `name_or_path` (a file, returned as is; a folder,
     looked up under `subfolder`; or a Hub repo id), else None (or raise)."""
-    filenames = [filenames] if isinstance(filenames, str) else list(filenames)
+    filenames = list(filenames)
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.is_file():
         return path
@@ -168,7 +168,7 @@ def load_diffusers(cls, read_config, convert, name_or_path, *, config=None, dtyp
     if config is None and Path(os.fspath(name_or_path)).expanduser().is_file():
         config = read_config({}, source=str(weights))
     if config is None:
-        config_path = resolve_file(name_or_path, "config.json", **where)
+        config_path = resolve_file(name_or_path, ["config.json"], **where)
         config = read_config(read_json(config_path), source=str(config_path))
     state = convert(load_state_dict_file(weights), config)
     return load_model(cls, config, state, source=weights, dtype=dtype, device=device)
