@@ -135,7 +135,10 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
 
 
 def strip_prefix(state: dict, prefix: str) -> dict:
-    """Keep only keys under `prefix` (e.g. 'first_stage_model.'), with the prefix removed."""
+    """If keys start with `prefix` (e.g. 'first_stage_model.' in a whole SD file), keep only those, without the
+    prefix; else `state` as it is."""
+    if not any(k.startswith(prefix) for k in state):
+        return state
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 

@@ -97,8 +97,7 @@ def rename_modules(state: dict, table: dict, resnet_renames: dict) -> dict:
 def to_diffusers(state: dict, config: UNetConfig) -> dict:
     """A UNet state dict in diffusers key names, from diffusers' (unchanged) or CompVis' layout (a whole SD file
     too: its `model.diffusion_model.` part is kept)."""
-    if any(k.startswith(LDM_PREFIX) for k in state):
-        state = strip_prefix(state, LDM_PREFIX)
+    state = strip_prefix(state, LDM_PREFIX)
     if "input_blocks.0.0.weight" not in state:
         return state
     table = {ldm: (new, is_resnet) for ldm, new, is_resnet in module_map(config)}

@@ -63,8 +63,7 @@ def is_attention_linear_weight(key: str) -> bool:
 
 def to_diffusers(state: dict[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
     """Convert a state dict in any of the three layouts (LDM prefixed or not) to ours."""
-    if any(k.startswith(LDM_PREFIX) for k in state):
-        state = strip_prefix(state, LDM_PREFIX)
+    state = strip_prefix(state, LDM_PREFIX)
     if any(k.startswith(("encoder.mid.", "decoder.mid.", "encoder.down.", "decoder.up.")) for k in state):
         rename = {ldm: ours for ours, ldm in ldm_key_map(config).items()}
         state = {rename.get(k, k): v for k, v in state.items()}
