@@ -91,12 +91,9 @@ class DDPMScheduler(NoiseScheduler):
     def previous_timestep(self, timestep: int) -> int:
         """The next timestep of the grid set by set_timesteps, or -1 after the last one."""
         t = int(timestep)
-        try:
-            i = self._grid.index(t)
-        except ValueError:
-            raise ValueError(
-                f"timestep {t} is not one of the {self.num_inference_steps} timesteps set by set_timesteps"
-            ) from None
+        if t not in self._grid:
+            raise ValueError(f"timestep {t} is not one of the {len(self._grid)} timesteps set by set_timesteps")
+        i = self._grid.index(t)
         return self._grid[i + 1] if i + 1 < len(self._grid) else -1
 
     def step(

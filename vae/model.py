@@ -178,10 +178,8 @@ class AutoencoderKL(nn.Module):
         in-process A/B). Outputs come back NCHW."""
         if t.ndim != 4 or t.shape[1] != channels or t.shape[2] % factor or t.shape[3] % factor:
             sizes = f" with H and W multiples of {factor}" if factor > 1 else ""
-            raise ValueError(
-                f"AutoencoderKL.{what}: expected a [B, {channels}, H, W] tensor{sizes}, "
-                f"got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"AutoencoderKL.{what}: expected a [B, {channels}, H, W] tensor{sizes}, got shape "
+                             f"{tuple(t.shape)}")
         p = self.encoder.conv_in.weight
         t = t.to(device=p.device, dtype=p.dtype)
         return t.contiguous(memory_format=torch.channels_last) if t.device.type == "cpu" else t

@@ -66,10 +66,8 @@ def convert_state_dict(state: dict, expected: str, *, source="state dict") -> di
     strict load to report)."""
     found = next((name for name, keys in _LAYOUT_KEYS.items() if any(k.startswith(keys) for k in state)), "no")
     if found != expected:
-        raise hub.CheckpointError(
-            f"{source}: its config.json describes a {expected} checkpoint, but the weights have {found} keys "
-            f"(e.g. {sorted(state)[:3]}). Is the config.json from another model family?"
-        )
+        raise hub.CheckpointError(f"{source}: its config.json describes a {expected} checkpoint, but the weights "
+                                  f"have {found} keys (e.g. {sorted(state)[:3]}); is it from another model family?")
     if expected == "timm":
         return state
     out = {_rename(k): v for k, v in state.items() if k not in _DROPPED}
