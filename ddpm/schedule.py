@@ -140,11 +140,9 @@ class NoiseScheduler:
                 subfolder = "scheduler"  # a whole pipeline folder
             path = hub.resolve_file(config, [CONFIG_NAME], subfolder=subfolder)
             d, source = hub.read_json(path), str(path)
-        for key in _IGNORED_DIFFUSERS_KEYS:
-            d.pop(key, None)
+        d = {k: v for k, v in d.items() if k not in _IGNORED_DIFFUSERS_KEYS}
         cfg = hub.config_from_dict(SchedulerConfig, d, source=source, neutral=_NEUTRAL_DIFFUSERS_KEYS)
-        cfg = dataclasses.replace(cfg, **overrides)
-        return cls(**dataclasses.asdict(cfg))
+        return cls(**{**dataclasses.asdict(cfg), **overrides})
 
     def _timestep_tensor(self, timesteps, device) -> torch.Tensor:
         """Integer timesteps as a LongTensor on `device`; ValueError naming the first out-of-range value."""
