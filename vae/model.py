@@ -41,8 +41,6 @@ from vae.layers import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, nor
 
 # eps of every GroupNorm in the VAE: hard-coded in diffusers' Encoder/Decoder and in CompVis `Normalize`.
 NORM_EPS = 1e-6
-DOWN_BLOCK = "DownEncoderBlock2D"
-UP_BLOCK = "UpDecoderBlock2D"
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # CompVis DiagonalGaussianDistribution's clamp
 # diffusers AutoencoderKL options for other VAEs (SD3/Flux, SDXL statistics, ...), accepted at SD v1's value only.
 NEUTRAL = {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
@@ -69,7 +67,7 @@ class VAEConfig:
 
     def __post_init__(self):
         n = len(self.block_out_channels)
-        for name, kind in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
+        for name, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             value = tuple(getattr(self, name) or (kind,) * n)
             if value != (kind,) * n:
                 raise ValueError(f"VAEConfig.{name}={value}: only {kind!r} at each of the {n} levels is supported")
