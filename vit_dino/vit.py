@@ -228,11 +228,10 @@ class DinoViT(nn.Module):
         weights = hub.resolve_file(name_or_path, ["model.safetensors", "pytorch_model.bin"], **kw)
         config, layout = convert.config_from_json(hub.read_json(config_path), source=config_path)
         processor = hub.resolve_file(folder, ["preprocessor_config.json"], required=False, **kw)
-        if processor is not None:  # the checkpoint's own preprocessing (rad-dino: CXR mean/std, 518 px)
-            fields = fields_from_image_processor(hub.read_json(processor), source=processor)
-            config = dataclasses.replace(config, **fields)
+        # the checkpoint's own preprocessing, when it ships one (rad-dino: CXR mean/std, 518 px)
+        fields = {} if processor is None else fields_from_image_processor(hub.read_json(processor), source=processor)
         state = convert.convert_state_dict(hub.load_state_dict_file(weights), layout, source=weights)
-        config = dataclasses.replace(config, has_pooler="pooler.dense.weight" in state)
+        config = dataclasses.replace(config, **fields, has_pooler="pooler.dense.weight" in state)
         return hub.load_model(cls, config, state, source=weights, dtype=dtype, device=device)
 
     def save_pretrained(self, folder) -> None:
