@@ -4,8 +4,8 @@ A pretrained model is two things: a config (JSON) and a state dict (tensors). `f
 model package is a short recipe built from the pieces here (`load_diffusers` is the VAE's and the UNet's):
 
     path = resolve_file(name, ["diffusion_pytorch_model.safetensors", ...], subfolder="vae")
-    config = config_from_dict(VAEConfig, read_json(config_path), source=config_path)
-    state = convert_keys(load_state_dict_file(path))          # model-specific renames
+    config = VAEConfig.from_dict(read_json(config_path), source=config_path)   # -> config_from_dict
+    state = convert(load_state_dict_file(path), config)       # model-specific renames
     model = load_model(AutoencoderKL, config, state, source=path, dtype=..., device=...)
 
 `name` may be a Hugging Face Hub repo id (resolved through `huggingface_hub.hf_hub_download`, which honours

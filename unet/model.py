@@ -257,12 +257,8 @@ class UNet2DConditionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, subfolder=None, revision=None, cache_dir=None, dtype=None,
                         device=None, config: UNetConfig | None = None) -> UNet2DConditionModel:
-        """Load a diffusers folder / Hub repo id (config.json + diffusion_pytorch_model.safetensors|.bin)
-        or a single weights file (CompVis `model.diffusion_model.*` keys or diffusers keys).
-
-        A single file has no config: `config` (default SD v1.5) describes it. For a folder or repo,
-        `config`, when given, replaces the config.json.
-        """
+        """A Hub repo id, a diffusers folder or a single weights file (`hub.load_diffusers`), with diffusers or
+        CompVis keys (`model.diffusion_model.*`, as in a whole SD file; `unet/convert.py`)."""
         return hub.load_diffusers(cls, UNetConfig.from_dict, to_diffusers, name_or_path, config=config, dtype=dtype,
                                   device=device, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
 

@@ -204,12 +204,8 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, subfolder=None, revision=None, cache_dir=None, dtype=None,
                         device=None, *, config: VAEConfig | None = None) -> AutoencoderKL:
-        """Load from a Hub repo id, a diffusers folder (config.json + weights) or a single weights file.
-
-        A single file may be in the diffusers or the CompVis/SD layout (`first_stage_model.` keys, as in
-        `v1-5-pruned-emaonly.safetensors`); it carries no config, so `config` (default: SD v1) describes it.
-        `config` also overrides a folder's config.json. Raises hub.CheckpointError naming the file and keys.
-        """
+        """A Hub repo id, a diffusers folder or a single weights file (`hub.load_diffusers`), in any of the layouts
+        of `vae/convert.py`; e.g. SD's `v1-5-pruned-emaonly.safetensors` with its `first_stage_model.` keys."""
         return hub.load_diffusers(cls, VAEConfig.from_dict, convert.to_diffusers, name_or_path, config=config,
                                   dtype=dtype, device=device, subfolder=subfolder, revision=revision,
                                   cache_dir=cache_dir)
