@@ -1,11 +1,11 @@
 """One loader for every pretrained model in this repo (VAE, UNet, DINO ViT), and the atomic writers.
 
 A pretrained model is two things: a config (JSON) and a state dict (tensors). `from_pretrained` in each
-model package is a short recipe built from the pieces here:
+model package is a short recipe built from the pieces here (`load_diffusers` is the VAE's and the UNet's):
 
     path = resolve_file(name, ["diffusion_pytorch_model.safetensors", ...], subfolder="vae")
-    config = config_from_dict(VAEConfig, read_json(config_path), source=config_path)
-    state = convert_keys(load_state_dict_file(path))          # model-specific renames
+    config = VAEConfig.from_dict(read_json(config_path), source=config_path)   # -> config_from_dict
+    state = convert(load_state_dict_file(path), config)       # model-specific renames
     model = load_model(AutoencoderKL, config, state, source=path, dtype=..., device=...)
 
 `name` may be a Hugging Face Hub repo id (resolved through `huggingface_hub.hf_hub_download`, which honours
@@ -44,7 +44,7 @@ class CheckpointError(ValueError):
 def resolve_file(name_or_path, filenames, *, subfolder=None, revision=None, cache_dir=None, required=True):
     """Local path of the first of `filenames` that exists for `name_or_path` (a file, returned as is; a folder,
     looked up under `subfolder`; or a Hub repo id), else None (or raise)."""
-    filenames = [filenames] if isinstance(filenames, str) else list(filenames)
+    filenames = list(filenames)
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.is_file():
         return path
@@ -83,17 +83,31 @@ def read_json(path) -> dict:
         raise CheckpointError(f"cannot read config {path}: {e}") from e
 
 
-def config_from_dict(cls, d: dict, *, source="config"):
-    """Build the frozen dataclass `cls` from the fields of `d` it knows; warn about the others.
+def config_from_dict(cls, d: dict, *, source="config", neutral=None, strict=False):
+    """Build the frozen dataclass `cls` from the fields of `d` it knows; the other keys are checked or warned about.
 
-    Keys starting with '_' (e.g. diffusers' `_class_name`) are metadata and ignored silently. Lists become
-    tuples where the dataclass field is a tuple, so the config stays hashable and frozen.
+    Keys starting with '_' (e.g. diffusers' `_class_name`) are metadata and ignored silently. Any other key is an
+    option of the reference library that we do not implement: one in `neutral` ({key: value}) must hold the value
+    at which it changes nothing, and with `strict` every other must be off (None, False or 0), else
+    CheckpointError, so an unsupported checkpoint fails loudly instead of loading into the wrong network;
+    without `strict` the rest are ignored with a warning. Lists become tuples where the dataclass field is a
+    tuple, so the config stays hashable and frozen.
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if k not in names and not k.startswith("_"))
+    neutral, unknown = neutral or {}, []
+    for key, value in d.items():
+        if key in names or key.startswith("_"):
+            continue
+        if key not in neutral and not strict:
+            unknown.append(key)
+            continue
+        allowed = [neutral[key]] if key in neutral else [None, False, 0]
+        if any(v not in allowed for v in (value if isinstance(value, (list, tuple)) else [value])):
+            only = " or ".join(map(repr, allowed))
+            raise CheckpointError(f"{source}: {key}={value!r} is not supported (only {only})")
     if unknown:
-        warnings.warn(f"{source}: ignoring keys unknown to {cls.__name__}: {unknown}", stacklevel=2)
+        warnings.warn(f"{source}: ignoring keys unknown to {cls.__name__}: {sorted(unknown)}", stacklevel=2)
     kwargs = {k: v for k, v in d.items() if k in names}
     for k, v in kwargs.items():
         if isinstance(v, list) and "tuple" in str(hints[k]).lower():
@@ -121,7 +135,10 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
 
 
 def strip_prefix(state: dict, prefix: str) -> dict:
-    """Keep only keys under `prefix` (e.g. 'first_stage_model.'), with the prefix removed."""
+    """If keys start with `prefix` (e.g. 'first_stage_model.' in a whole SD file), keep only those, without the
+    prefix; else `state` as it is."""
+    if not any(k.startswith(prefix) for k in state):
+        return state
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -140,6 +157,24 @@ def check_state_dict(model: torch.nn.Module, state: dict, *, source="state dict"
                      for title, items in sections.items() if items)
     if report:
         raise CheckpointError(f"checkpoint {source} does not match {type(model).__name__}:{report}")
+
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def load_diffusers(cls, read_config, convert, name_or_path, *, config=None, dtype=None, device=None, **where):
+    """A diffusers model (VAE, UNet) from a Hub repo id or folder (config.json + weights; `where`: subfolder,
+    revision, cache_dir) or a single weights file, which carries no config: `config` (default: the defaults)
+    describes it; given, it also replaces a folder's config.json. `read_config(dict, source=)` builds the
+    config, `convert(state, config)` renames other key layouts to ours."""
+    weights = resolve_file(name_or_path, DIFFUSERS_WEIGHTS, **where)
+    if config is None and Path(os.fspath(name_or_path)).expanduser().is_file():
+        config = read_config({}, source=str(weights))
+    if config is None:
+        config_path = resolve_file(name_or_path, ["config.json"], **where)
+        config = read_config(read_json(config_path), source=str(config_path))
+    state = convert(load_state_dict_file(weights), config)
+    return load_model(cls, config, state, source=weights, dtype=dtype, device=device)
 
 
 def load_model(cls, config, state: dict, *, source="state dict", dtype=None, device=None):
@@ -199,9 +234,8 @@ def write_csv_atomic(path, rows: list[dict], fieldnames=None):
         w.writerows(rows)
 
 
-def save_pretrained(model: torch.nn.Module, folder, *, weights_name="diffusion_pytorch_model.safetensors",
-                    class_name=None):
+def save_pretrained(model: torch.nn.Module, folder, *, weights_name=DIFFUSERS_WEIGHTS[0]):
     """Save `model.config` + weights in the diffusers folder layout (loadable by our from_pretrained)."""
-    config = dataclasses.asdict(model.config) | {"_class_name": class_name or type(model).__name__}
+    config = dataclasses.asdict(model.config) | {"_class_name": type(model).__name__}
     write_json_atomic(config, Path(folder) / "config.json")
     save_file_atomic(model.state_dict(), Path(folder) / weights_name)

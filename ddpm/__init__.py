@@ -6,8 +6,6 @@
     s.set_timesteps(50)                   # sampling: 981, 961, ..., 1
     for t in s.timesteps:
         x = s.step(unet(x, t, c), t, x).prev_sample
-
-`python -m ddpm` runs a small demo with an exact noise predictor (no network).
 """
 
 from ddpm.sampler import DDIMScheduler, DDPMScheduler, StepOutput

@@ -12,7 +12,7 @@ DDPM ancestral sampling (Ho, Jain & Abbeel 2020) draws from the Gaussian posteri
 
     q(x_{t-1} | x_t, x_0) = N(mu_t, beta~_t I),
     mu_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
-    beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t        ("fixed_small"; "fixed_large" uses beta_t).
+    beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t        (diffusers' "fixed_small").
 
 With N < T steps the chain skips timesteps; the same formulas hold with the step's own alpha_t = abar_t /
 abar_t' and beta_t = 1 - alpha_t, t' being the next timestep of the grid ("respacing", Nichol & Dhariwal 2021,
@@ -72,13 +72,9 @@ def _predict_x0_eps(s: NoiseScheduler, model_output: torch.Tensor, sample: torch
     return x0, eps
 
 
-def _noise(like: torch.Tensor, generator, variance_noise) -> torch.Tensor:
-    """Standard normal noise shaped like `like`: `variance_noise` if given (the generator is then not used), else
-    one draw from `generator` (on its device, then moved, as diffusers' randn_tensor; a list: one per sample)."""
-    if variance_noise is not None:
-        if variance_noise.shape != like.shape:
-            raise ValueError(f"variance_noise shape {tuple(variance_noise.shape)} != {tuple(like.shape)}")
-        return variance_noise.to(like.device, like.dtype)
+def _noise(like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, one draw from `generator` (on its device, then moved, as
+    diffusers' randn_tensor; a list: one generator per sample)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != like.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {like.shape[0]}")
@@ -95,12 +91,9 @@ class DDPMScheduler(NoiseScheduler):
     def previous_timestep(self, timestep: int) -> int:
         """The next timestep of the grid set by set_timesteps, or -1 after the last one."""
         t = int(timestep)
-        try:
-            i = self._grid.index(t)
-        except ValueError:
-            raise ValueError(
-                f"timestep {t} is not one of the {self.num_inference_steps} timesteps set by set_timesteps"
-            ) from None
+        if t not in self._grid:
+            raise ValueError(f"timestep {t} is not one of the {len(self._grid)} timesteps set by set_timesteps")
+        i = self._grid.index(t)
         return self._grid[i + 1] if i + 1 < len(self._grid) else -1
 
     def step(
@@ -109,7 +102,6 @@ class DDPMScheduler(NoiseScheduler):
         timestep,
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        variance_noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """One ancestral step x_t -> x_t' (noise for t > 0: see `_noise`). model_output, sample: [B, ...];
         timestep: int or 0-d tensor."""
@@ -125,12 +117,9 @@ class DDPMScheduler(NoiseScheduler):
         x0_coef = abar_prev**0.5 * beta_t / (1 - abar_t)
         xt_coef = alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)
         prev_sample = x0_coef * x0 + xt_coef * sample
-        if t > 0:
-            if self.config.variance_type == "fixed_small":  # beta~_t (DDPM eq. 7), floored like diffusers
-                variance = ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20)
-            else:  # "fixed_large": beta_t (DDPM Sec. 3.2, the upper bound on the reverse variance)
-                variance = beta_t
-            prev_sample = prev_sample + variance**0.5 * _noise(model_output, generator, variance_noise)
+        if t > 0:  # the posterior variance beta~_t (DDPM eq. 7), floored like diffusers
+            variance = ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20)
+            prev_sample = prev_sample + variance**0.5 * _noise(model_output, generator)
         return StepOutput(prev_sample, x0)
 
 
@@ -148,7 +137,6 @@ class DDIMScheduler(NoiseScheduler):
         sample: torch.Tensor,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        variance_noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """One DDIM step x_t -> x_t' (DDIM eq. 12; noise z for eta > 0: see `_noise`). model_output, sample:
         [B, ...]; timestep: int or 0-d tensor."""
@@ -169,5 +157,5 @@ class DDIMScheduler(NoiseScheduler):
         # DDIM eq. 12 (the clamp guards against round-off at eta = 1, where the bracket is exactly >= 0)
         prev_sample = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2).clamp(min=0) ** 0.5 * eps
         if eta > 0:
-            prev_sample = prev_sample + sigma * _noise(model_output, generator, variance_noise)
+            prev_sample = prev_sample + sigma * _noise(model_output, generator)
         return StepOutput(prev_sample, x0)

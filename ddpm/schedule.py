@@ -4,7 +4,7 @@ Diffusion (Ho et al. 2020, "DDPM") destroys data x_0 in T small Gaussian steps,
 q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I). The schedule beta_1 ... beta_T is the whole model of
 the noise: everything else derives from abar_t = prod_{s <= t} (1 - beta_s), which falls from ~1 (clean) to
 ~0 (pure noise). Stable Diffusion v1 uses T = 1000 and betas linear in sqrt(beta) from 0.00085 to 0.012
-("scaled_linear"); the original DDPM is linear in beta; the cosine schedule makes abar a cosine in t.
+("scaled_linear"); the original DDPM is linear in beta.
 
 The T noising steps compose into one closed form (DDPM eq. 4):
 
@@ -24,7 +24,6 @@ Conventions follow diffusers so its scheduler_config.json files load as they are
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 
@@ -34,13 +33,14 @@ import torch
 import hub
 
 CONFIG_NAME = "scheduler_config.json"  # diffusers' file name, in the `scheduler/` folder of a pipeline
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear")  # the two that SD's configs use
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+TIMESTEP_SPACINGS = ("leading", "trailing")
 # diffusers options we do not implement. At these values they change nothing and are dropped silently when a
-# config is read; any other value would change the numbers, so it is an error.
-_NEUTRAL_DIFFUSERS_KEYS = {"thresholding": False, "rescale_betas_zero_snr": False}
+# config is read; any other value would change the numbers, so it is an error. DDPM's variance is always
+# "fixed_small", the posterior variance beta~_t (sampler.py).
+_NEUTRAL_DIFFUSERS_KEYS = {"thresholding": False, "rescale_betas_zero_snr": False, "trained_betas": None,
+                           "variance_type": "fixed_small"}
 # Options that only matter with `thresholding`, or only to PNDM's sampler (SD v1 ships a PNDM config).
 _IGNORED_DIFFUSERS_KEYS = ("dynamic_thresholding_ratio", "sample_max_value", "skip_prk_steps")
 
@@ -59,14 +59,12 @@ class SchedulerConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"  # one of BETA_SCHEDULES, see make_betas
-    trained_betas: tuple[float, ...] | None = None  # explicit betas [T]; replace the three fields above
     prediction_type: str = "epsilon"  # what the network predicts: "epsilon", "v_prediction" or "sample" (x_0)
     clip_sample: bool = False  # clamp the predicted x_0 to [-clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
     steps_offset: int = 1  # added to "leading" timesteps: SD samples t = 981 ... 1, not 980 ... 0
     set_alpha_to_one: bool = False  # DDIM only: abar before t = 0 is 1.0 (True) or abar[0] (False, SD v1)
     timestep_spacing: str = "leading"  # how N of the T timesteps are picked, see timestep_grid
-    variance_type: str = "fixed_small"  # DDPM only: posterior variance beta~_t ("fixed_small") or beta_t
 
     def __post_init__(self):
         T = self.num_train_timesteps
@@ -75,37 +73,25 @@ class SchedulerConfig:
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        _check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
-        if self.trained_betas is not None:
-            object.__setattr__(self, "trained_betas", tuple(self.trained_betas))  # a list stays hashable
-            if len(self.trained_betas) != T or not all(0 < b < 1 for b in self.trained_betas):
-                raise ValueError(f"trained_betas must be {T} values in (0, 1), got {len(self.trained_betas)}")
-        elif not 0 < self.beta_start <= self.beta_end < 1:
+        if not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
 
 
 def make_betas(config: SchedulerConfig) -> torch.Tensor:
     """beta_1 ... beta_T as a float32 tensor [T]."""
     T = config.num_train_timesteps
-    if config.trained_betas is not None:
-        return torch.tensor(config.trained_betas, dtype=torch.float32)
     if config.beta_schedule == "linear":  # DDPM Sec. 4 (there 1e-4 ... 0.02)
         return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
-    if config.beta_schedule == "scaled_linear":  # LDM / SD: linear in sqrt(beta)
-        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
-    # "squaredcos_cap_v2", the cosine schedule (Nichol & Dhariwal 2021, eq. 17): abar(s) = cos^2((s + 0.008) /
-    # 1.008 * pi / 2) for s in [0, 1], beta_t = 1 - abar(t / T) / abar((t - 1) / T), capped at 0.999.
-    abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    betas = [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)]
-    return torch.tensor(betas, dtype=torch.float32)
+    # "scaled_linear", LDM / SD: linear in sqrt(beta)
+    return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
 
 
 def timestep_grid(config: SchedulerConfig, num_inference_steps: int) -> torch.Tensor:
-    """The N timesteps a sampler visits, descending, as a LongTensor [N] (diffusers' three spacings).
+    """The N timesteps a sampler visits, descending, as a LongTensor [N] (as diffusers spaces them).
 
     For T = 1000, N = 50: "leading" (DDIM paper, SD) 981, 961, ..., 1 (with steps_offset 1); "trailing" 999,
     979, ..., 19, which starts at the noisiest timestep (Lin et al. 2024, "Common diffusion noise schedules
-    and sample steps are flawed", Table 2); "linspace" 999, 979, ..., 0.
+    and sample steps are flawed", Table 2).
     """
     T, n = config.num_train_timesteps, num_inference_steps
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= T:
@@ -113,16 +99,11 @@ def timestep_grid(config: SchedulerConfig, num_inference_steps: int) -> torch.Te
     n = int(n)
     if config.timestep_spacing == "leading":  # multiples of T // N, then shifted
         ts = np.arange(n)[::-1] * (T // n) + config.steps_offset
-    elif config.timestep_spacing == "trailing":  # from T down in float strides T / N (as diffusers), minus 1
+    else:  # "trailing": from T down in float strides T / N (as diffusers), minus 1
         ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-    else:  # "linspace": N points evenly spread over [0, T - 1], rounded
-        ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-    if ts.max() >= T:
-        raise ValueError(
-            f"num_inference_steps={n} with timestep_spacing={config.timestep_spacing!r} and "
-            f"steps_offset={config.steps_offset} would visit timestep {int(ts.max())} >= "
-            f"num_train_timesteps={T}; use fewer steps, steps_offset=0, or timestep_spacing='trailing'"
-        )
+    if ts.max() >= T:  # "leading" shifted by steps_offset past the last timestep
+        raise ValueError(f"num_inference_steps={n} with steps_offset={config.steps_offset} would visit timestep "
+                         f"{int(ts.max())} >= num_train_timesteps={T}; use fewer steps or timestep_spacing='trailing'")
     return torch.from_numpy(np.ascontiguousarray(ts, dtype=np.int64))
 
 
@@ -159,14 +140,9 @@ class NoiseScheduler:
                 subfolder = "scheduler"  # a whole pipeline folder
             path = hub.resolve_file(config, [CONFIG_NAME], subfolder=subfolder)
             d, source = hub.read_json(path), str(path)
-        for key, neutral in _NEUTRAL_DIFFUSERS_KEYS.items():
-            value = d.pop(key, neutral)
-            if value != neutral:
-                raise ValueError(f"{source}: {key}={value!r} is not supported (only {neutral!r})")
-        for key in _IGNORED_DIFFUSERS_KEYS:
-            d.pop(key, None)
-        cfg = dataclasses.replace(hub.config_from_dict(SchedulerConfig, d, source=source), **overrides)
-        return cls(**dataclasses.asdict(cfg))
+        d = {k: v for k, v in d.items() if k not in _IGNORED_DIFFUSERS_KEYS}
+        cfg = hub.config_from_dict(SchedulerConfig, d, source=source, neutral=_NEUTRAL_DIFFUSERS_KEYS)
+        return cls(**{**dataclasses.asdict(cfg), **overrides})
 
     def _timestep_tensor(self, timesteps, device) -> torch.Tensor:
         """Integer timesteps as a LongTensor on `device`; ValueError naming the first out-of-range value."""

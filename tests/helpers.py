@@ -142,7 +142,7 @@ def gaussian_nll(posterior, sample: torch.Tensor, dims=(1, 2, 3)) -> torch.Tenso
 
 def unet_to_ldm(state: dict, config) -> dict:
     """Our (diffusers) UNet key names -> CompVis names, without the `model.diffusion_model.` prefix: the inverse
-    of unet.convert.ldm_to_diffusers (was unet.convert.diffusers_to_ldm)."""
+    of unet.convert.to_diffusers (was unet.convert.diffusers_to_ldm)."""
     from unet.convert import RESNET_RENAMES, module_map, rename_modules
 
     table = {new: (ldm, is_resnet) for ldm, new, is_resnet in module_map(config)}

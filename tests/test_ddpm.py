@@ -1,7 +1,7 @@
 """ddpm/: parity of our DDPM/DDIM schedulers with diffusers' DDPMScheduler/DDIMScheduler, config IO, errors.
 
 Trajectories use a fixed fake model (eps = 0.1 x + sin(t)) and feed both schedulers identical noise (same-seeded
-generators, whose states are compared afterwards, or the same explicit variance_noise).
+generators, whose states are compared afterwards).
 """
 
 import dataclasses
@@ -46,7 +46,7 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-def run_pair(ours, ref, steps, step_kwargs=None, shape=(2, 4, 8, 8), noises=None, seed=1):
+def run_pair(ours, ref, steps, step_kwargs=None, shape=(2, 4, 8, 8), seed=1):
     """Sample with both schedulers from the same x_T; returns the worst diff over all steps and outputs."""
     ours.set_timesteps(steps)
     ref.set_timesteps(steps)
@@ -54,11 +54,10 @@ def run_pair(ours, ref, steps, step_kwargs=None, shape=(2, 4, 8, 8), noises=None
     x = y = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     g_ours, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     worst = 0.0
-    for i, t in enumerate(ours.timesteps):
+    for t in ours.timesteps:
         kw = dict(step_kwargs or {})
-        a = ours.step(fake_model(x, t), t, x, generator=g_ours, **kw, variance_noise=noises and noises[i])
-        kw_ref = {**kw, "variance_noise": noises[i]} if noises else {**kw, "generator": g_ref}
-        b = ref.step(fake_model(y, t), t, y, **kw_ref)
+        a = ours.step(fake_model(x, t), t, x, generator=g_ours, **kw)
+        b = ref.step(fake_model(y, t), t, y, generator=g_ref, **kw)
         worst = max(worst, max_diff(a.prev_sample, b.prev_sample))
         worst = max(worst, max_diff(a.pred_original_sample, b.pred_original_sample))
         x, y = a.prev_sample, b.prev_sample
@@ -92,8 +91,7 @@ def test_defaults_are_sd_v1():
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), dict(beta_schedule="squaredcos_cap_v2"),
-     dict(num_train_timesteps=10, trained_betas=[0.01 * (i + 1) for i in range(10)])],
+    [{}, dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)],
 )  # fmt: skip
 def test_alphas_cumprod_parity(kw):
     for ours, ref in [(DDIMScheduler(**kw), ref_ddim(**kw)), (DDPMScheduler(**kw), ref_ddpm(**kw))]:
@@ -102,7 +100,7 @@ def test_alphas_cumprod_parity(kw):
         assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_timesteps_parity(spacing, offset):
     """Every N in 1..1000 (the brief's {1, 3, 50, 1000} included), DDIM and DDPM, against diffusers."""
@@ -167,7 +165,7 @@ def test_forward_follows_input_dtype():
     "prediction_type, eta, spacing, steps, clip",
     [("epsilon", 0.0, "leading", 50, False), ("epsilon", 1.0, "leading", 50, False),
      ("v_prediction", 0.0, "leading", 50, False), ("v_prediction", 1.0, "trailing", 50, False),
-     ("sample", 0.5, "linspace", 3, True), ("epsilon", 1.0, "trailing", 1, False)],
+     ("sample", 0.5, "trailing", 3, True), ("epsilon", 1.0, "trailing", 1, False)],
 )  # fmt: skip
 def test_ddim_trajectory_parity(prediction_type, eta, spacing, steps, clip):
     kw = dict(
@@ -176,10 +174,9 @@ def test_ddim_trajectory_parity(prediction_type, eta, spacing, steps, clip):
     assert run_pair(DDIMScheduler(**kw), ref_ddim(**kw), steps, {"eta": eta}) <= TOL
 
 
-def test_ddim_variance_noise_and_generator_lists():
-    noises = [torch.randn(2, 4, 8, 8) for _ in range(20)]
+def test_ddim_set_alpha_to_one_and_generator_lists():
     kw = dict(prediction_type="v_prediction", set_alpha_to_one=True)
-    assert run_pair(DDIMScheduler(**kw), ref_ddim(**kw), 20, {"eta": 1.0}, noises=noises) <= TOL
+    assert run_pair(DDIMScheduler(**kw), ref_ddim(**kw), 20, {"eta": 1.0}) <= TOL
     # one generator per sample (diffusers' randn_tensor accepts a list too)
     ours, ref = DDIMScheduler(), ref_ddim()
     ours.set_timesteps(5)
@@ -189,35 +186,29 @@ def test_ddim_variance_noise_and_generator_lists():
     a = ours.step(fake_model(x, t), t, x, eta=1.0, generator=gens()).prev_sample
     b = ref.step(fake_model(x, t), t, x, eta=1.0, generator=gens()).prev_sample
     assert max_diff(a, b) <= TOL
-    # variance_noise takes precedence over the generator, which is then not consumed
-    g = torch.Generator().manual_seed(0)
-    state = g.get_state()
-    zeros = torch.zeros_like(x)
-    c = ours.step(fake_model(x, t), t, x, eta=1.0, generator=g, variance_noise=zeros).prev_sample
-    assert torch.equal(g.get_state(), state)
-    assert max_diff(c, ref.step(fake_model(x, t), t, x, eta=1.0, variance_noise=zeros).prev_sample) <= TOL
 
 
 @pytest.mark.parametrize(
-    "prediction_type, variance_type, spacing, steps, clip",
-    [("epsilon", "fixed_small", "leading", 20, False), ("v_prediction", "fixed_small", "leading", 20, False),
-     ("epsilon", "fixed_large", "trailing", 20, False), ("sample", "fixed_small", "linspace", 3, True),
-     ("v_prediction", "fixed_large", "leading", 1, False)],
+    "prediction_type, spacing, steps, clip",
+    [("epsilon", "leading", 20, False), ("v_prediction", "leading", 20, False), ("epsilon", "trailing", 20, False),
+     ("sample", "trailing", 3, True), ("v_prediction", "leading", 1, False)],
 )  # fmt: skip
-def test_ddpm_trajectory_parity(prediction_type, variance_type, spacing, steps, clip):
-    kw = dict(prediction_type=prediction_type, variance_type=variance_type, timestep_spacing=spacing,
-              clip_sample=clip)  # fmt: skip
+def test_ddpm_trajectory_parity(prediction_type, spacing, steps, clip):
+    kw = dict(prediction_type=prediction_type, timestep_spacing=spacing, clip_sample=clip)
     assert run_pair(DDPMScheduler(**kw), ref_ddpm(**kw), steps) <= TOL
 
 
-def test_ddpm_explicit_noise_matches_generator():
+def test_ddpm_noise_is_one_generator_draw_and_timestep_forms_agree():
     s = DDPMScheduler()
     s.set_timesteps(4)
     x, t = torch.randn(2, 3, 4, 4), s.timesteps[0]
-    a = s.step(fake_model(x, t), t, x, generator=torch.Generator().manual_seed(7)).prev_sample
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a, s.step(fake_model(x, t), int(t), x, variance_noise=noise).prev_sample)
-    assert torch.equal(a, s.step(fake_model(x, t), t.reshape(1), x, variance_noise=noise).prev_sample)
+    g = torch.Generator().manual_seed(7)
+    a = s.step(fake_model(x, t), t, x, generator=g).prev_sample
+    one_draw = torch.Generator().manual_seed(7)
+    torch.randn(x.shape, generator=one_draw)
+    assert torch.equal(g.get_state(), one_draw.get_state())
+    for same in (int(t), t.reshape(1)):
+        assert torch.equal(a, s.step(fake_model(x, t), same, x, generator=torch.Generator().manual_seed(7)).prev_sample)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -244,7 +235,7 @@ def test_cuda_inputs_match_cpu():
 def test_from_config_reads_diffusers_save_config(tmp_path):
     kw = dict(prediction_type="v_prediction", timestep_spacing="trailing", clip_sample_range=2.0)
     ref_ddim(**kw).save_config(tmp_path / "ddim")
-    ref_ddpm(variance_type="fixed_large").save_config(tmp_path / "ddpm")
+    ref_ddpm().save_config(tmp_path / "ddpm")
     pndm_kw = {k: v for k, v in SD15_SCHEDULER_JSON.items() if not k.startswith("_") and k != "clip_sample"}
     diffusers.PNDMScheduler(**pndm_kw).save_config(tmp_path / "sd15" / "scheduler")  # the SD v1.5 scheduler
     with warnings.catch_warnings():
@@ -256,7 +247,7 @@ def test_from_config_reads_diffusers_save_config(tmp_path):
         sd15 = DDIMScheduler.from_config(tmp_path / "sd15")  # a pipeline folder: scheduler/ is found
         sd15_dict = DDPMScheduler.from_config(SD15_SCHEDULER_JSON)
     assert s_dir.config == s_file.config == s_dict.config == SchedulerConfig(**kw)
-    assert p.config == SchedulerConfig(variance_type="fixed_large")
+    assert p.config == SchedulerConfig()
     assert sd15.config == sd15_dict.config == SchedulerConfig()
     ref = ref_ddim(**kw)
     s_dir.set_timesteps(50)
@@ -290,6 +281,8 @@ def test_from_config_unknown_and_unsupported_keys(tmp_path):
     assert s.config == SchedulerConfig()
     with pytest.raises(ValueError, match="thresholding=True"):
         DDIMScheduler.from_config({"thresholding": True})
+    with pytest.raises(ValueError, match="variance_type='fixed_large'"):  # DDPM samples with fixed_small only
+        DDPMScheduler.from_config({"variance_type": "fixed_large"})
     with pytest.raises(ValueError, match="nowhere"):
         DDIMScheduler.from_config(tmp_path / "nowhere")
 
@@ -312,7 +305,7 @@ BAD_INPUTS = [
     (lambda: DDIMScheduler(beta_schedule="cosine"), "'cosine'"),
     (lambda: DDIMScheduler(prediction_type="x0"), "'x0'"),
     (lambda: DDIMScheduler(timestep_spacing="uniform"), "'uniform'"),
-    (lambda: DDPMScheduler(variance_type="learned"), "'learned'"),
+    (lambda: DDPMScheduler.from_config({"variance_type": "learned"}), "'learned'"),
     (lambda: DDIMScheduler(num_train_timesteps=0), "got 0"),
     (lambda: DDIMScheduler(beta_start=0.5, beta_end=0.1), "0.5"),
     (lambda: DDIMScheduler().step(X, 981, X), "before set_timesteps"),
@@ -322,7 +315,6 @@ BAD_INPUTS = [
     (lambda: _stepped(DDPMScheduler).step(X, 500, X), "timestep 500 is not one of the 10 timesteps"),
     (lambda: _stepped(DDIMScheduler).step(X, torch.tensor([901, 801]), X), "shape (2,)"),
     (lambda: _stepped(DDIMScheduler).step(X, 901, X, eta=-1.0), "eta must be >= 0, got -1.0"),
-    (lambda: _stepped(DDIMScheduler).step(X, 901, X, eta=1.0, variance_noise=X[0]), "variance_noise shape"),
     (lambda: DDIMScheduler().add_noise(X.expand(2, -1, -1, -1), X, torch.tensor([5, 1000])), "timestep 1000"),
     (lambda: DDIMScheduler().add_noise(X, X, torch.tensor([2.5])), "[2.5]"),
     (lambda: DDIMScheduler().get_velocity(X, X, torch.tensor([-3])), "timestep -3"),
@@ -335,18 +327,3 @@ def test_bad_input_raises_value_error_naming_the_value(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
 
-
-# ------------------------------------------------------------------------------------------------ demo
-
-
-def test_demo_is_deterministic_and_converges(capsys):
-    from ddpm.__main__ import main
-
-    a = main(["--steps", "10", "--num", "2", "--seed", "3"])
-    b = main(["--steps", "10", "--num", "2", "--seed", "3"])
-    assert torch.equal(a, b)
-    assert "timesteps (10): [901, 801" in capsys.readouterr().out
-    x = main(["--scheduler", "ddpm", "--steps", "10", "--num", "2", "--size", "8"])
-    from ddpm.__main__ import phantoms
-
-    assert (torch.cdist(x.flatten(1), phantoms(8).flatten(1)).min(1).values < 1e-3).all()

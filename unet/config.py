@@ -11,8 +11,7 @@ has heads of 64 channels (320/5, 640/10, 1280/20).
 
 diffusers configs also carry many switches for other architectures (class embeddings, SDXL's additional
 embeddings, ...). `from_dict` accepts them only at the value that means "off" (None, False, 0 or the NEUTRAL
-value) and rejects anything else, so an unsupported checkpoint fails loudly instead of loading into the wrong
-network.
+value) and rejects anything else (`hub.config_from_dict`).
 """
 
 from __future__ import annotations
@@ -63,22 +62,18 @@ class UNetConfig:
 
     def __post_init__(self):
         n, heads = len(self.block_out_channels), self.heads()
-        if not len(self.down_block_types) == len(self.up_block_types) == len(heads) == n:
-            raise ValueError(
-                f"UNetConfig: down_block_types ({len(self.down_block_types)}), up_block_types "
-                f"({len(self.up_block_types)}), attention_head_dim ({len(heads)}) and block_out_channels ({n}) "
-                "must have the same length"
-            )
+        lengths = (len(self.down_block_types), len(self.up_block_types), len(heads))
+        if lengths != (n, n, n):
+            raise ValueError(f"UNetConfig: down_block_types, up_block_types and attention_head_dim have {lengths} "
+                             f"entries, block_out_channels {n}: they must have the same length")
         for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
             bad = [t for t in getattr(self, name) if t not in allowed]
             if bad:
                 raise ValueError(f"UNetConfig.{name}: unsupported {bad}; expected {allowed}")
-        for c, h in zip(self.block_out_channels, heads):
-            if c % self.norm_num_groups or c % h:
-                raise ValueError(
-                    f"UNetConfig: block width {c} must be divisible by norm_num_groups="
-                    f"{self.norm_num_groups} and by its number of heads {h}"
-                )
+        bad = [(c, h) for c, h in zip(self.block_out_channels, heads) if c % self.norm_num_groups or c % h]
+        if bad:
+            raise ValueError(f"UNetConfig: each block width must be divisible by norm_num_groups="
+                             f"{self.norm_num_groups} and by its number of heads; got (width, heads) {bad}")
 
     def heads(self) -> tuple[int, ...]:
         """Number of attention heads of each down block (up blocks use them reversed, mid the last)."""
@@ -88,14 +83,4 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict, *, source="config") -> UNetConfig:
         """A diffusers unet config.json as a UNetConfig; architecture switches we lack must be off."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        ours = {}
-        for key, value in d.items():
-            if key in fields or key.startswith("_"):
-                ours[key] = value
-                continue
-            allowed = [NEUTRAL[key]] if key in NEUTRAL else [None, False, 0]
-            if any(v not in allowed for v in (value if isinstance(value, (list, tuple)) else [value])):
-                only = " or ".join(map(repr, allowed))
-                raise hub.CheckpointError(f"{source}: {key}={value!r} is not supported (only {only})")
-        return hub.config_from_dict(cls, ours, source=source)
+        return hub.config_from_dict(cls, d, source=source, neutral=NEUTRAL, strict=True)

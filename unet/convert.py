@@ -20,6 +20,7 @@ The table is built from the config by walking the blocks in the order the origin
 
 from __future__ import annotations
 
+from hub import strip_prefix
 from unet.config import UNetConfig
 
 LDM_PREFIX = "model.diffusion_model."
@@ -93,7 +94,11 @@ def rename_modules(state: dict, table: dict, resnet_renames: dict) -> dict:
     return out
 
 
-def ldm_to_diffusers(state: dict, config: UNetConfig) -> dict:
-    """A CompVis UNet state dict (`model.diffusion_model.` prefix already removed) in diffusers key names."""
+def to_diffusers(state: dict, config: UNetConfig) -> dict:
+    """A UNet state dict in diffusers key names, from diffusers' (unchanged) or CompVis' layout (a whole SD file
+    too: its `model.diffusion_model.` part is kept)."""
+    state = strip_prefix(state, LDM_PREFIX)
+    if "input_blocks.0.0.weight" not in state:
+        return state
     table = {ldm: (new, is_resnet) for ldm, new, is_resnet in module_map(config)}
     return rename_modules(state, table, RESNET_RENAMES)

@@ -31,9 +31,7 @@ under autocast and torch.compile).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -43,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 import hub
 from unet.config import UNetConfig
-from unet.convert import LDM_PREFIX, ldm_to_diffusers
+from unet.convert import to_diffusers
 from unet.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -53,7 +51,6 @@ from unet.layers import (
     timestep_embedding,
 )
 
-WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TIME_EMBED_MULT = 4  # temb width = 4 * block_out_channels[0] (LDM openaimodel: time_embed_dim)
 
 
@@ -232,7 +229,7 @@ class UNet2DConditionModel(nn.Module):
         checkpointing = self.is_gradient_checkpointing
         self._set_gradient_checkpointing(False)
         for name, m in layers:
-            m.capture = functools.partial(_emit, sink, name)
+            m.capture = lambda probs, size, name=name: sink(AttentionMap(name, tuple(size), probs.detach()))
         try:
             yield maps
         finally:
@@ -260,30 +257,11 @@ class UNet2DConditionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, subfolder=None, revision=None, cache_dir=None, dtype=None,
                         device=None, config: UNetConfig | None = None) -> UNet2DConditionModel:
-        """Load a diffusers folder / Hub repo id (config.json + diffusion_pytorch_model.safetensors|.bin)
-        or a single weights file (CompVis `model.diffusion_model.*` keys or diffusers keys).
-
-        A single file has no config: `config` (default SD v1.5) describes it. For a folder or repo,
-        `config`, when given, replaces the config.json.
-        """
-        where = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir)
-        path = hub.resolve_file(name_or_path, WEIGHTS_NAMES, **where)
-        if config is None and Path(str(name_or_path)).expanduser().is_file():
-            config = UNetConfig()
-        if config is None:
-            config_path = hub.resolve_file(name_or_path, "config.json", **where)
-            config = UNetConfig.from_dict(hub.read_json(config_path), source=str(config_path))
-        state = hub.load_state_dict_file(path)
-        if any(k.startswith(LDM_PREFIX) for k in state):  # a whole SD file: keep its UNet
-            state = hub.strip_prefix(state, LDM_PREFIX)
-        if "input_blocks.0.0.weight" in state:  # CompVis layout
-            state = ldm_to_diffusers(state, config)
-        return hub.load_model(cls, config, state, source=str(path), dtype=dtype, device=device)
+        """A Hub repo id, a diffusers folder or a single weights file (`hub.load_diffusers`), with diffusers or
+        CompVis keys (`model.diffusion_model.*`, as in a whole SD file; `unet/convert.py`)."""
+        return hub.load_diffusers(cls, UNetConfig.from_dict, to_diffusers, name_or_path, config=config, dtype=dtype,
+                                  device=device, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
 
     def save_pretrained(self, folder):
         """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout, atomic)."""
-        hub.save_pretrained(self, folder, class_name="UNet2DConditionModel")
-
-
-def _emit(sink, name: str, probs: torch.Tensor, size):
-    sink(AttentionMap(name, tuple(size), probs.detach()))
+        hub.save_pretrained(self, folder)

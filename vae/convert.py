@@ -22,8 +22,7 @@ from hub import strip_prefix
 if TYPE_CHECKING:
     from vae.model import VAEConfig
 
-LDM_PREFIXES = ("first_stage_model.", "vae.")  # SD single files; some merged files use `vae.`
-LDM_TRAINING_ONLY = ("loss.",)  # LPIPS + discriminator of CompVis autoencoder training checkpoints
+LDM_PREFIX = "first_stage_model."  # the VAE's part of a whole SD single file
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 LDM_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
               "conv_shortcut": "nin_shortcut"}
@@ -64,13 +63,10 @@ def is_attention_linear_weight(key: str) -> bool:
 
 def to_diffusers(state: dict[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
     """Convert a state dict in any of the three layouts (LDM prefixed or not) to ours."""
-    for prefix in LDM_PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            state = strip_prefix(state, prefix)
-            break
+    state = strip_prefix(state, LDM_PREFIX)
     if any(k.startswith(("encoder.mid.", "decoder.mid.", "encoder.down.", "decoder.up.")) for k in state):
         rename = {ldm: ours for ours, ldm in ldm_key_map(config).items()}
-        state = {rename.get(k, k): v for k, v in state.items() if not k.startswith(LDM_TRAINING_ONLY)}
+        state = {rename.get(k, k): v for k, v in state.items()}
     out = {}
     for key, value in state.items():
         module, _, param = key.rpartition(".")

@@ -135,15 +135,12 @@ class UpDecoderBlock2D(ResnetStack):
 
 
 class UNetMidBlock2D(nn.Module):
-    """resnet -> attention -> resnet at constant width (attention optional: `mid_block_add_attention`)."""
+    """resnet -> attention -> resnet at constant width."""
 
-    def __init__(self, channels: int, groups: int, eps: float, add_attention: bool = True):
+    def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, groups, eps) for _ in range(2))
-        self.attentions = nn.ModuleList([Attention(channels, groups, eps)]) if add_attention else None
+        self.attentions = nn.ModuleList([Attention(channels, groups, eps)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
-        if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))

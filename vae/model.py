@@ -17,7 +17,7 @@ in the dtype of its weights with autocast disabled (DEVELOPERS.md: VAE decode st
 training loop).
 
 VAEConfig: field names are those of diffusers' `AutoencoderKL` `config.json`, so a Hub config maps onto it
-directly (`hub.config_from_dict`). Defaults are the SD v1 VAE (`stable-diffusion-v1-5/.../vae/config.json`,
+directly (`VAEConfig.from_dict`). Defaults are the SD v1 VAE (`stable-diffusion-v1-5/.../vae/config.json`,
 83.65M parameters): a 4-level encoder/decoder with 128-256-512-512 channels and a 4-channel latent at 1/8 of
 the image resolution.
 
@@ -31,8 +31,6 @@ the std; exp(-30/2) ~ 3e-7 keeps it positive). Sampling is the reparameterisatio
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,10 +41,10 @@ from vae.layers import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, nor
 
 # eps of every GroupNorm in the VAE: hard-coded in diffusers' Encoder/Decoder and in CompVis `Normalize`.
 NORM_EPS = 1e-6
-DOWN_BLOCK = "DownEncoderBlock2D"
-UP_BLOCK = "UpDecoderBlock2D"
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # CompVis DiagonalGaussianDistribution's clamp
-WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# diffusers AutoencoderKL options for other VAEs (SD3/Flux, SDXL statistics, ...), accepted at SD v1's value only.
+NEUTRAL = {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+           "shift_factor": None, "latents_mean": None, "latents_std": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,19 +61,13 @@ class VAEConfig:
     # Latent scale chosen so SD v1 latents have ~unit variance (Rombach et al. 2022, Sec. 4.3.2 / App. G);
     # the UNet sees z * scaling_factor. Read by the pipeline, not by the VAE itself.
     scaling_factor: float = 0.18215
-    use_quant_conv: bool = True  # 1x1 conv on the 2*latent_channels moments after the encoder
-    use_post_quant_conv: bool = True  # 1x1 conv on the latent before the decoder
-    mid_block_add_attention: bool = True  # single-head self-attention between the two mid-block resnets
     # Pipeline metadata kept so Hub configs round-trip; the model never reads them.
     sample_size: int | tuple[int, ...] = 512  # nominal training resolution (diffusers uses it for tiling)
-    shift_factor: float | None = None  # SD3/Flux latent shift; None for SD v1
-    latents_mean: tuple[float, ...] | None = None  # SDXL-style per-channel latent statistics; None for SD v1
-    latents_std: tuple[float, ...] | None = None
     force_upcast: bool = True  # diffusers pipelines run this VAE in fp32 even in fp16 pipelines
 
     def __post_init__(self):
         n = len(self.block_out_channels)
-        for name, kind in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
+        for name, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             value = tuple(getattr(self, name) or (kind,) * n)
             if value != (kind,) * n:
                 raise ValueError(f"VAEConfig.{name}={value}: only {kind!r} at each of the {n} levels is supported")
@@ -85,6 +77,11 @@ class VAEConfig:
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"VAEConfig: block_out_channels {self.block_out_channels} must be divisible by "
                              f"norm_num_groups={self.norm_num_groups}")
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source="config") -> VAEConfig:
+        """A diffusers vae config.json as a VAEConfig; the NEUTRAL options must be at SD v1's values."""
+        return hub.config_from_dict(cls, d, source=source, neutral=NEUTRAL)
 
     @property
     def downsample_factor(self) -> int:
@@ -129,7 +126,7 @@ class Encoder(nn.Module):
             DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], config.layers_per_block, i < last, groups, eps)
             for i in range(len(ch))
         )
-        self.mid_block = UNetMidBlock2D(ch[-1], groups, eps, config.mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(ch[-1], groups, eps)
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=eps)
         self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)  # mean and logvar
 
@@ -146,7 +143,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, groups, eps = tuple(reversed(config.block_out_channels)), config.norm_num_groups, NORM_EPS
         self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = UNetMidBlock2D(ch[0], groups, eps, config.mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(ch[0], groups, eps)
         last = len(ch) - 1
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, i < last, groups, eps)
@@ -169,8 +166,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         c = config.latent_channels
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)  # on the moments (mean and logvar) after the encoder
+        self.post_quant_conv = nn.Conv2d(c, c, 1)  # on the latent before the decoder
 
     def _prepare(self, t: torch.Tensor, channels: int, factor: int, what: str) -> torch.Tensor:
         """Check the shape, move to the weights' device and dtype. On CPU, switch to channels_last: oneDNN
@@ -179,10 +176,8 @@ class AutoencoderKL(nn.Module):
         in-process A/B). Outputs come back NCHW."""
         if t.ndim != 4 or t.shape[1] != channels or t.shape[2] % factor or t.shape[3] % factor:
             sizes = f" with H and W multiples of {factor}" if factor > 1 else ""
-            raise ValueError(
-                f"AutoencoderKL.{what}: expected a [B, {channels}, H, W] tensor{sizes}, "
-                f"got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"AutoencoderKL.{what}: expected a [B, {channels}, H, W] tensor{sizes}, got shape "
+                             f"{tuple(t.shape)}")
         p = self.encoder.conv_in.weight
         t = t.to(device=p.device, dtype=p.dtype)
         return t.contiguous(memory_format=torch.channels_last) if t.device.type == "cpu" else t
@@ -191,18 +186,14 @@ class AutoencoderKL(nn.Module):
         """Images [B, in_channels, H, W] in [-1, 1] -> posterior over latents [B, latent_ch, H/8, W/8]."""
         x = self._prepare(x, self.config.in_channels, self.config.downsample_factor, "encode(x)")
         with torch.autocast(x.device.type, enabled=False):
-            moments = self.encoder(x)
-            if self.quant_conv is not None:
-                moments = self.quant_conv(moments)
+            moments = self.quant_conv(self.encoder(x))
         return DiagonalGaussian(moments.contiguous())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents [B, latent_channels, h, w] -> images [B, out_channels, 8h, 8w], about [-1, 1]"""
         z = self._prepare(z, self.config.latent_channels, 1, "decode(z)")
         with torch.autocast(z.device.type, enabled=False):
-            if self.post_quant_conv is not None:
-                z = self.post_quant_conv(z)
-            return self.decoder(z).contiguous()
+            return self.decoder(self.post_quant_conv(z)).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction decode(z) with z the posterior mode."""
@@ -213,22 +204,12 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, subfolder=None, revision=None, cache_dir=None, dtype=None,
                         device=None, *, config: VAEConfig | None = None) -> AutoencoderKL:
-        """Load from a Hub repo id, a diffusers folder (config.json + weights) or a single weights file.
-
-        A single file may be in the diffusers or the CompVis/SD layout (`first_stage_model.` keys, as in
-        `v1-5-pruned-emaonly.safetensors`); it carries no config, so `config` (default: SD v1) describes it.
-        `config` also overrides a folder's config.json. Raises hub.CheckpointError naming the file and keys.
-        """
-        kw = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir)
-        weights = hub.resolve_file(name_or_path, WEIGHTS_NAMES, **kw)
-        if config is None and Path(os.fspath(name_or_path)).is_file():
-            config = VAEConfig()
-        if config is None:
-            config_path = hub.resolve_file(name_or_path, "config.json", **kw)
-            config = hub.config_from_dict(VAEConfig, hub.read_json(config_path), source=config_path)
-        state = convert.to_diffusers(hub.load_state_dict_file(weights), config)
-        return hub.load_model(cls, config, state, source=weights, dtype=dtype, device=device)
+        """A Hub repo id, a diffusers folder or a single weights file (`hub.load_diffusers`), in any of the layouts
+        of `vae/convert.py`; e.g. SD's `v1-5-pruned-emaonly.safetensors` with its `first_stage_model.` keys."""
+        return hub.load_diffusers(cls, VAEConfig.from_dict, convert.to_diffusers, name_or_path, config=config,
+                                  dtype=dtype, device=device, subfolder=subfolder, revision=revision,
+                                  cache_dir=cache_dir)
 
     def save_pretrained(self, folder) -> None:
         """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout; diffusers reads it)."""
-        hub.save_pretrained(self, folder, class_name="AutoencoderKL")
+        hub.save_pretrained(self, folder)

@@ -69,8 +69,7 @@ class DinoConfig:
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads or self.image_size % self.patch_size:
             raise ValueError(f"DinoConfig: hidden_size {self.hidden_size} must be divisible by num_attention_heads "
-                             f"{self.num_attention_heads}, image_size {self.image_size} by patch_size "
-                             f"{self.patch_size}")
+                             f"{self.num_attention_heads}, image_size {self.image_size} by patch {self.patch_size}")
 
     @property
     def grid_size(self) -> int:

@@ -3,16 +3,15 @@
 Our module names are timm's, so a timm checkpoint (`timm/vit_base_patch14_reg4_dinov2.lvd142m`) or one
 written by `DinoViT.save_pretrained` loads as is. A transformers checkpoint (ViTModel `facebook/dino-vitb16`;
 Dinov2Model `facebook/dinov2-base`, `microsoft/rad-dino`; Dinov2WithRegistersModel
-`facebook/dinov2-with-registers-base`) is renamed by `_LAYER_RENAMES` (its Hub-file names, and the
+`facebook/dinov2-with-registers-base`) is renamed by `_RENAMES` (its Hub-file names, and the
 transformers >= 5 in-memory names such as `layers.{i}.attention.q_proj`), then its separate query/key/value
 projections are concatenated into the fused `attn.qkv` (rows [query; key; value], the order our Attention
 splits them in), and SwiGLU `gate_proj`/`up_proj` into `mlp.fc1` likewise (Hub files hold them fused as
 `weights_in`, rows [gate; up]).
 
 Dinov2's `mask_token` only replaces masked patches when `bool_masked_pos` is given (iBOT pretraining); feature
-extraction never uses it, so it is dropped by name (and only it). Dinov2Model's `pooler_output` is the CLS
-token after the final LayerNorm, i.e. the same vector as `last_hidden_state[:, 0]`: it is not a separate token,
-so c_GLB = [CLS, registers] (no duplicate CLS; `has_pooler` stays False: there is no pooler.dense).
+extraction never uses it, so it is dropped by name (and only it). Dinov2Model has no `pooler.dense`, so
+`has_pooler` stays False (its `pooler_output` is the normed CLS itself: see vit.py).
 """
 
 from __future__ import annotations
@@ -67,10 +66,8 @@ def convert_state_dict(state: dict, expected: str, *, source="state dict") -> di
     strict load to report)."""
     found = next((name for name, keys in _LAYOUT_KEYS.items() if any(k.startswith(keys) for k in state)), "no")
     if found != expected:
-        raise hub.CheckpointError(
-            f"{source}: its config.json describes a {expected} checkpoint, but the weights have {found} keys "
-            f"(e.g. {sorted(state)[:3]}). Is the config.json from another model family?"
-        )
+        raise hub.CheckpointError(f"{source}: its config.json describes a {expected} checkpoint, but the weights "
+                                  f"have {found} keys (e.g. {sorted(state)[:3]}); is it from another model family?")
     if expected == "timm":
         return state
     out = {_rename(k): v for k, v in state.items() if k not in _DROPPED}
@@ -157,8 +154,6 @@ def config_from_transformers(d: dict, *, source="config.json") -> DinoConfig:
     for key, allowed in (("hidden_act", "gelu"), ("pooler_act", "tanh")):
         if c.get(key, allowed) != allowed:
             raise hub.CheckpointError(f"{source}: {key}={c[key]!r} is not supported (only {allowed!r})")
-    if c.get("pooler_output_size", c.get("hidden_size")) != c.get("hidden_size"):
-        raise hub.CheckpointError(f"{source}: pooler_output_size must equal hidden_size to join c_GLB")
     same = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "layer_norm_eps",
             "num_channels", "qkv_bias")  # same names as DinoConfig's
     fields = {k: c[k] for k in same if k in c}

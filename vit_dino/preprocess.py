@@ -52,14 +52,12 @@ def _to_batch(images, device) -> torch.Tensor:
     if x.dtype in _SCALE:
         return x.float() / _SCALE[x.dtype]
     if not x.is_floating_point():
-        raise ValueError(f"preprocess: unsupported dtype {x.dtype}; expected uint8, uint16 or float in "
-                         "[0, 1]")
+        raise ValueError(f"preprocess: unsupported dtype {x.dtype}; expected uint8, uint16 or float in [0, 1]")
     x = x.float()
     lo, hi = torch.aminmax(x)
     if lo < -0.1 or hi > 1.1:  # a little bicubic overshoot is fine; [-1, 1] or [0, 255] is not
-        raise ValueError(f"preprocess: float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                         "(for [-1, 1] images use vit_dino.from_minus1_1(x); for 0..255 floats divide by "
-                         "255)")
+        raise ValueError(f"preprocess: float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] (for "
+                         "[-1, 1] images use vit_dino.from_minus1_1(x); for 0..255 floats divide by 255)")
     return x
 
 

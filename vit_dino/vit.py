@@ -38,16 +38,6 @@ from .preprocess import fields_from_image_processor
 from .preprocess import preprocess as _preprocess
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, config: DinoConfig):
-        super().__init__()
-        p = config.patch_size
-        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # [B, C, H, W] -> [B, D, H/p, W/p]
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and F.scaled_dot_product_attention."""
 
@@ -125,17 +115,6 @@ def residual(x: torch.Tensor, h: torch.Tensor, ls: nn.Module) -> torch.Tensor:
     return x.add_(h) if gamma is None else x.addcmul_(h, gamma)
 
 
-class Pooler(nn.Module):
-    """transformers ViTPooler: tanh(dense(CLS))."""
-
-    def __init__(self, config: DinoConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, cls_token: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(cls_token))
-
-
 class DinoViT(nn.Module):
     def __init__(self, config: DinoConfig | None = None):
         super().__init__()
@@ -145,10 +124,12 @@ class DinoViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.reg_token = nn.Parameter(torch.zeros(1, r, d)) if r else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, d))
-        self.patch_embed = PatchEmbed(config)
+        p = config.patch_size  # the patch projection: a conv with kernel = stride = p (key `patch_embed.proj`)
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(config.num_channels, d, kernel_size=p, stride=p)})
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.pooler = Pooler(config) if config.has_pooler else None
+        # transformers ViTPooler, tanh(dense(CLS)) (key `pooler.dense`)
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(d, d)}) if config.has_pooler else None
         for p in (self.cls_token, self.reg_token, self.pos_embed):  # timm/transformers use std 0.02
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
@@ -162,16 +143,15 @@ class DinoViT(nn.Module):
         transformers `ViTEmbeddings.interpolate_pos_encoding` (bicubic, align_corners=False, output size
         given explicitly) or timm `resample_abs_pos_embed` (the same plus antialias=True, in float32).
         """
-        pos, n = self.pos_embed, self.config.grid_size
+        pos, n, k = self.pos_embed, self.config.grid_size, self.config.num_pos_prefix
         if (grid_h, grid_w) == (n, n):
             return pos
-        num_prefix = pos.shape[1] - n * n
-        prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+        prefix, grid = pos[:, :k], pos[:, k:]
         grid = grid.float().reshape(1, n, n, -1).permute(0, 3, 1, 2)  # [1, D, n, n]
         grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False,
                              antialias=self.config.pos_embed_antialias)
         grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(pos.dtype)
-        return torch.cat([prefix, grid], dim=1) if num_prefix else grid
+        return torch.cat([prefix, grid], dim=1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels [B, C, H, W] -> tokens [B, 1+R+L, D] = [CLS, registers, patches] + position embeddings."""
@@ -183,15 +163,15 @@ class DinoViT(nn.Module):
             raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} (input shape {tuple(x.shape)}) is not "
                              f"a multiple of the patch size {p}; use dino.preprocess(images, size=k*{p})")
         b = x.shape[0]
-        patches = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))  # [B, D, h, w]
+        proj = self.patch_embed.proj
+        patches = proj(x.to(proj.weight.dtype))  # [B, C, H, W] -> [B, D, h = H/p, w = W/p]
         grid_h, grid_w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2)  # [B, L = h*w, D]
         pos = self.interpolate_pos_embed(grid_h, grid_w)
-        n = pos.shape[1] - grid_h * grid_w  # 1+R (ViT), 1 (Dinov2WithRegisters: not the registers), 0 (timm)
+        n = self.config.num_pos_prefix  # 1+R (ViT), 1 (Dinov2WithRegisters: not the registers), 0 (timm)
         patches = patches + pos[:, n:]
         prefix = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], 1)
-        if n:
-            prefix = torch.cat([prefix[:, :n] + pos[:, :n], prefix[:, n:]], dim=1)
+        prefix = torch.cat([prefix[:, :n] + pos[:, :n], prefix[:, n:]], dim=1)  # the first n have entries
         return torch.cat([prefix.expand(b, -1, -1), patches], dim=1)
 
     # ---------------------------------------------------------------------------------------- forward
@@ -218,7 +198,8 @@ class DinoViT(nn.Module):
         h = self.norm(h[:, :keep])  # [B, 1+R, D]
         if self.pooler is None:
             return h
-        return torch.cat([h[:, :1], self.pooler(h[:, :1]), h[:, 1:]], dim=1)  # [B, 2+R, D]
+        pooled = torch.tanh(self.pooler.dense(h[:, :1]))
+        return torch.cat([h[:, :1], pooled, h[:, 1:]], dim=1)  # [B, 2+R, D]
 
     def preprocess(self, images, size: int | None = None) -> torch.Tensor:
         """Images (see `vit_dino.preprocess`) -> normalized float32 [B, 3, S, S] on the model's device; S = `size`,
@@ -247,13 +228,12 @@ class DinoViT(nn.Module):
         weights = hub.resolve_file(name_or_path, ["model.safetensors", "pytorch_model.bin"], **kw)
         config, layout = convert.config_from_json(hub.read_json(config_path), source=config_path)
         processor = hub.resolve_file(folder, ["preprocessor_config.json"], required=False, **kw)
-        if processor is not None:  # the checkpoint's own preprocessing (rad-dino: CXR mean/std, 518 px)
-            fields = fields_from_image_processor(hub.read_json(processor), source=processor)
-            config = dataclasses.replace(config, **fields)
+        # the checkpoint's own preprocessing, when it ships one (rad-dino: CXR mean/std, 518 px)
+        fields = {} if processor is None else fields_from_image_processor(hub.read_json(processor), source=processor)
         state = convert.convert_state_dict(hub.load_state_dict_file(weights), layout, source=weights)
-        config = dataclasses.replace(config, has_pooler="pooler.dense.weight" in state)
+        config = dataclasses.replace(config, **fields, has_pooler="pooler.dense.weight" in state)
         return hub.load_model(cls, config, state, source=weights, dtype=dtype, device=device)
 
     def save_pretrained(self, folder) -> None:
         """config.json (DinoConfig fields) + model.safetensors (timm names), loadable by `from_pretrained`."""
-        hub.save_pretrained(self, folder, weights_name="model.safetensors", class_name=type(self).__name__)
+        hub.save_pretrained(self, folder, weights_name="model.safetensors")
