@@ -40,7 +40,10 @@ AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixe
 def _build(cls, config_cls, source, config: dict | None, **where):
     if source:
         return cls.from_pretrained(source, **where)
-    return cls(hub.config_from_dict(config_cls, config or {}, source=f"{config_cls.__name__} of the run config"))
+    where = f"{config_cls.__name__} of the run config"  # from_dict: the VAE's and UNet's option checks
+    if hasattr(config_cls, "from_dict"):
+        return cls(config_cls.from_dict(config or {}, source=where))
+    return cls(hub.config_from_dict(config_cls, config or {}, source=where))
 
 
 def build_vae(source, config: dict | None, subfolder=None) -> AutoencoderKL:

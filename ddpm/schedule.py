@@ -37,10 +37,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear")  # the two that SD's configs use
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing")
 # diffusers options we do not implement. At these values they change nothing and are dropped silently when a
-# config is read; any other value would change the numbers, so it is an error. DDPM's variance is always
-# "fixed_small", the posterior variance beta~_t (sampler.py).
-_NEUTRAL_DIFFUSERS_KEYS = {"thresholding": False, "rescale_betas_zero_snr": False, "trained_betas": None,
-                           "variance_type": "fixed_small"}
+# config is read; any other value would change the numbers, so it is an error.
+_NEUTRAL_DIFFUSERS_KEYS = {"thresholding": False, "rescale_betas_zero_snr": False, "trained_betas": None}
 # Options that only matter with `thresholding`, or only to PNDM's sampler (SD v1 ships a PNDM config).
 _IGNORED_DIFFUSERS_KEYS = ("dynamic_thresholding_ratio", "sample_max_value", "skip_prk_steps")
 
@@ -65,6 +63,7 @@ class SchedulerConfig:
     steps_offset: int = 1  # added to "leading" timesteps: SD samples t = 981 ... 1, not 980 ... 0
     set_alpha_to_one: bool = False  # DDIM only: abar before t = 0 is 1.0 (True) or abar[0] (False, SD v1)
     timestep_spacing: str = "leading"  # how N of the T timesteps are picked, see timestep_grid
+    variance_type: str = "fixed_small"  # DDPM's reverse variance: the posterior's beta~_t, the one implemented
 
     def __post_init__(self):
         T = self.num_train_timesteps
@@ -73,6 +72,7 @@ class SchedulerConfig:
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _check_choice("variance_type", self.variance_type, ("fixed_small",))
         if not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
 

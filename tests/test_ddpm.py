@@ -281,7 +281,7 @@ def test_from_config_unknown_and_unsupported_keys(tmp_path):
     assert s.config == SchedulerConfig()
     with pytest.raises(ValueError, match="thresholding=True"):
         DDIMScheduler.from_config({"thresholding": True})
-    with pytest.raises(ValueError, match="variance_type='fixed_large'"):  # DDPM samples with fixed_small only
+    with pytest.raises(ValueError, match="unknown variance_type 'fixed_large'"):  # DDPM samples with fixed_small only
         DDPMScheduler.from_config({"variance_type": "fixed_large"})
     with pytest.raises(ValueError, match="nowhere"):
         DDIMScheduler.from_config(tmp_path / "nowhere")

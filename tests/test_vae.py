@@ -216,6 +216,10 @@ def test_bad_config():
         VAEConfig(block_out_channels=(48, 64), norm_num_groups=32)
     with pytest.raises(hub.CheckpointError, match="use_quant_conv=False"):  # a VAE other than SD's
         VAEConfig.from_dict({"use_quant_conv": False})
+    import pipeline
+
+    with pytest.raises(hub.CheckpointError, match="use_quant_conv=False"):  # train.py --vae-config goes there too
+        pipeline.build_vae(None, {"use_quant_conv": False})
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
