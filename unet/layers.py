@@ -173,19 +173,26 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))  # [B, N, C]
 
 
-class FeedForward(nn.Module):
-    """GEGLU feed-forward (Shazeer 2020): net.0.proj: dim -> 2*inner, split into (a, gate); out = net.2(a * gelu(gate))
-    with the exact GELU. Keys `net.0.proj` and `net.2` as in the checkpoints (diffusers keeps a Dropout at index 1)."""
+class GEGLU(nn.Module):
+    """GEGLU (Shazeer 2020): proj: dim -> 2*inner, split into (a, gate); out = a * gelu(gate) (exact GELU)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, inner: int):
         super().__init__()
-        inner = FF_MULT * dim
-        self.net = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(dim, 2 * inner)}), nn.Identity(),
-                                  nn.Linear(inner, dim)])
+        self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.net[0].proj(x).chunk(2, dim=-1)
-        return self.net[2](a * F.gelu(gate))
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # Keys `net.0.proj` and `net.2`: diffusers keeps a Dropout (no weights) at index 1.
+        self.net = nn.ModuleList([GEGLU(dim, FF_MULT * dim), nn.Identity(), nn.Linear(FF_MULT * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
 
 
 class BasicTransformerBlock(nn.Module):

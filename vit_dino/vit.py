@@ -38,6 +38,18 @@ from .preprocess import fields_from_image_processor
 from .preprocess import preprocess as _preprocess
 
 
+class PatchEmbed(nn.Module):
+    """The patch projection: a conv with kernel = stride = patch size (key `patch_embed.proj`)."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        p = config.patch_size
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.to(self.proj.weight.dtype))  # [B, C, H, W] -> [B, D, H/p, W/p]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and F.scaled_dot_product_attention."""
 
@@ -115,6 +127,17 @@ def residual(x: torch.Tensor, h: torch.Tensor, ls: nn.Module) -> torch.Tensor:
     return x.add_(h) if gamma is None else x.addcmul_(h, gamma)
 
 
+class Pooler(nn.Module):
+    """transformers ViTPooler: tanh(dense(CLS)) (key `pooler.dense`)."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, cls_token: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(cls_token))
+
+
 class DinoViT(nn.Module):
     def __init__(self, config: DinoConfig | None = None):
         super().__init__()
@@ -124,12 +147,10 @@ class DinoViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.reg_token = nn.Parameter(torch.zeros(1, r, d)) if r else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, d))
-        p = config.patch_size  # the patch projection: a conv with kernel = stride = p (key `patch_embed.proj`)
-        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(config.num_channels, d, kernel_size=p, stride=p)})
+        self.patch_embed = PatchEmbed(config)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        # transformers ViTPooler, tanh(dense(CLS)) (key `pooler.dense`)
-        self.pooler = nn.ModuleDict({"dense": nn.Linear(d, d)}) if config.has_pooler else None
+        self.pooler = Pooler(config) if config.has_pooler else None
         for p in (self.cls_token, self.reg_token, self.pos_embed):  # timm/transformers use std 0.02
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
@@ -163,8 +184,7 @@ class DinoViT(nn.Module):
             raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} (input shape {tuple(x.shape)}) is not "
                              f"a multiple of the patch size {p}; use dino.preprocess(images, size=k*{p})")
         b = x.shape[0]
-        proj = self.patch_embed.proj
-        patches = proj(x.to(proj.weight.dtype))  # [B, C, H, W] -> [B, D, h = H/p, w = W/p]
+        patches = self.patch_embed(x)  # [B, D, h = H/p, w = W/p]
         grid_h, grid_w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2)  # [B, L = h*w, D]
         pos = self.interpolate_pos_embed(grid_h, grid_w)
@@ -198,8 +218,7 @@ class DinoViT(nn.Module):
         h = self.norm(h[:, :keep])  # [B, 1+R, D]
         if self.pooler is None:
             return h
-        pooled = torch.tanh(self.pooler.dense(h[:, :1]))
-        return torch.cat([h[:, :1], pooled, h[:, 1:]], dim=1)  # [B, 2+R, D]
+        return torch.cat([h[:, :1], self.pooler(h[:, :1]), h[:, 1:]], dim=1)  # [B, 2+R, D]
 
     def preprocess(self, images, size: int | None = None) -> torch.Tensor:
         """Images (see `vit_dino.preprocess`) -> normalized float32 [B, 3, S, S] on the model's device; S = `size`,
