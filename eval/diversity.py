@@ -98,6 +98,8 @@ def diversity_report(synthetic: torch.Tensor, groups=None, sources: torch.Tensor
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     score = functools.partial(pairwise_msssim, small=small, batch_size=batch_size, device=device)
     groups = None if groups is None else torch.as_tensor(groups, dtype=torch.long)
+    if groups is not None and groups.shape != (n,):
+        raise ValueError(f"groups must have one entry per synthetic image ({n}), got {list(groups.shape)}")
     weights, win, sigma = ms_ssim_settings(min(synthetic.shape[-2:]), small=small)
     summary = {"n_synthetic": n, "image_size": list(synthetic.shape[-2:]),
                "ms_ssim": {"weights": list(weights), "win_size": win, "sigma": sigma, "small": small}}

@@ -107,6 +107,9 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int = 1, 
     Similarities are computed block by block (at most chunk_size x chunk_size at a time, on `device`,
     default the query's) and merged into a running top-k, so memory is O((Q + R) D + chunk_size^2).
     """
+    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
+        raise ValueError(f"features must be [Q, D] and [R, D], got {list(query.shape)} and "
+                         f"{list(reference.shape)}")
     device = query.device if device is None else torch.device(device)
     k = min(k, len(reference))
     ref = F.normalize(reference.float(), dim=1).to(device)
@@ -152,6 +155,8 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
     of `train`. threshold = the `quantile` of the held-out nearest-train similarities.
     Every set is first centred on the mean training feature (module docstring).
     """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     mean = train.float().mean(0)
     synthetic, train = synthetic.float() - mean, train.float() - mean
     heldout = None if heldout is None else heldout.float() - mean
@@ -161,6 +166,8 @@ def memorization_check(synthetic: torch.Tensor, train: torch.Tensor, heldout: to
             raise ValueError("memorization_check needs `heldout` or `heldout_index`")
         mask = torch.zeros(len(train), dtype=torch.bool)
         mask[torch.as_tensor(heldout_index, dtype=torch.long)] = True
+        if mask.all() or not mask.any():
+            raise ValueError("heldout_index must leave some training images on both sides")
         heldout, reference = train[mask], train[~mask]
     sim, nearest = (t[:, 0] for t in nearest_neighbors(synthetic, train, 1, chunk_size, device))
     held = nearest_neighbors(heldout, reference, 1, chunk_size, device)[0][:, 0]

@@ -120,6 +120,20 @@ def test_heldout_split_of_train(cxr):
         memorization_check(feats[:5], feats)
 
 
+def test_library_calls_check_their_arguments():  # the CLIs check theirs at parse time; these are the library's
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"\[Q, D\] and \[R, D\]"):
+        nearest_neighbors(x, torch.randn(6, 5))
+    with pytest.raises(ValueError, match="quantile must be in"):
+        memorization_check(x, x, x, quantile=1.0)
+    with pytest.raises(ValueError, match="both sides"):
+        memorization_check(x, x, heldout_index=torch.arange(6))
+    from eval.diversity import diversity_report
+
+    with pytest.raises(ValueError, match="one entry per synthetic image"):
+        diversity_report(torch.rand(4, 1, 32, 32), groups=[0, 0, 1])
+
+
 def test_xrv_features_find_copies(cxr):
     from eval.densenet import DenseNet121
     from eval.fid import XRVDenseNetFeatures
