@@ -26,10 +26,10 @@ import hub
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
 
 
-def main_guard(main, argv=None, *args):
-    """Run `main(argv, *args)`; a user error becomes `prog: error: message` on stderr and exit status 1."""
+def main_guard(main, argv=None):
+    """Run `main(argv)`; a user error becomes `prog: error: message` on stderr and exit status 1."""
     try:
-        return main(argv, *args)
+        return main(argv)
     except KeyboardInterrupt:
         print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

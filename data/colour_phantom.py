@@ -92,7 +92,10 @@ def make_colour_phantom(seed: int, size: int = 256):
 
 
 if __name__ == "__main__":  # python -m data.colour_phantom: data/phantom.py's CLI with the colour maker
+    from functools import partial
+
     from cli import main_guard
     from data.phantom import phantom_cli
 
-    main_guard(phantom_cli, None, make_colour_phantom, COLOUR_LABELS, "colour_phantom", "endoscopy-like RGB phantoms")
+    main_guard(partial(phantom_cli, make=make_colour_phantom, label_names=COLOUR_LABELS, name="colour_phantom",
+                       what="endoscopy-like RGB phantoms"))
