@@ -37,8 +37,7 @@ VAL_PHANTOM_SEED_OFFSET = 10_000_000  # held-out phantoms: seeds no training pha
 
 class KeyedImages(Dataset):
     """Item `key` = image `key % n`, augmented by a generator keyed by (seed, epoch, index): the same
-    whichever rank or worker loads it, and after a resume. A latent cache (a TensorDataset) gives its row
-    `key % n` as it is: (VAE posterior mean, std, c_GLB) of one augmented copy."""
+    whichever rank or worker loads it, and after a resume."""
 
     def __init__(self, dataset, seed: int, augment: bool):
         self.dataset, self.seed, self.augment = dataset, seed, augment
@@ -46,10 +45,8 @@ class KeyedImages(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, key: int):
+    def __getitem__(self, key: int) -> torch.Tensor:
         epoch, idx = divmod(key, len(self.dataset))
-        if isinstance(self.dataset, TensorDataset):
-            return self.dataset[idx]
         x = self.dataset[idx]["image"]
         return augment_image(x, seeded(self.seed, 1, epoch, idx)) if self.augment else x
 
@@ -201,6 +198,14 @@ def cache_path(out, cfg) -> Path:
     return Path(out) / "cache" / f"latents_{cfg.cache_copies if cfg.augment else 1}.safetensors"
 
 
+class CachedLatents(TensorDataset):
+    """The latent cache: item `key` = (VAE posterior mean, std, c_GLB) of row `key % n`, one augmented copy
+    (keys run on over epochs, as KeyedImages')."""
+
+    def __getitem__(self, key: int):
+        return super().__getitem__(key % len(self))
+
+
 def make_batches(cfg, train_set, encode, out: Path, rank: int, world: int, meta: dict):
     """The micro-batch source for this rank of a run (TrainConfig `cfg`): the latent cache (written by rank 0
     through `encode`, see `cache_latents`), map-style images, or streamed shards. `meta`: the resumed
@@ -212,9 +217,8 @@ def make_batches(cfg, train_set, encode, out: Path, rank: int, world: int, meta:
             cache_latents(train_set, encode, cfg, path)
         if world > 1:
             torch.distributed.barrier()
-        cached = TensorDataset(*map(hub.load_state_dict_file(path).get, ("mean", "std", "cond")))
-        return Batches(KeyedImages(cached, cfg.seed, False), cfg.batch_size, rank=rank, world=world, seed=cfg.seed,
-                       start=start)
+        cached = CachedLatents(*map(hub.load_state_dict_file(path).get, ("mean", "std", "cond")))
+        return Batches(cached, cfg.batch_size, rank=rank, world=world, seed=cfg.seed, start=start)
     if hasattr(train_set, "__len__"):
         return Batches(KeyedImages(train_set, cfg.seed, cfg.augment), cfg.batch_size, rank=rank, world=world,
                        seed=cfg.seed, start=start, num_workers=cfg.num_workers)
